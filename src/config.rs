@@ -1,0 +1,294 @@
+//! The node's own configuration: a TOML file, every field documented and defaulted, checked
+//! before anything starts. See docs/configuration.md.
+//!
+//! Architecture invariant: this module never reads the replicated state; it describes only how
+//! this one node runs.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the node keeps its state: Raft log, state, audit segments, PKI, bootstrap token.
+    /// Overridden by `--data-dir` or `APIM_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// This node's Raft id (1 for a single node).
+    pub node_id: u64,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub raft: RaftConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API (HTTPS).
+    pub listen: String,
+    /// DNS names and IP addresses put on the admin certificate issued by the internal CA.
+    pub tls_names: Vec<String>,
+    /// Largest request body accepted, in bytes (larger answers 413).
+    pub max_body_bytes: usize,
+    /// Time allowed to handle one request, in seconds.
+    pub request_timeout_seconds: u64,
+    /// Lifetime of the bootstrap token written to `<data_dir>/admin.token`, in days.
+    pub bootstrap_token_ttl_days: u32,
+    /// Default lifetime of tokens and API keys created without an expiry, in days.
+    pub default_credential_ttl_days: u32,
+    /// Time allowed for in-flight requests to finish on shutdown, in seconds.
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or per module (`info,apim::store=debug`). `RUST_LOG`
+    /// overrides it.
+    pub level: String,
+    /// `json` (one JSON object per line, for journald and log shippers) or `text`.
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Build a snapshot and compact the log every this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot.
+    pub keep_logs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often the applied state and audit segments are made durable, in milliseconds.
+    /// Acknowledged writes are durable in the Raft log regardless.
+    pub flush_interval_ms: u64,
+    /// How often a signed checkpoint is written (when records were added), in seconds.
+    pub checkpoint_interval_seconds: u64,
+    /// Refused requests (401/403) are aggregated per source, principal and status over this
+    /// window, then audited as one security event each.
+    pub security_event_window_seconds: u64,
+    /// Most distinct (source, principal, status) groups held per window; extra refusals are
+    /// counted in one overflow group.
+    pub security_event_max_groups: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./apim-data"),
+            node_id: 1,
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            raft: RaftConfig::default(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9443".into(),
+            tls_names: vec!["localhost".into(), "127.0.0.1".into()],
+            max_body_bytes: 1024 * 1024,
+            request_timeout_seconds: 30,
+            bootstrap_token_ttl_days: 30,
+            default_credential_ttl_days: 365,
+            shutdown_grace_seconds: 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "json".into(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            flush_interval_ms: 1000,
+            checkpoint_interval_seconds: 60,
+            security_event_window_seconds: 60,
+            security_event_max_groups: 10_000,
+        }
+    }
+}
+
+/// A configuration error naming the file, the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("config {source_name}: field `{field}`: {reason}")]
+    Invalid {
+        source_name: String,
+        field: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: source_name.to_string(),
+            reason: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.check(source_name)?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks, each naming the field.
+    pub fn check(&self, source_name: &str) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| ConfigError::Invalid {
+            source_name: source_name.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        if self.node_id == 0 {
+            return Err(bad("node_id", "must be at least 1".into()));
+        }
+        self.admin_addr().map_err(|r| bad("admin.listen", r))?;
+        if self.admin.tls_names.is_empty() {
+            return Err(bad("admin.tls_names", "must list at least one name".into()));
+        }
+        for (i, n) in self.admin.tls_names.iter().enumerate() {
+            if n.is_empty() || n.contains(char::is_whitespace) {
+                return Err(bad(
+                    &format!("admin.tls_names[{i}]"),
+                    format!("{n:?} is not a host name or IP address"),
+                ));
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.admin.max_body_bytes) {
+            return Err(bad(
+                "admin.max_body_bytes",
+                "must be between 1024 and 67108864".into(),
+            ));
+        }
+        if self.admin.request_timeout_seconds == 0 {
+            return Err(bad(
+                "admin.request_timeout_seconds",
+                "must be at least 1".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.admin.bootstrap_token_ttl_days) {
+            return Err(bad(
+                "admin.bootstrap_token_ttl_days",
+                "must be between 1 and 3650".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.admin.default_credential_ttl_days) {
+            return Err(bad(
+                "admin.default_credential_ttl_days",
+                "must be between 1 and 3650".into(),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            return Err(bad(
+                "log.format",
+                format!("{:?} is not one of \"json\", \"text\"", self.log.format),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad(
+                "log.level",
+                format!("{:?} is not a valid log filter", self.log.level),
+            ));
+        }
+        if self.raft.snapshot_every < 10 {
+            return Err(bad("raft.snapshot_every", "must be at least 10".into()));
+        }
+        if !(10..=60_000).contains(&self.audit.flush_interval_ms) {
+            return Err(bad(
+                "audit.flush_interval_ms",
+                "must be between 10 and 60000".into(),
+            ));
+        }
+        if self.audit.checkpoint_interval_seconds == 0 {
+            return Err(bad(
+                "audit.checkpoint_interval_seconds",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.audit.security_event_window_seconds == 0 {
+            return Err(bad(
+                "audit.security_event_window_seconds",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.audit.security_event_max_groups == 0 {
+            return Err(bad(
+                "audit.security_event_max_groups",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn admin_addr(&self) -> Result<SocketAddr, String> {
+        self.admin.listen.parse().map_err(|_| {
+            format!(
+                "{:?} is not an address like 127.0.0.1:9443",
+                self.admin.listen
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::parse("", "test").unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:9443");
+        assert_eq!(c.data_dir, PathBuf::from("./apim-data"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("[admin]\nlisten = \"nowhere\"\n", "apim.toml").unwrap_err();
+        assert!(e.to_string().contains("admin.listen"), "{e}");
+        let e = Config::parse("[admin]\nlistn = \"x\"\n", "apim.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("listn") && msg.contains("line 2"), "{msg}");
+        let e = Config::parse("[log]\nformat = \"xml\"\n", "apim.toml").unwrap_err();
+        assert!(e.to_string().contains("log.format"), "{e}");
+        let e = Config::parse("node_id = \"one\"\n", "apim.toml").unwrap_err();
+        assert!(e.to_string().contains("node_id"), "{e}");
+    }
+}

@@ -1,0 +1,53 @@
+//! Entry point: parses the command line and dispatches; no logic lives here.
+
+use apim::cli::{self, Cli, Command};
+use apim::config::Config;
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Command::Serve { config } = &cli.command {
+        let mut cfg = match config {
+            Some(path) => match Config::load(path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+            None => Config::default(),
+        };
+        // --data-dir / APIM_DATA_DIR win over the file when given explicitly.
+        if std::env::args().any(|a| a == "--data-dir" || a.starts_with("--data-dir="))
+            || std::env::var_os("APIM_DATA_DIR").is_some()
+            || config.is_none()
+        {
+            cfg.data_dir = cli.data_dir.clone();
+        }
+        return match runtime.block_on(apim::node::run(cfg)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

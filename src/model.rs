@@ -1,0 +1,1186 @@
+//! Domain types of the control plane, their validation, and the declarative tenant document.
+//!
+//! Architecture invariant: this module does no IO and reads no clock. Everything here is plain
+//! data plus checks that name the offending field.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A validation failure that names the field (`policies[1].header`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+pub type Checked = Result<(), FieldError>;
+
+/// The one time format of the control plane: RFC 3339, UTC, milliseconds, `Z`. Fixed width,
+/// so times compare correctly as strings.
+pub fn format_time(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// Parses any RFC 3339 time and normalises it to [`format_time`]'s form.
+pub fn normalize_time(field: &str, s: &str) -> Result<String, FieldError> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            FieldError::new(
+                field,
+                format!("{s:?} is not an RFC 3339 time like 2027-01-31T00:00:00Z"),
+            )
+        })?;
+    Ok(format_time(t))
+}
+
+/// Names (tenants, APIs, consumers, plans, users) are DNS-label-like so they are safe in URLs,
+/// file names and metric labels: 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a
+/// letter or digit and not ending with `-`.
+pub fn check_name(field: &str, value: &str) -> Checked {
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if value.is_empty() || value.len() > 63 {
+        return Err(FieldError::new(field, "must be 1 to 63 characters long"));
+    }
+    if !ok_chars || value.starts_with('-') || value.ends_with('-') {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{value:?} is not a valid name: use lowercase letters, digits and '-', \
+                 not starting or ending with '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Checked {
+    if value.chars().count() > max {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_opt_text(field: &str, value: &Option<String>, max: usize) -> Checked {
+    match value {
+        Some(v) => check_text(field, v, max),
+        None => Ok(()),
+    }
+}
+
+/// The four RBAC levels.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything, on every tenant, and cluster operations.
+    PlatformAdmin,
+    /// One tenant: its users, APIs, consumers, plans, subscriptions, audit.
+    TenantAdmin,
+    /// One tenant: APIs, consumers, keys, subscriptions; reads plans; no users.
+    ApiPublisher,
+    /// One tenant, read-only (no users), including its audit records.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::PlatformAdmin => "platform-admin",
+            Role::TenantAdmin => "tenant-admin",
+            Role::ApiPublisher => "api-publisher",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every kind of stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Tenant,
+    Api,
+    Consumer,
+    Key,
+    Plan,
+    Subscription,
+    User,
+    Token,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::Tenant,
+        Kind::Api,
+        Kind::Consumer,
+        Kind::Key,
+        Kind::Plan,
+        Kind::Subscription,
+        Kind::User,
+        Kind::Token,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tenant => "tenant",
+            Kind::Api => "api",
+            Kind::Consumer => "consumer",
+            Kind::Key => "key",
+            Kind::Plan => "plan",
+            Kind::Subscription => "subscription",
+            Kind::User => "user",
+            Kind::Token => "token",
+        }
+    }
+
+    /// Spec fields that list endpoints accept as exact-match filters.
+    pub fn filterable(self) -> &'static [&'static str] {
+        match self {
+            Kind::Tenant => &[],
+            Kind::Api => &["lifecycle", "version"],
+            Kind::Consumer => &[],
+            Kind::Key => &["consumer"],
+            Kind::Plan => &[],
+            Kind::Subscription => &["consumer", "api", "plan", "status"],
+            Kind::User => &["role"],
+            Kind::Token => &["user"],
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Metadata the server maintains on every object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    /// Tenant owning the object; `None` for tenants themselves and platform users.
+    pub tenant: Option<String>,
+    /// Incremented on every change; the ETag is derived from it.
+    pub version: u64,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Raft log index of the last change.
+    pub log_index: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Specs: the user-writable part of each object. `deny_unknown_fields` everywhere, so a typo is an
+// error rather than a silently ignored setting.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl TenantSpec {
+    pub fn check(&self) -> Checked {
+        check_name("name", &self.name)?;
+        check_opt_text("display_name", &self.display_name, 200)?;
+        check_opt_text("description", &self.description, 2000)
+    }
+}
+
+/// API lifecycle: draft → published → deprecated → retired. A draft may also be retired directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    #[default]
+    Draft,
+    Published,
+    Deprecated,
+    Retired,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Draft => "draft",
+            Lifecycle::Published => "published",
+            Lifecycle::Deprecated => "deprecated",
+            Lifecycle::Retired => "retired",
+        }
+    }
+
+    /// Whether a change from `self` to `next` is allowed (staying put is always allowed).
+    pub fn can_move_to(self, next: Lifecycle) -> bool {
+        use Lifecycle::*;
+        self == next
+            || matches!(
+                (self, next),
+                (Draft, Published)
+                    | (Draft, Retired)
+                    | (Published, Deprecated)
+                    | (Deprecated, Published)
+                    | (Deprecated, Retired)
+            )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTarget {
+    /// `http://host:port` or `https://host:port`, optionally with a path prefix.
+    pub url: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub targets: Vec<UpstreamTarget>,
+}
+
+/// Policies are typed data here; the gateway gives them behaviour. Order matters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Policy {
+    /// Require an API key, read from a header or a query parameter.
+    ApiKey {
+        #[serde(default = "default_key_header")]
+        header: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        query_param: Option<String>,
+    },
+    /// Require a JWT bearer token.
+    Jwt {
+        issuer: String,
+        audience: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jwks_url: Option<String>,
+        #[serde(default)]
+        algorithms: Vec<String>,
+        #[serde(default)]
+        required_scopes: Vec<String>,
+    },
+    /// Require a client certificate from the given CA bundle (PEM), mapped to a consumer.
+    MutualTls {
+        ca_bundle: String,
+        #[serde(default)]
+        map_by: CertMapping,
+    },
+    /// Allow or deny client addresses (CIDR, v4 and v6).
+    IpFilter {
+        #[serde(default)]
+        allow: Vec<String>,
+        #[serde(default)]
+        deny: Vec<String>,
+    },
+    /// Rate limit applied per consumer on top of the plan's.
+    RateLimit {
+        requests: u32,
+        per_seconds: u32,
+    },
+    Cors {
+        allow_origins: Vec<String>,
+        #[serde(default)]
+        allow_methods: Vec<String>,
+        #[serde(default)]
+        allow_headers: Vec<String>,
+        #[serde(default)]
+        max_age_seconds: u32,
+    },
+    RequestHeaders {
+        #[serde(default)]
+        add: Vec<HeaderValue>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    ResponseHeaders {
+        #[serde(default)]
+        add: Vec<HeaderValue>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    RequestSizeLimit {
+        max_bytes: u64,
+    },
+}
+
+fn default_key_header() -> String {
+    "x-api-key".to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CertMapping {
+    #[default]
+    Subject,
+    Fingerprint,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    pub name: String,
+    pub value: String,
+}
+
+fn check_header_name(field: &str, name: &str) -> Checked {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{name:?} is not a valid HTTP header name"),
+        ))
+    }
+}
+
+fn check_cidr(field: &str, cidr: &str) -> Checked {
+    let (addr, len) = match cidr.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (cidr, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| FieldError::new(field, format!("{cidr:?} is not an IP address or CIDR")))?;
+    if let Some(len) = len {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match len.parse::<u8>() {
+            Ok(l) if l <= max => {}
+            _ => {
+                return Err(FieldError::new(
+                    field,
+                    format!("{cidr:?} has an invalid prefix length (0 to {max})"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_url(field: &str, url: &str, schemes: &[&str]) -> Checked {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(FieldError::new(
+            field,
+            format!("{url:?} is not an absolute URL"),
+        ));
+    };
+    if !schemes.contains(&scheme) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "scheme {scheme:?} is not allowed (use {})",
+                schemes.join(" or ")
+            ),
+        ));
+    }
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(FieldError::new(field, format!("{url:?} has no valid host")));
+    }
+    Ok(())
+}
+
+impl Policy {
+    fn check(&self, at: &str) -> Checked {
+        match self {
+            Policy::ApiKey {
+                header,
+                query_param,
+            } => {
+                check_header_name(&format!("{at}.header"), header)?;
+                if let Some(q) = query_param {
+                    if q.is_empty() || q.len() > 64 || !q.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(FieldError::new(
+                            format!("{at}.query_param"),
+                            "must be 1 to 64 printable characters",
+                        ));
+                    }
+                }
+            }
+            Policy::Jwt {
+                issuer,
+                audience,
+                jwks_url,
+                algorithms,
+                required_scopes,
+            } => {
+                if issuer.is_empty() {
+                    return Err(FieldError::new(format!("{at}.issuer"), "must not be empty"));
+                }
+                if audience.is_empty() {
+                    return Err(FieldError::new(
+                        format!("{at}.audience"),
+                        "must not be empty",
+                    ));
+                }
+                if let Some(u) = jwks_url {
+                    check_url(&format!("{at}.jwks_url"), u, &["https", "http"])?;
+                }
+                const ALLOWED: [&str; 4] = ["RS256", "PS256", "ES256", "EdDSA"];
+                for (i, alg) in algorithms.iter().enumerate() {
+                    if !ALLOWED.contains(&alg.as_str()) {
+                        return Err(FieldError::new(
+                            format!("{at}.algorithms[{i}]"),
+                            format!("{alg:?} is not allowed (use one of {})", ALLOWED.join(", ")),
+                        ));
+                    }
+                }
+                for (i, s) in required_scopes.iter().enumerate() {
+                    check_text(&format!("{at}.required_scopes[{i}]"), s, 200)?;
+                }
+            }
+            Policy::MutualTls { ca_bundle, .. } => {
+                if !ca_bundle.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(FieldError::new(
+                        format!("{at}.ca_bundle"),
+                        "must hold at least one PEM certificate",
+                    ));
+                }
+            }
+            Policy::IpFilter { allow, deny } => {
+                for (i, c) in allow.iter().enumerate() {
+                    check_cidr(&format!("{at}.allow[{i}]"), c)?;
+                }
+                for (i, c) in deny.iter().enumerate() {
+                    check_cidr(&format!("{at}.deny[{i}]"), c)?;
+                }
+            }
+            Policy::RateLimit {
+                requests,
+                per_seconds,
+            } => {
+                if *requests == 0 {
+                    return Err(FieldError::new(
+                        format!("{at}.requests"),
+                        "must be at least 1",
+                    ));
+                }
+                if *per_seconds == 0 || *per_seconds > 86_400 {
+                    return Err(FieldError::new(
+                        format!("{at}.per_seconds"),
+                        "must be between 1 and 86400",
+                    ));
+                }
+            }
+            Policy::Cors {
+                allow_origins,
+                allow_headers,
+                ..
+            } => {
+                if allow_origins.is_empty() {
+                    return Err(FieldError::new(
+                        format!("{at}.allow_origins"),
+                        "must list at least one origin (or \"*\")",
+                    ));
+                }
+                for (i, h) in allow_headers.iter().enumerate() {
+                    check_header_name(&format!("{at}.allow_headers[{i}]"), h)?;
+                }
+            }
+            Policy::RequestHeaders { add, remove } | Policy::ResponseHeaders { add, remove } => {
+                for (i, h) in add.iter().enumerate() {
+                    check_header_name(&format!("{at}.add[{i}].name"), &h.name)?;
+                    if h.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                        return Err(FieldError::new(
+                            format!("{at}.add[{i}].value"),
+                            "must not contain CR, LF or NUL",
+                        ));
+                    }
+                }
+                for (i, h) in remove.iter().enumerate() {
+                    check_header_name(&format!("{at}.remove[{i}]"), h)?;
+                }
+            }
+            Policy::RequestSizeLimit { max_bytes } => {
+                if *max_bytes == 0 {
+                    return Err(FieldError::new(
+                        format!("{at}.max_bytes"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSpec {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Host names the API answers on (`api.example.com` or `*.example.com`).
+    pub hosts: Vec<String>,
+    /// Path prefix, starting with `/`.
+    pub base_path: String,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+}
+
+impl ApiSpec {
+    pub fn check(&self) -> Checked {
+        check_name("name", &self.name)?;
+        if self.version.is_empty()
+            || self.version.len() > 32
+            || !self
+                .version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        {
+            return Err(FieldError::new(
+                "version",
+                "must be 1 to 32 characters of letters, digits, '.' and '-'",
+            ));
+        }
+        check_opt_text("display_name", &self.display_name, 200)?;
+        if self.hosts.is_empty() {
+            return Err(FieldError::new("hosts", "must list at least one host"));
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            let ok = !bare.is_empty()
+                && h.len() <= 253
+                && bare.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                return Err(FieldError::new(
+                    format!("hosts[{i}]"),
+                    format!("{h:?} is not a host name (a wildcard is allowed only as \"*.\")"),
+                ));
+            }
+        }
+        let bp = &self.base_path;
+        if !bp.starts_with('/')
+            || bp.len() > 512
+            || bp.contains("//")
+            || bp.split('/').any(|s| s == ".." || s == ".")
+            || !bp
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b))
+        {
+            return Err(FieldError::new(
+                "base_path",
+                format!(
+                    "{bp:?} must start with '/' and use only letters, digits and -._~ \
+                     (no '//', '.' or '..' segments)"
+                ),
+            ));
+        }
+        if self.upstream.targets.is_empty() {
+            return Err(FieldError::new(
+                "upstream.targets",
+                "must list at least one target",
+            ));
+        }
+        for (i, t) in self.upstream.targets.iter().enumerate() {
+            check_url(
+                &format!("upstream.targets[{i}].url"),
+                &t.url,
+                &["http", "https"],
+            )?;
+            if t.weight == 0 || t.weight > 1000 {
+                return Err(FieldError::new(
+                    format!("upstream.targets[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            p.check(&format!("policies[{i}]"))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl ConsumerSpec {
+    pub fn check(&self) -> Checked {
+        check_name("name", &self.name)?;
+        check_opt_text("display_name", &self.display_name, 200)?;
+        check_opt_text("description", &self.description, 2000)?;
+        if let Some(mail) = &self.contact_email {
+            let ok = mail.len() <= 254
+                && matches!(mail.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.'))
+                && !mail.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(FieldError::new(
+                    "contact_email",
+                    format!("{mail:?} is not an e-mail address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per_seconds: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_month: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+impl PlanSpec {
+    pub fn check(&self) -> Checked {
+        check_name("name", &self.name)?;
+        check_opt_text("description", &self.description, 2000)?;
+        if let Some(rl) = &self.rate_limit {
+            if rl.requests == 0 {
+                return Err(FieldError::new("rate_limit.requests", "must be at least 1"));
+            }
+            if rl.per_seconds == 0 || rl.per_seconds > 86_400 {
+                return Err(FieldError::new(
+                    "rate_limit.per_seconds",
+                    "must be between 1 and 86400",
+                ));
+            }
+        }
+        if let Some(q) = &self.quota {
+            if q.per_day == Some(0) {
+                return Err(FieldError::new(
+                    "quota.per_day",
+                    "must be at least 1 when set",
+                ));
+            }
+            if q.per_month == Some(0) {
+                return Err(FieldError::new(
+                    "quota.per_month",
+                    "must be at least 1 when set",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    #[default]
+    Pending,
+    Active,
+    Suspended,
+}
+
+/// A consumer's subscription to an API under a plan. Its name is `<consumer>.<api>`: one
+/// subscription per consumer and API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSpec {
+    pub consumer: String,
+    pub api: String,
+    pub plan: String,
+    #[serde(default)]
+    pub status: SubscriptionStatus,
+}
+
+impl SubscriptionSpec {
+    pub fn check(&self) -> Checked {
+        check_name("consumer", &self.consumer)?;
+        check_name("api", &self.api)?;
+        check_name("plan", &self.plan)
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.consumer, self.api)
+    }
+}
+
+/// An API key of a consumer. The key itself is shown once at creation; only its SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeySpec {
+    /// Server-generated id (`key-…`).
+    pub name: String,
+    pub consumer: String,
+    /// First characters of the key, to recognise it in lists.
+    pub prefix: String,
+    /// Hex SHA-256 of the key. Never returned by the API.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_hash: String,
+    pub expires_at: String,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    pub name: String,
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+impl UserSpec {
+    /// `tenant` is `None` for platform users, who must be platform admins (and only they).
+    pub fn check(&self, tenant: Option<&str>) -> Checked {
+        check_name("name", &self.name)?;
+        check_opt_text("display_name", &self.display_name, 200)?;
+        match (tenant, self.role) {
+            (None, Role::PlatformAdmin) => Ok(()),
+            (None, r) => Err(FieldError::new(
+                "role",
+                format!(
+                    "platform users must be platform-admin, not {r}; create {r} users in a tenant"
+                ),
+            )),
+            (Some(_), Role::PlatformAdmin) => Err(FieldError::new(
+                "role",
+                "platform-admin users are created at /admin/v1/users, not in a tenant",
+            )),
+            (Some(_), _) => Ok(()),
+        }
+    }
+}
+
+/// An API token of a user (bearer credential for the admin API). Only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenSpec {
+    pub name: String,
+    pub user: String,
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token_hash: String,
+    pub expires_at: String,
+    #[serde(default)]
+    pub revoked: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Any object, as stored and as replicated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec", rename_all = "snake_case")]
+pub enum Spec {
+    Tenant(TenantSpec),
+    Api(ApiSpec),
+    Consumer(ConsumerSpec),
+    Key(KeySpec),
+    Plan(PlanSpec),
+    Subscription(SubscriptionSpec),
+    User(UserSpec),
+    Token(TokenSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Tenant(_) => Kind::Tenant,
+            Spec::Api(_) => Kind::Api,
+            Spec::Consumer(_) => Kind::Consumer,
+            Spec::Key(_) => Kind::Key,
+            Spec::Plan(_) => Kind::Plan,
+            Spec::Subscription(_) => Kind::Subscription,
+            Spec::User(_) => Kind::User,
+            Spec::Token(_) => Kind::Token,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Spec::Tenant(s) => s.name.clone(),
+            Spec::Api(s) => s.name.clone(),
+            Spec::Consumer(s) => s.name.clone(),
+            Spec::Key(s) => s.name.clone(),
+            Spec::Plan(s) => s.name.clone(),
+            Spec::Subscription(s) => s.name(),
+            Spec::User(s) => s.name.clone(),
+            Spec::Token(s) => s.name.clone(),
+        }
+    }
+
+    /// Checks the spec on its own (references to other objects are checked by `state`).
+    pub fn check(&self, tenant: Option<&str>) -> Checked {
+        match self {
+            Spec::Tenant(s) => s.check(),
+            Spec::Api(s) => s.check(),
+            Spec::Consumer(s) => s.check(),
+            Spec::Key(k) => {
+                check_name("name", &k.name)?;
+                check_name("consumer", &k.consumer)?;
+                check_opt_text("description", &k.description, 500)
+            }
+            Spec::Plan(s) => s.check(),
+            Spec::Subscription(s) => s.check(),
+            Spec::User(s) => s.check(tenant),
+            Spec::Token(t) => {
+                check_name("name", &t.name)?;
+                check_name("user", &t.user)?;
+                check_opt_text("description", &t.description, 500)
+            }
+        }
+    }
+
+    /// The spec as JSON with secret material (hashes of keys and tokens) removed: what the API
+    /// returns, what export prints, and what the audit digest covers.
+    pub fn public_json(&self) -> serde_json::Value {
+        let mut v = match self {
+            Spec::Tenant(s) => serde_json::to_value(s),
+            Spec::Api(s) => serde_json::to_value(s),
+            Spec::Consumer(s) => serde_json::to_value(s),
+            Spec::Key(s) => serde_json::to_value(s),
+            Spec::Plan(s) => serde_json::to_value(s),
+            Spec::Subscription(s) => serde_json::to_value(s),
+            Spec::User(s) => serde_json::to_value(s),
+            Spec::Token(s) => serde_json::to_value(s),
+        }
+        .unwrap_or(serde_json::Value::Null);
+        if let Some(map) = v.as_object_mut() {
+            map.remove("key_hash");
+            map.remove("token_hash");
+        }
+        if let Spec::Subscription(s) = self {
+            if let Some(map) = v.as_object_mut() {
+                map.insert("name".into(), serde_json::Value::String(s.name()));
+            }
+        }
+        v
+    }
+}
+
+/// A stored object: its spec and the metadata the server keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Object {
+    pub meta: ObjectMeta,
+    #[serde(flatten)]
+    pub spec: Spec,
+}
+
+impl Object {
+    /// The API representation: the public spec fields plus the metadata.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = self.spec.public_json();
+        if let Some(map) = v.as_object_mut() {
+            if let Some(t) = &self.meta.tenant {
+                map.insert("tenant".into(), t.clone().into());
+            }
+            map.insert("resource_version".into(), self.meta.version.into());
+            map.insert("created_at".into(), self.meta.created_at.clone().into());
+            map.insert("updated_at".into(), self.meta.updated_at.clone().into());
+        }
+        v
+    }
+
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.meta.version)
+    }
+}
+
+/// Fields the server sets; a client may send them back (GET, edit, PUT) and they are ignored.
+/// (`resource_version` is the object's change counter, distinct from an API's own `version`.)
+pub const READ_ONLY_FIELDS: [&str; 4] = ["tenant", "resource_version", "created_at", "updated_at"];
+
+// ---------------------------------------------------------------------------------------------
+// The declarative tenant document (`apim export` / `apim apply`).
+
+pub const DOCUMENT_API_VERSION: &str = "apim/v1";
+pub const DOCUMENT_KIND: &str = "TenantConfig";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedConsumer {
+    #[serde(flatten)]
+    pub spec: ConsumerSpec,
+}
+
+/// One tenant's whole configuration. Consumers are exported without their keys: keys are
+/// secrets the server generates and cannot be reproduced from a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TenantDocument {
+    pub api_version: String,
+    pub kind: String,
+    pub tenant: String,
+    /// The tenant revision the document was exported at (informational on apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    #[serde(default)]
+    pub apis: Vec<ApiSpec>,
+    #[serde(default)]
+    pub plans: Vec<PlanSpec>,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerSpec>,
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionSpec>,
+}
+
+impl TenantDocument {
+    /// Checks the document on its own: header, every object, and duplicate names.
+    pub fn check(&self) -> Checked {
+        if self.api_version != DOCUMENT_API_VERSION {
+            return Err(FieldError::new(
+                "apiVersion",
+                format!(
+                    "must be {DOCUMENT_API_VERSION:?}, not {:?}",
+                    self.api_version
+                ),
+            ));
+        }
+        if self.kind != DOCUMENT_KIND {
+            return Err(FieldError::new(
+                "kind",
+                format!("must be {DOCUMENT_KIND:?}, not {:?}", self.kind),
+            ));
+        }
+        check_name("tenant", &self.tenant)?;
+        fn prefixed(list: &str, i: usize, e: FieldError) -> FieldError {
+            FieldError::new(format!("{list}[{i}].{}", e.field), e.reason)
+        }
+        fn no_dupes<'a>(list: &str, names: impl Iterator<Item = String> + 'a) -> Checked {
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, n) in names.enumerate() {
+                if !seen.insert(n.clone()) {
+                    return Err(FieldError::new(
+                        format!("{list}[{i}].name"),
+                        format!("{n:?} appears twice"),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        for (i, a) in self.apis.iter().enumerate() {
+            a.check().map_err(|e| prefixed("apis", i, e))?;
+        }
+        for (i, p) in self.plans.iter().enumerate() {
+            p.check().map_err(|e| prefixed("plans", i, e))?;
+        }
+        for (i, c) in self.consumers.iter().enumerate() {
+            c.check().map_err(|e| prefixed("consumers", i, e))?;
+        }
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            s.check().map_err(|e| prefixed("subscriptions", i, e))?;
+        }
+        no_dupes("apis", self.apis.iter().map(|a| a.name.clone()))?;
+        no_dupes("plans", self.plans.iter().map(|a| a.name.clone()))?;
+        no_dupes("consumers", self.consumers.iter().map(|a| a.name.clone()))?;
+        no_dupes("subscriptions", self.subscriptions.iter().map(|s| s.name()))?;
+        Ok(())
+    }
+
+    /// The document's objects in dependency order (plans, APIs and consumers before the
+    /// subscriptions that name them).
+    pub fn specs(&self) -> Vec<Spec> {
+        let mut out = Vec::new();
+        out.extend(self.plans.iter().cloned().map(Spec::Plan));
+        out.extend(self.apis.iter().cloned().map(Spec::Api));
+        out.extend(self.consumers.iter().cloned().map(Spec::Consumer));
+        out.extend(self.subscriptions.iter().cloned().map(Spec::Subscription));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "acme", "acme-bank-2", "0x"] {
+            assert!(check_name("name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "Acme", "a_b", "a.b", &"x".repeat(64)] {
+            let e = check_name("name", bad).unwrap_err();
+            assert_eq!(e.field, "name");
+        }
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        use Lifecycle::*;
+        assert!(Draft.can_move_to(Published));
+        assert!(Published.can_move_to(Deprecated));
+        assert!(Deprecated.can_move_to(Retired));
+        assert!(!Retired.can_move_to(Published));
+        assert!(!Published.can_move_to(Draft));
+        assert!(!Draft.can_move_to(Deprecated));
+    }
+
+    fn api() -> ApiSpec {
+        ApiSpec {
+            name: "payments".into(),
+            version: "v1".into(),
+            display_name: None,
+            hosts: vec!["api.bank.example".into()],
+            base_path: "/payments".into(),
+            upstream: Upstream {
+                targets: vec![UpstreamTarget {
+                    url: "http://127.0.0.1:9000".into(),
+                    weight: 1,
+                }],
+            },
+            policies: vec![],
+            lifecycle: Lifecycle::Draft,
+        }
+    }
+
+    #[test]
+    fn api_checks_name_the_field() {
+        assert!(api().check().is_ok());
+        type Mutator = Box<dyn Fn(&mut ApiSpec)>;
+        let cases: Vec<(Mutator, &str)> = vec![
+            (Box::new(|a| a.base_path = "/a/../b".into()), "base_path"),
+            (Box::new(|a| a.hosts = vec!["bad host".into()]), "hosts[0]"),
+            (
+                Box::new(|a| a.upstream.targets[0].url = "ftp://x".into()),
+                "upstream.targets[0].url",
+            ),
+            (
+                Box::new(|a| {
+                    a.policies = vec![Policy::IpFilter {
+                        allow: vec!["10.0.0.0/33".into()],
+                        deny: vec![],
+                    }]
+                }),
+                "policies[0].allow[0]",
+            ),
+            (
+                Box::new(|a| {
+                    a.policies = vec![Policy::Jwt {
+                        issuer: "i".into(),
+                        audience: "a".into(),
+                        jwks_url: None,
+                        algorithms: vec!["HS256".into()],
+                        required_scopes: vec![],
+                    }]
+                }),
+                "policies[0].algorithms[0]",
+            ),
+        ];
+        for (mutate, field) in cases {
+            let mut a = api();
+            mutate(&mut a);
+            assert_eq!(a.check().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn policy_json_is_tagged_and_strict() {
+        let p: Policy = serde_json::from_str(r#"{"type":"api-key","header":"x-key"}"#).unwrap();
+        assert_eq!(
+            p,
+            Policy::ApiKey {
+                header: "x-key".into(),
+                query_param: None
+            }
+        );
+        assert!(serde_json::from_str::<Policy>(r#"{"type":"api-key","hedaer":"x"}"#).is_err());
+        assert!(serde_json::from_str::<Policy>(r#"{"type":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn public_json_drops_hashes() {
+        let k = Spec::Key(KeySpec {
+            name: "key-1".into(),
+            consumer: "c".into(),
+            prefix: "apik_ab".into(),
+            key_hash: "deadbeef".into(),
+            expires_at: "2030-01-01T00:00:00Z".into(),
+            revoked: false,
+            description: None,
+        });
+        let j = k.public_json();
+        assert!(j.get("key_hash").is_none());
+        assert_eq!(j["prefix"], "apik_ab");
+    }
+}

@@ -1,0 +1,293 @@
+//! Wiring and lifecycle of a node: start order, bootstrap, background tasks, systemd
+//! notifications (READY, WATCHDOG, STOPPING) and graceful shutdown on SIGTERM / SIGINT.
+
+use crate::admin::{self, auth::BearerTokens, auth::Denials, AppState};
+use crate::audit::Signer;
+use crate::cluster::{Cluster, RaftSettings};
+use crate::config::Config;
+use crate::model::{format_time, Role, Spec, TokenSpec, UserSpec};
+use crate::state::{self, Command, Context, Response};
+use crate::store::{LogStore, StateMachine, StateReader};
+use crate::{pki, telemetry};
+use anyhow::{bail, Context as _};
+use sd_notify::NotifyState;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// File names inside the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+pub const PKI_DIR: &str = "pki";
+pub const CA_FILE: &str = "ca.crt";
+pub const AUDIT_KEY_FILE: &str = "audit-signing.key";
+pub const AUDIT_PUB_FILE: &str = "audit-signing.pub";
+pub const AUDIT_DIR: &str = "audit";
+
+pub fn audit_signer(data_dir: &Path) -> anyhow::Result<Signer> {
+    let pki = data_dir.join(PKI_DIR);
+    std::fs::create_dir_all(&pki).with_context(|| format!("cannot create {}", pki.display()))?;
+    Ok(Signer::load_or_create(
+        &pki.join(AUDIT_KEY_FILE),
+        &pki.join(AUDIT_PUB_FILE),
+    )?)
+}
+
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if !dir.is_dir() {
+        bail!("the data directory {} is not a directory", dir.display());
+    }
+    Ok(())
+}
+
+/// Creates the bootstrap platform admin and its token on a node that has no platform user.
+/// The token file is written before the command is proposed, so a crash in between leaves a
+/// file that the next start simply replaces.
+async fn bootstrap(cluster: &Cluster, reader: &StateReader, cfg: &Config) -> anyhow::Result<()> {
+    let users = reader.read(|kv| state::list_objects(kv, crate::model::Kind::User, None))?;
+    let token_path = cfg.data_dir.join(TOKEN_FILE);
+    if !users.is_empty() {
+        if !token_path.exists() {
+            tracing::info!("platform already bootstrapped; no bootstrap token file present");
+        }
+        return Ok(());
+    }
+    let secret = pki::random_secret(admin::auth::TOKEN_PREFIX)?;
+    let now = time::OffsetDateTime::now_utc();
+    let expires = now + time::Duration::days(i64::from(cfg.admin.bootstrap_token_ttl_days));
+    pki::write_private(&token_path, format!("{secret}\n").as_bytes())?;
+    let cmd = Command::Bootstrap {
+        ctx: Context {
+            time: format_time(now),
+            actor: "bootstrap".into(),
+            role: "system".into(),
+            request_id: pki::random_id("req-")?,
+            source: "local".into(),
+        },
+        user: Box::new(Spec::User(UserSpec {
+            name: "admin".into(),
+            role: Role::PlatformAdmin,
+            display_name: Some("Bootstrap administrator".into()),
+            disabled: false,
+        })),
+        token: Box::new(Spec::Token(TokenSpec {
+            name: pki::random_id("tok-")?,
+            user: "admin".into(),
+            prefix: admin::auth::secret_prefix(&secret),
+            token_hash: pki::secret_hash(&secret),
+            expires_at: format_time(expires),
+            revoked: false,
+            description: Some("bootstrap token".into()),
+        })),
+    };
+    match cluster.write(cmd).await {
+        Ok(Response::Done { .. }) => {
+            tracing::info!(path = %token_path.display(), "bootstrap platform-admin token written");
+            Ok(())
+        }
+        Ok(other) => {
+            let _ = std::fs::remove_file(&token_path);
+            bail!("bootstrap refused: {other:?}")
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&token_path);
+            bail!("bootstrap failed: {e}")
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    telemetry::init(&cfg.log);
+    pki::install_crypto_provider();
+    let data_dir: PathBuf = cfg.data_dir.clone();
+    prepare_data_dir(&data_dir)?;
+    let admin_addr = cfg
+        .admin_addr()
+        .map_err(|e| anyhow::anyhow!("admin.listen: {e}"))?;
+
+    let ca = pki::Ca::load_or_create(&data_dir.join(PKI_DIR))?;
+    let (cert, key) = pki::admin_certificate(&ca, &data_dir.join(PKI_DIR), &cfg.admin.tls_names)?;
+    let tls = pki::server_config(&cert, &key)?;
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on {admin_addr} (admin.listen)"))?;
+
+    let log_store = LogStore::open(&data_dir)?;
+    let sm = StateMachine::open(&data_dir, audit_signer(&data_dir)?)?;
+    let reader = sm.reader();
+    let settings = RaftSettings {
+        snapshot_every: cfg.raft.snapshot_every,
+        keep_logs: cfg.raft.keep_logs,
+    };
+    let cluster = Cluster::start(
+        cfg.node_id,
+        admin_addr.to_string(),
+        &settings,
+        log_store,
+        sm.clone(),
+    )
+    .await?;
+    bootstrap(&cluster, &reader, &cfg).await?;
+
+    let denials = Arc::new(Denials::new(cfg.audit.security_event_max_groups));
+    let app_state = Arc::new(AppState {
+        cluster: cluster.clone(),
+        reader: reader.clone(),
+        auth: Arc::new(BearerTokens {
+            reader: reader.clone(),
+        }),
+        denials: denials.clone(),
+        max_body_bytes: cfg.admin.max_body_bytes,
+        request_timeout: Duration::from_secs(cfg.admin.request_timeout_seconds),
+        default_ttl_days: cfg.admin.default_credential_ttl_days,
+        started,
+        openapi: admin::openapi::document(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let grace = Duration::from_secs(cfg.admin.shutdown_grace_seconds);
+    let server = tokio::spawn(admin::serve(
+        listener,
+        tls,
+        admin::router(app_state),
+        stop_rx.clone(),
+        grace,
+    ));
+
+    // Durability and checkpoints of the applied state and audit segments.
+    let flusher = {
+        let sm = sm.clone();
+        let mut stop = stop_rx.clone();
+        let every = Duration::from_millis(cfg.audit.flush_interval_ms);
+        let checkpoint_every = Duration::from_secs(cfg.audit.checkpoint_interval_seconds);
+        tokio::spawn(async move {
+            let mut last_checkpoint = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                let checkpoint = last_checkpoint.elapsed() >= checkpoint_every;
+                let sm = sm.clone();
+                let res = tokio::task::spawn_blocking(move || {
+                    let t = admin::now();
+                    sm.flush(checkpoint.then_some(t.as_str()))
+                })
+                .await;
+                match res {
+                    Ok(Ok(())) => {
+                        if checkpoint {
+                            last_checkpoint = Instant::now();
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "flush of state and audit failed"),
+                    Err(e) => tracing::error!(error = %e, "flush task failed"),
+                }
+            }
+        })
+    };
+
+    // Refused requests, aggregated per window, audited as security events.
+    let security_events = {
+        let cluster = cluster.clone();
+        let denials = denials.clone();
+        let mut stop = stop_rx.clone();
+        let window = Duration::from_secs(cfg.audit.security_event_window_seconds);
+        tokio::spawn(async move {
+            loop {
+                let stopping = tokio::select! {
+                    _ = tokio::time::sleep(window) => false,
+                    _ = stop.changed() => true,
+                };
+                flush_denials(&cluster, &denials).await;
+                if stopping {
+                    return;
+                }
+            }
+        })
+    };
+
+    // systemd watchdog
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let mut stop = stop_rx.clone();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval / 2) => {}
+                    _ = stop.changed() => return,
+                }
+                if cluster.is_healthy() {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                }
+            }
+        });
+    }
+
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+    tracing::info!(
+        admin = %admin_addr,
+        data_dir = %data_dir.display(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        version = env!("CARGO_PKG_VERSION"),
+        "apim node ready"
+    );
+
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "shutting down: draining admin requests");
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = security_events.await;
+    let _ = flusher.await;
+    cluster.shutdown().await;
+    let sm2 = sm.clone();
+    tokio::task::spawn_blocking(move || sm2.flush(Some(&admin::now())))
+        .await
+        .map_err(|e| anyhow::anyhow!("final flush task: {e}"))??;
+    tracing::info!("apim node stopped");
+    Ok(())
+}
+
+async fn flush_denials(cluster: &Cluster, denials: &Denials) {
+    let events = denials.take();
+    if events.is_empty() {
+        return;
+    }
+    let n = events.len();
+    let cmd = Command::SecurityEvents {
+        ctx: Context {
+            time: admin::now(),
+            actor: "system".into(),
+            role: "system".into(),
+            request_id: pki::random_id("sec-").unwrap_or_default(),
+            source: "local".into(),
+        },
+        events,
+    };
+    if let Err(e) = cluster.write(cmd).await {
+        tracing::warn!(error = %e, groups = n, "could not audit security events");
+    }
+}

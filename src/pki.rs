@@ -1,0 +1,230 @@
+//! Internal PKI and randomness: the node's certificate authority (created on first start), the
+//! certificates it issues, the TLS server configuration, and secure random tokens and ids.
+//!
+//! Architecture invariant: this is the one place that selects the crypto provider (aws-lc-rs)
+//! for rustls and rcgen; nothing else constructs keys or picks algorithms.
+
+use anyhow::{anyhow, Context as _};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use base64::Engine as _;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Installs aws-lc-rs as the process-wide rustls provider. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// `N` bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow!("the system random generator failed"))?;
+    Ok(b)
+}
+
+/// A bearer secret: `prefix` + 43 characters of base64url (256 bits).
+pub fn random_secret(prefix: &str) -> anyhow::Result<String> {
+    let b = random_bytes::<32>()?;
+    Ok(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ))
+}
+
+/// A short random identifier: `prefix` + 16 hex characters.
+pub fn random_id(prefix: &str) -> anyhow::Result<String> {
+    Ok(format!("{prefix}{}", hex::encode(random_bytes::<8>()?)))
+}
+
+/// Hex SHA-256 of a secret: what the store keeps of API keys and tokens. Secrets are 256-bit
+/// random values, so a plain hash (no salt, no stretching) cannot be reversed.
+pub fn secret_hash(secret: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        secret.as_bytes(),
+    ))
+}
+
+/// Writes `data` to `path` with mode 0600, replacing atomically.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// The node's internal CA, in `<data-dir>/pki/`.
+pub struct Ca {
+    pub cert_pem: String,
+    pub cert_path: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path) -> anyhow::Result<Ca> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let cert_path = dir.join("ca.crt");
+        let key_path = dir.join("ca.key");
+        if !cert_path.exists() {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::OrganizationName, "apim");
+            dn.push(DnType::CommonName, "apim internal CA");
+            params.distinguished_name = dn;
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(1);
+            params.not_after = now + time::Duration::days(3650);
+            let cert = params.self_signed(&key)?;
+            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            std::fs::write(&cert_path, cert.pem())
+                .with_context(|| format!("cannot write {}", cert_path.display()))?;
+            tracing::info!(path = %cert_path.display(), "internal CA created");
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path)
+            .with_context(|| format!("cannot read {}", cert_path.display()))?;
+        let key_pem = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("cannot read {}", key_path.display()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .with_context(|| format!("{} is not a valid private key", key_path.display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .with_context(|| format!("{} is not a valid CA certificate", cert_path.display()))?;
+        Ok(Ca {
+            cert_pem,
+            cert_path,
+            issuer,
+        })
+    }
+
+    /// Issues a TLS server certificate for `names` (DNS names or IP addresses), valid one year.
+    /// Returns (certificate chain PEM, private key PEM).
+    pub fn issue_server(&self, names: &[String]) -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "apim");
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_else(|| "apim".into()),
+        );
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem),
+            key.serialize_pem(),
+        ))
+    }
+}
+
+/// Loads (or issues, when missing or issued for other names) the admin listener's certificate.
+pub fn admin_certificate(
+    ca: &Ca,
+    dir: &Path,
+    names: &[String],
+) -> anyhow::Result<(String, String)> {
+    let cert_path = dir.join("admin.crt");
+    let key_path = dir.join("admin.key");
+    let names_path = dir.join("admin.names");
+    let wanted = names.join(",");
+    let current = std::fs::read_to_string(&names_path).unwrap_or_default();
+    if cert_path.exists() && key_path.exists() && current == wanted {
+        let cert = std::fs::read_to_string(&cert_path)?;
+        let key = std::fs::read_to_string(&key_path)?;
+        return Ok((cert, key));
+    }
+    let (cert, key) = ca.issue_server(names)?;
+    write_private(&key_path, key.as_bytes())?;
+    std::fs::write(&cert_path, &cert)?;
+    std::fs::write(&names_path, &wanted)?;
+    Ok((cert, key))
+}
+
+/// A rustls server configuration (TLS 1.2 and 1.3, ALPN h2 and http/1.1) for a PEM chain and key.
+pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow!("invalid certificate PEM: {e}"))?;
+    if certs.is_empty() {
+        anyhow::bail!("no certificate in the PEM data");
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow!("invalid private key PEM: {e}"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Root store holding the given PEM CA certificates (for clients of the admin API).
+pub fn root_store(ca_pem: &str) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| anyhow!("invalid CA PEM: {e}"))?)
+            .map_err(|e| anyhow!("unusable CA certificate: {e}"))?;
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_issues_a_certificate_rustls_accepts() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let (chain, key) = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        server_config(&chain, &key).unwrap();
+        // reloading gives the same CA
+        let again = Ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.cert_pem, ca.cert_pem);
+        assert_eq!(root_store(&ca.cert_pem).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn secrets_are_random_and_hashed() {
+        let a = random_secret("apim_").unwrap();
+        let b = random_secret("apim_").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 5 + 43);
+        assert_eq!(secret_hash(&a).len(), 64);
+        assert_ne!(secret_hash(&a), secret_hash(&b));
+    }
+}

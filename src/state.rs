@@ -1,0 +1,1295 @@
+//! The replicated state machine: the `Command`s that travel through Raft, the deterministic
+//! `apply()` that turns one into state changes plus audit records, and read-side queries.
+//!
+//! Architecture invariant: no clock, no randomness, no IO of its own. Time, ids and generated
+//! secrets' hashes arrive inside the command; state is read and written through [`KvRead`] and
+//! the returned write set, so the same log gives the same state and the same audit chain on
+//! every node. A rejected command (stale version, missing reference) changes nothing and
+//! produces no audit record.
+
+use crate::audit::{self, Outcome as AuditOutcome, Record, Sealed};
+use crate::model::{Kind, Object, ObjectMeta, Role, Spec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Error of the underlying store (IO, corruption). Not a business outcome.
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    pub fn msg(m: impl std::fmt::Display) -> Self {
+        StoreError(m.to_string())
+    }
+}
+
+/// Read access to the state key space.
+pub trait KvRead {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All entries whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// Who asked for a change, when, and from where. Filled by the admin API, replicated as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    /// RFC 3339 UTC time the leader received the request.
+    pub time: String,
+    pub actor: String,
+    pub role: String,
+    pub request_id: String,
+    pub source: String,
+}
+
+/// One change to one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    Create(Spec),
+    /// Replace the spec; refused unless the stored version is `if_version`.
+    Update {
+        spec: Spec,
+        if_version: u64,
+    },
+    /// Refused unless the stored version is `if_version` (when given).
+    Delete {
+        kind: Kind,
+        name: String,
+        if_version: Option<u64>,
+    },
+}
+
+/// A refused access, aggregated per (source, principal, status) over a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecurityEvent {
+    pub source: String,
+    pub principal: String,
+    pub status: u16,
+    pub reason: String,
+    pub tenant: Option<String>,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub sample_path: String,
+}
+
+/// Everything that goes through the Raft log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// First start of a node: the bootstrap platform admin and its token. Refused if any
+    /// platform user exists.
+    Bootstrap {
+        ctx: Context,
+        user: Box<Spec>,
+        token: Box<Spec>,
+    },
+    /// Changes to one scope (a tenant, or the platform scope when `tenant` is `None`), applied
+    /// all or nothing. `action` names the request (`api.create`, `apply`, …).
+    Mutate {
+        ctx: Context,
+        tenant: Option<String>,
+        action: String,
+        changes: Vec<Change>,
+    },
+    /// Aggregated refusals (401/403), audited as security events.
+    SecurityEvents {
+        ctx: Context,
+        events: Vec<SecurityEvent>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    NotFound,
+    Conflict,
+    PreconditionFailed,
+    Invalid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+fn reject(code: RejectCode, message: impl Into<String>) -> Rejection {
+    Rejection {
+        code,
+        message: message.into(),
+        field: None,
+    }
+}
+
+/// The result of a command, returned to the client that proposed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Done {
+        /// The objects as they are after the change (deleted ones omitted).
+        objects: Vec<Object>,
+        /// The scope's revision after the change.
+        revision: u64,
+        audit_seqs: Vec<u64>,
+    },
+    Rejected(Rejection),
+    /// Entries without a command (Raft blank and membership entries).
+    Noop,
+}
+
+/// What applying one command produced: the response, the key writes (`None` = delete) and the
+/// sealed audit records. The caller persists writes and records in one transaction.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub response: Option<Response>,
+    pub writes: BTreeMap<String, Option<Vec<u8>>>,
+    pub audit: Vec<Sealed>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key layout.
+
+pub const AUDIT_HEAD_KEY: &str = "m/audit_head";
+const PLATFORM: &str = "_";
+
+pub fn object_key(kind: Kind, tenant: Option<&str>, name: &str) -> String {
+    format!(
+        "o/{}/{}/{}",
+        kind.as_str(),
+        tenant.unwrap_or(PLATFORM),
+        name
+    )
+}
+
+pub fn object_prefix(kind: Kind, tenant: Option<&str>) -> String {
+    format!("o/{}/{}/", kind.as_str(), tenant.unwrap_or(PLATFORM))
+}
+
+fn revision_key(tenant: Option<&str>) -> String {
+    format!("r/{}", tenant.unwrap_or(PLATFORM))
+}
+
+fn key_hash_index(hash: &str) -> String {
+    format!("i/key/{hash}")
+}
+
+fn token_hash_index(hash: &str) -> String {
+    format!("i/token/{hash}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: u64,
+    #[serde(with = "hex32")]
+    pub hash: [u8; 32],
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let v = hex::decode(s).map_err(serde::de::Error::custom)?;
+        v.try_into()
+            .map_err(|_| serde::de::Error::custom("expected 32 bytes"))
+    }
+}
+
+pub fn audit_head(kv: &dyn KvRead) -> Result<AuditHead, StoreError> {
+    match kv.get(AUDIT_HEAD_KEY)? {
+        Some(b) => serde_json::from_slice(&b).map_err(StoreError::msg),
+        None => Ok(AuditHead {
+            seq: 0,
+            hash: audit::GENESIS_HASH,
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Staged view: reads see the command's own writes; nothing reaches the store unless the whole
+// command succeeds.
+
+struct Staged<'a> {
+    base: &'a dyn KvRead,
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl Staged<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.writes.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.base.get(key),
+        }
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut merged: BTreeMap<String, Vec<u8>> =
+            self.base.scan_prefix(prefix)?.into_iter().collect();
+        for (k, v) in self.writes.range(prefix.to_string()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+
+    fn put_json<T: Serialize>(&mut self, key: String, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(StoreError::msg)?;
+        self.writes.insert(key, Some(bytes));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) {
+        self.writes.insert(key, None);
+    }
+
+    fn object(
+        &self,
+        kind: Kind,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Object>, StoreError> {
+        decode_object(self.get(&object_key(kind, tenant, name))?)
+    }
+
+    fn objects(&self, kind: Kind, tenant: Option<&str>) -> Result<Vec<Object>, StoreError> {
+        self.scan_prefix(&object_prefix(kind, tenant))?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::msg))
+            .collect()
+    }
+}
+
+fn decode_object(bytes: Option<Vec<u8>>) -> Result<Option<Object>, StoreError> {
+    bytes
+        .map(|b| serde_json::from_slice(&b).map_err(StoreError::msg))
+        .transpose()
+}
+
+// ---------------------------------------------------------------------------------------------
+// apply
+
+/// An audit record before it gets its place in the chain.
+struct PendingRecord {
+    ctx: Context,
+    tenant: Option<String>,
+    actor: String,
+    role: String,
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    outcome: AuditOutcome,
+    source: String,
+    digest: String,
+    detail: Option<serde_json::Value>,
+}
+
+impl PendingRecord {
+    fn for_change(
+        ctx: &Context,
+        tenant: Option<&str>,
+        action: String,
+        kind: Kind,
+        name: &str,
+        digest: String,
+    ) -> Self {
+        PendingRecord {
+            ctx: ctx.clone(),
+            tenant: tenant.map(str::to_string),
+            actor: ctx.actor.clone(),
+            role: ctx.role.clone(),
+            action,
+            resource_type: kind.as_str().to_string(),
+            resource_id: name.to_string(),
+            outcome: AuditOutcome::Success,
+            source: ctx.source.clone(),
+            digest,
+            detail: None,
+        }
+    }
+
+    fn into_record(self, seq: u64) -> Record {
+        Record {
+            seq,
+            time: self.ctx.time,
+            actor: self.actor,
+            role: self.role,
+            tenant: self.tenant,
+            action: self.action,
+            resource_type: self.resource_type,
+            resource_id: self.resource_id,
+            outcome: self.outcome,
+            request_id: self.ctx.request_id,
+            source: self.source,
+            digest: self.digest,
+            detail: self.detail,
+        }
+    }
+}
+
+/// Hex SHA-256 of a JSON value's serialisation: the audit digest of a change. Secrets never reach
+/// it: specs go through [`Spec::public_json`] first.
+pub fn digest_json(v: &serde_json::Value) -> String {
+    hex::encode(audit::sha256(&serde_json::to_vec(v).unwrap_or_default()))
+}
+
+fn change_digest(
+    action: &str,
+    kind: Kind,
+    tenant: Option<&str>,
+    name: &str,
+    spec: Option<&Spec>,
+    version: u64,
+) -> String {
+    digest_json(&serde_json::json!({
+        "action": action,
+        "kind": kind.as_str(),
+        "tenant": tenant,
+        "name": name,
+        "version": version,
+        "spec": spec.map(Spec::public_json),
+    }))
+}
+
+type Outcome = Result<(Vec<Object>, u64), Rejection>;
+
+/// Applies one command at log index `log_index` on top of `base`.
+pub fn apply(base: &dyn KvRead, log_index: u64, cmd: &Command) -> Result<Applied, StoreError> {
+    let mut st = Staged {
+        base,
+        writes: BTreeMap::new(),
+    };
+    let mut pending = Vec::new();
+    let outcome = match cmd {
+        Command::Bootstrap { ctx, user, token } => {
+            bootstrap(&mut st, log_index, ctx, user, token, &mut pending)?
+        }
+        Command::Mutate {
+            ctx,
+            tenant,
+            action,
+            changes,
+        } => mutate(
+            &mut st,
+            log_index,
+            ctx,
+            tenant.as_deref(),
+            action,
+            changes,
+            &mut pending,
+        )?,
+        Command::SecurityEvents { ctx, events } => {
+            for ev in events {
+                pending.push(PendingRecord {
+                    ctx: ctx.clone(),
+                    tenant: ev.tenant.clone(),
+                    actor: ev.principal.clone(),
+                    role: String::new(),
+                    action: if ev.status == 401 {
+                        "auth.denied"
+                    } else {
+                        "authz.denied"
+                    }
+                    .into(),
+                    resource_type: "request".into(),
+                    resource_id: ev.sample_path.clone(),
+                    outcome: AuditOutcome::Denied,
+                    source: ev.source.clone(),
+                    digest: digest_json(&serde_json::to_value(ev).unwrap_or_default()),
+                    detail: Some(serde_json::json!({
+                        "status": ev.status,
+                        "reason": ev.reason,
+                        "count": ev.count,
+                        "first_seen": ev.first_seen,
+                        "last_seen": ev.last_seen,
+                    })),
+                });
+            }
+            Ok((Vec::new(), 0))
+        }
+    };
+    match outcome {
+        Ok((objects, revision)) => {
+            let mut head = audit_head(base)?;
+            let mut sealed = Vec::with_capacity(pending.len());
+            for p in pending {
+                let s = audit::seal(head.hash, p.into_record(head.seq + 1));
+                head = AuditHead {
+                    seq: s.record.seq,
+                    hash: s.hash,
+                };
+                sealed.push(s);
+            }
+            st.put_json(AUDIT_HEAD_KEY.to_string(), &head)?;
+            Ok(Applied {
+                response: Some(Response::Done {
+                    objects,
+                    revision,
+                    audit_seqs: sealed.iter().map(|s| s.record.seq).collect(),
+                }),
+                writes: st.writes,
+                audit: sealed,
+            })
+        }
+        Err(rejection) => Ok(Applied {
+            response: Some(Response::Rejected(rejection)),
+            writes: BTreeMap::new(),
+            audit: Vec::new(),
+        }),
+    }
+}
+
+fn bootstrap(
+    st: &mut Staged,
+    log_index: u64,
+    ctx: &Context,
+    user: &Spec,
+    token: &Spec,
+    pending: &mut Vec<PendingRecord>,
+) -> Result<Outcome, StoreError> {
+    let admins = st.objects(Kind::User, None)?;
+    if !admins.is_empty() {
+        return Ok(Err(reject(
+            RejectCode::Conflict,
+            "the platform is already bootstrapped",
+        )));
+    }
+    let changes = vec![Change::Create(user.clone()), Change::Create(token.clone())];
+    mutate(st, log_index, ctx, None, "bootstrap", &changes, pending)
+}
+
+/// Where objects of `kind` are stored when a command runs in scope `tenant`: tenants always live
+/// in the platform scope (a tenant scope may create its own tenant, see `apply`).
+fn storage_scope(kind: Kind, tenant: Option<&str>) -> Option<&str> {
+    if kind == Kind::Tenant {
+        None
+    } else {
+        tenant
+    }
+}
+
+fn scope_ok(kind: Kind, tenant: Option<&str>, name: &str) -> Result<(), Rejection> {
+    let needs_tenant = !matches!(kind, Kind::Tenant | Kind::User | Kind::Token);
+    match (kind, tenant) {
+        (Kind::Tenant, Some(t)) if t != name => Err(reject(
+            RejectCode::Invalid,
+            "tenants are not created inside another tenant",
+        )),
+        (_, None) if needs_tenant => Err(reject(
+            RejectCode::Invalid,
+            format!("a {kind} belongs to a tenant"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn mutate(
+    st: &mut Staged,
+    log_index: u64,
+    ctx: &Context,
+    tenant: Option<&str>,
+    action: &str,
+    changes: &[Change],
+    pending: &mut Vec<PendingRecord>,
+) -> Result<Outcome, StoreError> {
+    let creates_scope = matches!(
+        (changes.first(), tenant),
+        (Some(Change::Create(Spec::Tenant(ts))), Some(t)) if ts.name == t
+    );
+    if let (Some(t), false) = (tenant, creates_scope) {
+        if st.object(Kind::Tenant, None, t)?.is_none() {
+            return Ok(Err(reject(
+                RejectCode::NotFound,
+                format!("tenant {t:?} not found"),
+            )));
+        }
+    }
+    let mut out = Vec::new();
+    for change in changes {
+        let result = match change {
+            Change::Create(spec) => create(st, log_index, ctx, tenant, spec, pending)?,
+            Change::Update { spec, if_version } => {
+                update(st, log_index, ctx, tenant, spec, *if_version, pending)?
+            }
+            Change::Delete {
+                kind,
+                name,
+                if_version,
+            } => delete(st, ctx, tenant, *kind, name, *if_version, pending)?,
+        };
+        match result {
+            Ok(Some(obj)) => out.push(obj),
+            Ok(None) => {}
+            Err(mut r) => {
+                if changes.len() > 1 {
+                    r.message = format!("{}: {}", describe(change), r.message);
+                }
+                return Ok(Err(r));
+            }
+        }
+    }
+    let _ = action;
+    let revision = if changes.is_empty() {
+        revision(st, tenant)?
+    } else {
+        let next = revision(st, tenant)? + 1;
+        st.put_json(revision_key(tenant), &next)?;
+        next
+    };
+    Ok(Ok((out, revision)))
+}
+
+fn describe(change: &Change) -> String {
+    match change {
+        Change::Create(s) => format!("create {} {:?}", s.kind(), s.name()),
+        Change::Update { spec, .. } => format!("update {} {:?}", spec.kind(), spec.name()),
+        Change::Delete { kind, name, .. } => format!("delete {kind} {name:?}"),
+    }
+}
+
+fn revision(st: &Staged, tenant: Option<&str>) -> Result<u64, StoreError> {
+    match st.get(&revision_key(tenant))? {
+        Some(b) => serde_json::from_slice(&b).map_err(StoreError::msg),
+        None => Ok(0),
+    }
+}
+
+type ChangeResult = Result<Option<Object>, Rejection>;
+
+fn references(
+    st: &Staged,
+    tenant: Option<&str>,
+    spec: &Spec,
+) -> Result<Result<(), Rejection>, StoreError> {
+    let mut need: Vec<(Kind, &str, &str)> = Vec::new();
+    match spec {
+        Spec::Subscription(s) => {
+            need.push((Kind::Consumer, &s.consumer, "consumer"));
+            need.push((Kind::Api, &s.api, "api"));
+            need.push((Kind::Plan, &s.plan, "plan"));
+        }
+        Spec::Key(k) => need.push((Kind::Consumer, &k.consumer, "consumer")),
+        Spec::Token(t) => need.push((Kind::User, &t.user, "user")),
+        _ => {}
+    }
+    for (kind, name, field) in need {
+        if st.object(kind, tenant, name)?.is_none() {
+            return Ok(Err(Rejection {
+                code: RejectCode::Invalid,
+                message: format!("{kind} {name:?} does not exist"),
+                field: Some(field.to_string()),
+            }));
+        }
+    }
+    Ok(Ok(()))
+}
+
+fn index_key(spec: &Spec) -> Option<String> {
+    match spec {
+        Spec::Key(k) if !k.key_hash.is_empty() => Some(key_hash_index(&k.key_hash)),
+        Spec::Token(t) if !t.token_hash.is_empty() => Some(token_hash_index(&t.token_hash)),
+        _ => None,
+    }
+}
+
+fn create(
+    st: &mut Staged,
+    log_index: u64,
+    ctx: &Context,
+    tenant: Option<&str>,
+    spec: &Spec,
+    pending: &mut Vec<PendingRecord>,
+) -> Result<ChangeResult, StoreError> {
+    let kind = spec.kind();
+    let name = spec.name();
+    if let Err(r) = scope_ok(kind, tenant, &name) {
+        return Ok(Err(r));
+    }
+    if let Err(e) = spec.check(tenant) {
+        return Ok(Err(Rejection {
+            code: RejectCode::Invalid,
+            message: e.reason,
+            field: Some(e.field),
+        }));
+    }
+    let key = object_key(kind, storage_scope(kind, tenant), &name);
+    if st.get(&key)?.is_some() {
+        return Ok(Err(reject(
+            RejectCode::Conflict,
+            format!("{kind} {name:?} already exists"),
+        )));
+    }
+    if let Err(r) = references(st, tenant, spec)? {
+        return Ok(Err(r));
+    }
+    let obj = Object {
+        meta: ObjectMeta {
+            tenant: storage_scope(kind, tenant).map(str::to_string),
+            version: 1,
+            created_at: ctx.time.clone(),
+            updated_at: ctx.time.clone(),
+            log_index,
+        },
+        spec: spec.clone(),
+    };
+    if let Some(ix) = index_key(spec) {
+        st.put_json(ix, &key)?;
+    }
+    st.put_json(key, &obj)?;
+    let action = format!("{kind}.create");
+    let digest = change_digest(&action, kind, tenant, &name, Some(spec), 1);
+    pending.push(PendingRecord::for_change(
+        ctx, tenant, action, kind, &name, digest,
+    ));
+    Ok(Ok(Some(obj)))
+}
+
+fn enabled_platform_admins(st: &Staged) -> Result<Vec<String>, StoreError> {
+    Ok(st
+        .objects(Kind::User, None)?
+        .into_iter()
+        .filter_map(|o| match o.spec {
+            Spec::User(u) if u.role == Role::PlatformAdmin && !u.disabled => Some(u.name),
+            _ => None,
+        })
+        .collect())
+}
+
+fn update(
+    st: &mut Staged,
+    log_index: u64,
+    ctx: &Context,
+    tenant: Option<&str>,
+    spec: &Spec,
+    if_version: u64,
+    pending: &mut Vec<PendingRecord>,
+) -> Result<ChangeResult, StoreError> {
+    let kind = spec.kind();
+    let name = spec.name();
+    if kind == Kind::Tenant && tenant.is_some() {
+        return Ok(Err(reject(
+            RejectCode::Invalid,
+            "tenants are changed in the platform scope",
+        )));
+    }
+    if let Err(r) = scope_ok(kind, tenant, &name) {
+        return Ok(Err(r));
+    }
+    if let Err(e) = spec.check(tenant) {
+        return Ok(Err(Rejection {
+            code: RejectCode::Invalid,
+            message: e.reason,
+            field: Some(e.field),
+        }));
+    }
+    let key = object_key(kind, tenant, &name);
+    let Some(current) = decode_object(st.get(&key)?)? else {
+        return Ok(Err(reject(
+            RejectCode::NotFound,
+            format!("{kind} {name:?} not found"),
+        )));
+    };
+    if current.meta.version != if_version {
+        return Ok(Err(reject(
+            RejectCode::PreconditionFailed,
+            format!(
+                "{kind} {name:?} is at version {}, the request expected version {if_version}; \
+                 read it again and retry",
+                current.meta.version
+            ),
+        )));
+    }
+    let immutable = |field: &str| {
+        Err(Rejection {
+            code: RejectCode::Invalid,
+            message: format!("{field} cannot be changed"),
+            field: Some(field.to_string()),
+        })
+    };
+    match (&current.spec, spec) {
+        (Spec::Key(old), Spec::Key(new)) => {
+            if old.consumer != new.consumer {
+                return Ok(immutable("consumer"));
+            }
+            if old.key_hash != new.key_hash || old.prefix != new.prefix {
+                return Ok(immutable("key"));
+            }
+        }
+        (Spec::Token(old), Spec::Token(new)) => {
+            if old.user != new.user {
+                return Ok(immutable("user"));
+            }
+            if old.token_hash != new.token_hash || old.prefix != new.prefix {
+                return Ok(immutable("token"));
+            }
+        }
+        (Spec::Api(old), Spec::Api(new)) if !old.lifecycle.can_move_to(new.lifecycle) => {
+            return Ok(Err(Rejection {
+                code: RejectCode::Invalid,
+                message: format!(
+                    "an API cannot move from {} to {}",
+                    old.lifecycle.as_str(),
+                    new.lifecycle.as_str()
+                ),
+                field: Some("lifecycle".into()),
+            }));
+        }
+        (Spec::User(old), Spec::User(new)) => {
+            if old.role != new.role && tenant.is_none() {
+                return Ok(immutable("role"));
+            }
+            let admins = enabled_platform_admins(st)?;
+            if new.disabled && admins == [name.clone()] {
+                return Ok(Err(reject(
+                    RejectCode::Conflict,
+                    "this is the last enabled platform-admin; create another one first",
+                )));
+            }
+        }
+        _ => {}
+    }
+    if let Err(r) = references(st, tenant, spec)? {
+        return Ok(Err(r));
+    }
+    let version = current.meta.version + 1;
+    let obj = Object {
+        meta: ObjectMeta {
+            version,
+            updated_at: ctx.time.clone(),
+            log_index,
+            ..current.meta
+        },
+        spec: spec.clone(),
+    };
+    st.put_json(key, &obj)?;
+    let action = format!("{kind}.update");
+    let digest = change_digest(&action, kind, tenant, &name, Some(spec), version);
+    pending.push(PendingRecord::for_change(
+        ctx, tenant, action, kind, &name, digest,
+    ));
+    Ok(Ok(Some(obj)))
+}
+
+fn delete(
+    st: &mut Staged,
+    ctx: &Context,
+    tenant: Option<&str>,
+    kind: Kind,
+    name: &str,
+    if_version: Option<u64>,
+    pending: &mut Vec<PendingRecord>,
+) -> Result<ChangeResult, StoreError> {
+    if kind == Kind::Tenant && tenant.is_some() {
+        return Ok(Err(reject(
+            RejectCode::Invalid,
+            "tenants are deleted in the platform scope",
+        )));
+    }
+    if let Err(r) = scope_ok(kind, tenant, name) {
+        return Ok(Err(r));
+    }
+    let key = object_key(kind, tenant, name);
+    let Some(current) = decode_object(st.get(&key)?)? else {
+        return Ok(Err(reject(
+            RejectCode::NotFound,
+            format!("{kind} {name:?} not found"),
+        )));
+    };
+    if let Some(v) = if_version {
+        if current.meta.version != v {
+            return Ok(Err(reject(
+                RejectCode::PreconditionFailed,
+                format!(
+                    "{kind} {name:?} is at version {}, the request expected version {v}",
+                    current.meta.version
+                ),
+            )));
+        }
+    }
+    let subscriptions = |st: &Staged,
+                         field: fn(&crate::model::SubscriptionSpec) -> &str|
+     -> Result<Vec<String>, StoreError> {
+        Ok(st
+            .objects(Kind::Subscription, tenant)?
+            .into_iter()
+            .filter_map(|o| match &o.spec {
+                Spec::Subscription(s) if field(s) == name => Some(s.name()),
+                _ => None,
+            })
+            .collect())
+    };
+    let blockers: Vec<String> = match kind {
+        Kind::Tenant => {
+            let mut held = Vec::new();
+            for k in Kind::ALL {
+                let n = st.scan_prefix(&object_prefix(k, Some(name)))?.len();
+                if n > 0 {
+                    held.push(format!("{n} {k}"));
+                }
+            }
+            held
+        }
+        Kind::Consumer => subscriptions(st, |s| &s.consumer)?,
+        Kind::Api => subscriptions(st, |s| &s.api)?,
+        Kind::Plan => subscriptions(st, |s| &s.plan)?,
+        Kind::User if tenant.is_none() => {
+            if enabled_platform_admins(st)? == [name.to_string()] {
+                return Ok(Err(reject(
+                    RejectCode::Conflict,
+                    "this is the last enabled platform-admin; create another one first",
+                )));
+            }
+            Vec::new()
+        }
+        _ => Vec::new(),
+    };
+    if !blockers.is_empty() {
+        let what = if kind == Kind::Tenant {
+            "objects"
+        } else {
+            "subscriptions"
+        };
+        return Ok(Err(reject(
+            RejectCode::Conflict,
+            format!(
+                "{kind} {name:?} is still referenced by {what}: {}; delete them first",
+                blockers.join(", ")
+            ),
+        )));
+    }
+    // Children go with their parent: a consumer's keys, a user's tokens.
+    let children: Vec<Object> = match kind {
+        Kind::Consumer => st
+            .objects(Kind::Key, tenant)?
+            .into_iter()
+            .filter(|o| matches!(&o.spec, Spec::Key(k) if k.consumer == name))
+            .collect(),
+        Kind::User => st
+            .objects(Kind::Token, tenant)?
+            .into_iter()
+            .filter(|o| matches!(&o.spec, Spec::Token(t) if t.user == name))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for child in children.iter().chain(std::iter::once(&current)) {
+        let ckind = child.spec.kind();
+        let cname = child.spec.name();
+        if let Some(ix) = index_key(&child.spec) {
+            st.delete(ix);
+        }
+        st.delete(object_key(ckind, tenant, &cname));
+        let action = format!("{ckind}.delete");
+        let digest = change_digest(&action, ckind, tenant, &cname, None, child.meta.version);
+        let mut rec = PendingRecord::for_change(ctx, tenant, action, ckind, &cname, digest);
+        if ckind != kind {
+            rec.detail = Some(serde_json::json!({ "cascade_from": format!("{kind}/{name}") }));
+        }
+        pending.push(rec);
+    }
+    Ok(Ok(None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Declarative documents.
+
+/// What applying a tenant document would do.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocumentDiff {
+    /// `kind/name` of objects to create, change and delete.
+    pub create: Vec<String>,
+    pub update: Vec<String>,
+    pub delete: Vec<String>,
+    pub unchanged: usize,
+    /// The changes, in an order that respects references, each guarded by the version read.
+    #[serde(skip)]
+    pub changes: Vec<Change>,
+}
+
+impl DocumentDiff {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+/// The tenant's current configuration as a document (no secrets: consumers without keys).
+pub fn export_document(
+    kv: &dyn KvRead,
+    tenant: &str,
+) -> Result<crate::model::TenantDocument, StoreError> {
+    let mut doc = crate::model::TenantDocument {
+        api_version: crate::model::DOCUMENT_API_VERSION.into(),
+        kind: crate::model::DOCUMENT_KIND.into(),
+        tenant: tenant.into(),
+        revision: Some(tenant_revision(kv, Some(tenant))?),
+        apis: Vec::new(),
+        plans: Vec::new(),
+        consumers: Vec::new(),
+        subscriptions: Vec::new(),
+    };
+    for kind in [Kind::Api, Kind::Plan, Kind::Consumer, Kind::Subscription] {
+        for o in list_objects(kv, kind, Some(tenant))? {
+            match o.spec {
+                Spec::Api(s) => doc.apis.push(s),
+                Spec::Plan(s) => doc.plans.push(s),
+                Spec::Consumer(s) => doc.consumers.push(s),
+                Spec::Subscription(s) => doc.subscriptions.push(s),
+                _ => {}
+            }
+        }
+    }
+    Ok(doc)
+}
+
+/// Compares a (checked) document with the tenant's state. Deletions of subscriptions come
+/// first, then deletions of what they referenced, then creations and changes in dependency order.
+pub fn diff_document(
+    kv: &dyn KvRead,
+    doc: &crate::model::TenantDocument,
+    tenant_exists: bool,
+) -> Result<DocumentDiff, StoreError> {
+    let tenant = doc.tenant.as_str();
+    let mut diff = DocumentDiff::default();
+    if !tenant_exists {
+        let spec = Spec::Tenant(crate::model::TenantSpec {
+            name: tenant.to_string(),
+            display_name: None,
+            description: None,
+        });
+        diff.create.push(format!("tenant/{tenant}"));
+        diff.changes.push(Change::Create(spec));
+    }
+    let desired = doc.specs();
+    let mut deletes_first = Vec::new();
+    let mut deletes_then = Vec::new();
+    for kind in [Kind::Subscription, Kind::Consumer, Kind::Api, Kind::Plan] {
+        for o in list_objects(kv, kind, Some(tenant))? {
+            let name = o.spec.name();
+            if !desired.iter().any(|d| d.kind() == kind && d.name() == name) {
+                diff.delete.push(format!("{kind}/{name}"));
+                let c = Change::Delete {
+                    kind,
+                    name,
+                    if_version: Some(o.meta.version),
+                };
+                if kind == Kind::Subscription {
+                    deletes_first.push(c);
+                } else {
+                    deletes_then.push(c);
+                }
+            }
+        }
+    }
+    diff.changes.extend(deletes_first);
+    diff.changes.extend(deletes_then);
+    for spec in desired {
+        let kind = spec.kind();
+        let name = spec.name();
+        match get_object(kv, kind, Some(tenant), &name)? {
+            None => {
+                diff.create.push(format!("{kind}/{name}"));
+                diff.changes.push(Change::Create(spec));
+            }
+            Some(current) if current.spec != spec => {
+                diff.update.push(format!("{kind}/{name}"));
+                diff.changes.push(Change::Update {
+                    spec,
+                    if_version: current.meta.version,
+                });
+            }
+            Some(_) => diff.unchanged += 1,
+        }
+    }
+    Ok(diff)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries (read side).
+
+pub fn get_object(
+    kv: &dyn KvRead,
+    kind: Kind,
+    tenant: Option<&str>,
+    name: &str,
+) -> Result<Option<Object>, StoreError> {
+    decode_object(kv.get(&object_key(kind, tenant, name))?)
+}
+
+pub fn list_objects(
+    kv: &dyn KvRead,
+    kind: Kind,
+    tenant: Option<&str>,
+) -> Result<Vec<Object>, StoreError> {
+    kv.scan_prefix(&object_prefix(kind, tenant))?
+        .into_iter()
+        .map(|(_, v)| serde_json::from_slice(&v).map_err(StoreError::msg))
+        .collect()
+}
+
+pub fn tenant_revision(kv: &dyn KvRead, tenant: Option<&str>) -> Result<u64, StoreError> {
+    match kv.get(&revision_key(tenant))? {
+        Some(b) => serde_json::from_slice(&b).map_err(StoreError::msg),
+        None => Ok(0),
+    }
+}
+
+/// The token object (and its owner) whose hash is `hash`.
+pub fn find_token(kv: &dyn KvRead, hash: &str) -> Result<Option<(Object, Object)>, StoreError> {
+    let Some(key) = kv.get(&token_hash_index(hash))? else {
+        return Ok(None);
+    };
+    let key: String = serde_json::from_slice(&key).map_err(StoreError::msg)?;
+    let Some(token) = decode_object(kv.get(&key)?)? else {
+        return Ok(None);
+    };
+    let Spec::Token(t) = &token.spec else {
+        return Ok(None);
+    };
+    let Some(user) = get_object(kv, Kind::User, token.meta.tenant.as_deref(), &t.user)? else {
+        return Ok(None);
+    };
+    Ok(Some((token, user)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    #[derive(Default)]
+    struct Mem(BTreeMap<String, Vec<u8>>);
+    impl KvRead for Mem {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Ok(self
+                .0
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+    impl Mem {
+        fn run(&mut self, index: u64, cmd: &Command) -> Applied {
+            let applied = apply(self, index, cmd).unwrap();
+            for (k, v) in &applied.writes {
+                match v {
+                    Some(v) => self.0.insert(k.clone(), v.clone()),
+                    None => self.0.remove(k),
+                };
+            }
+            applied
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            time: "2026-01-01T00:00:00Z".into(),
+            actor: "alice".into(),
+            role: "platform-admin".into(),
+            request_id: "r1".into(),
+            source: "127.0.0.1".into(),
+        }
+    }
+
+    fn mutate(tenant: Option<&str>, changes: Vec<Change>) -> Command {
+        Command::Mutate {
+            ctx: ctx(),
+            tenant: tenant.map(str::to_string),
+            action: "test".into(),
+            changes,
+        }
+    }
+
+    fn tenant(name: &str) -> Spec {
+        Spec::Tenant(TenantSpec {
+            name: name.into(),
+            display_name: None,
+            description: None,
+        })
+    }
+
+    fn consumer(name: &str) -> Spec {
+        Spec::Consumer(ConsumerSpec {
+            name: name.into(),
+            display_name: None,
+            contact_email: None,
+            description: None,
+        })
+    }
+
+    #[test]
+    fn create_update_delete_with_versions_and_audit() {
+        let mut kv = Mem::default();
+        let a = kv.run(1, &mutate(None, vec![Change::Create(tenant("acme"))]));
+        assert!(matches!(
+            a.response,
+            Some(Response::Done { revision: 1, .. })
+        ));
+        assert_eq!(a.audit.len(), 1);
+        assert_eq!(a.audit[0].record.action, "tenant.create");
+
+        kv.run(
+            2,
+            &mutate(Some("acme"), vec![Change::Create(consumer("c1"))]),
+        );
+        // stale version: rejected, nothing written, no audit
+        let stale = kv.run(
+            3,
+            &mutate(
+                Some("acme"),
+                vec![Change::Update {
+                    spec: consumer("c1"),
+                    if_version: 7,
+                }],
+            ),
+        );
+        assert!(matches!(
+            stale.response,
+            Some(Response::Rejected(Rejection {
+                code: RejectCode::PreconditionFailed,
+                ..
+            }))
+        ));
+        assert!(stale.writes.is_empty() && stale.audit.is_empty());
+        let ok = kv.run(
+            4,
+            &mutate(
+                Some("acme"),
+                vec![Change::Update {
+                    spec: consumer("c1"),
+                    if_version: 1,
+                }],
+            ),
+        );
+        let Some(Response::Done {
+            objects,
+            revision,
+            audit_seqs,
+        }) = ok.response
+        else {
+            panic!("update refused")
+        };
+        assert_eq!(objects[0].meta.version, 2);
+        assert_eq!(revision, 2);
+        assert_eq!(audit_seqs, vec![3]);
+        // the chain continues
+        assert_eq!(
+            ok.audit[0].prev_hash,
+            audit_head(&kv).map(|_| ok.audit[0].prev_hash).unwrap()
+        );
+        let head = audit_head(&kv).unwrap();
+        assert_eq!(head.seq, 3);
+        assert_eq!(head.hash, ok.audit[0].hash);
+    }
+
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let mut kv = Mem::default();
+        kv.run(1, &mutate(None, vec![Change::Create(tenant("acme"))]));
+        let before = kv.0.clone();
+        let bad = kv.run(
+            2,
+            &mutate(
+                Some("acme"),
+                vec![
+                    Change::Create(consumer("c1")),
+                    Change::Create(Spec::Subscription(SubscriptionSpec {
+                        consumer: "c1".into(),
+                        api: "missing".into(),
+                        plan: "gold".into(),
+                        status: SubscriptionStatus::Active,
+                    })),
+                ],
+            ),
+        );
+        let Some(Response::Rejected(r)) = bad.response else {
+            panic!("accepted")
+        };
+        assert!(
+            r.message.contains("api \"missing\" does not exist"),
+            "{}",
+            r.message
+        );
+        assert_eq!(kv.0, before);
+    }
+
+    #[test]
+    fn tenant_delete_refused_while_not_empty_and_consumer_cascades_keys() {
+        let mut kv = Mem::default();
+        kv.run(1, &mutate(None, vec![Change::Create(tenant("acme"))]));
+        kv.run(
+            2,
+            &mutate(Some("acme"), vec![Change::Create(consumer("c1"))]),
+        );
+        let key = Spec::Key(KeySpec {
+            name: "key-1".into(),
+            consumer: "c1".into(),
+            prefix: "apik_x".into(),
+            key_hash: "ab".repeat(32),
+            expires_at: "2030-01-01T00:00:00Z".into(),
+            revoked: false,
+            description: None,
+        });
+        kv.run(3, &mutate(Some("acme"), vec![Change::Create(key)]));
+        assert!(kv.0.contains_key(&format!("i/key/{}", "ab".repeat(32))));
+        let del_tenant = Change::Delete {
+            kind: Kind::Tenant,
+            name: "acme".into(),
+            if_version: None,
+        };
+        let r = kv.run(4, &mutate(None, vec![del_tenant.clone()]));
+        assert!(matches!(
+            r.response,
+            Some(Response::Rejected(Rejection {
+                code: RejectCode::Conflict,
+                ..
+            }))
+        ));
+        let r = kv.run(
+            5,
+            &mutate(
+                Some("acme"),
+                vec![Change::Delete {
+                    kind: Kind::Consumer,
+                    name: "c1".into(),
+                    if_version: Some(1),
+                }],
+            ),
+        );
+        assert_eq!(
+            r.audit.len(),
+            2,
+            "key and consumer deletions are both audited"
+        );
+        assert!(!kv.0.keys().any(|k| k.starts_with("i/key/")));
+        let r = kv.run(6, &mutate(None, vec![del_tenant]));
+        assert!(matches!(r.response, Some(Response::Done { .. })));
+    }
+
+    #[test]
+    fn same_log_same_state() {
+        let cmds = [
+            mutate(None, vec![Change::Create(tenant("a"))]),
+            mutate(Some("a"), vec![Change::Create(consumer("x"))]),
+            mutate(Some("a"), vec![Change::Create(consumer("x"))]),
+        ];
+        let mut one = Mem::default();
+        let mut two = Mem::default();
+        for (i, c) in cmds.iter().enumerate() {
+            one.run(i as u64 + 1, c);
+            two.run(i as u64 + 1, c);
+        }
+        assert_eq!(one.0, two.0);
+    }
+}
