@@ -127,7 +127,7 @@ impl Cluster {
             election_timeout_max: 600,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
             max_in_snapshot_log_to_keep: settings.keep_logs,
-            purge_batch_size: 256,
+            purge_batch_size: 1,
             max_payload_entries: 512,
             ..Default::default()
         };
