@@ -28,14 +28,18 @@ node itself, reads the token and CA certificate from the data directory.";
 #[derive(Parser, Debug)]
 #[command(name = "apim", version, about = "apim: sovereign API management appliance (gateway, control plane, audit) in one binary", after_help = EXIT_HELP)]
 pub struct Cli {
-    /// Data directory of the local node (token, CA certificate, audit segments).
+    /// Data directory of the local node (token, CA certificate, audit segments) [default:
+    /// ./apim-data; for `serve`, the config file's `data_dir`].
     #[arg(
         long,
         global = true,
         env = "APIM_DATA_DIR",
-        default_value = "./apim-data"
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::NonEmptyStringValueParser::new(),
+            PathBuf::from
+        )
     )]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
     /// Admin API URL.
     #[arg(long, global = true, env = "APIM_URL")]
     pub url: Option<String>,
@@ -321,6 +325,15 @@ pub enum AuditCmd {
     },
 }
 
+impl Cli {
+    /// The data directory the CLI works with.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors and exit codes
 
@@ -409,7 +422,7 @@ impl Client {
         let token = match &cli.token {
             Some(t) => t.clone(),
             None => {
-                let p = cli.data_dir.join(crate::node::TOKEN_FILE);
+                let p = cli.data_dir().join(crate::node::TOKEN_FILE);
                 read_trimmed(&p).ok_or_else(|| CliError::Api {
                     status: 401,
                     message: format!(
@@ -420,7 +433,7 @@ impl Client {
             }
         };
         let ca_path = cli.ca_cert.clone().unwrap_or_else(|| {
-            cli.data_dir
+            cli.data_dir()
                 .join(crate::node::PKI_DIR)
                 .join(crate::node::CA_FILE)
         });
@@ -978,9 +991,9 @@ async fn audit_verify(
 ) -> CResult<()> {
     let dir = dir
         .clone()
-        .unwrap_or_else(|| cli.data_dir.join(crate::node::AUDIT_DIR));
+        .unwrap_or_else(|| cli.data_dir().join(crate::node::AUDIT_DIR));
     let key_path = public_key.clone().unwrap_or_else(|| {
-        cli.data_dir
+        cli.data_dir()
             .join(crate::node::PKI_DIR)
             .join(crate::node::AUDIT_PUB_FILE)
     });
@@ -1031,7 +1044,7 @@ pub async fn run(cli: Cli) -> CResult<()> {
                 Output::Json => print_value(out, &v),
                 Output::Table => {
                     println!("status:      {}", cell(&v["status"]));
-                    println!("version:     {}", cell(&v["resource_version"]));
+                    println!("version:     {}", cell(&v["version"]));
                     println!(
                         "node:        {} ({}), leader {}",
                         cell(&v["raft"]["node_id"]),

@@ -1,8 +1,9 @@
 //! openraft glue: the type configuration, the Raft instance of this node and its (for now
 //! single-node) network.
 //!
-//! Architecture invariant: only `node` (start-up) and `admin` (through [`Cluster::write`]) reach
-//! this module; openraft types do not leak into `state`, `model` or `audit`.
+//! Architecture invariant: only `node` (start-up), `admin` (through [`Cluster::write`]) and
+//! `store` (which implements openraft's storage traits for [`TypeConfig`]) reach this module;
+//! openraft types do not leak into `state`, `model` or `audit`.
 
 use crate::state::{Command, Response};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
@@ -174,7 +175,7 @@ impl Cluster {
 
     pub fn is_healthy(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        m.current_leader == Some(self.node_id) || m.current_leader.is_some()
+        m.current_leader.is_some()
     }
 
     pub async fn shutdown(&self) {

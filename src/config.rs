@@ -69,18 +69,21 @@ pub struct AuditConfig {
     pub flush_interval_ms: u64,
     /// How often a signed checkpoint is written (when records were added), in seconds.
     pub checkpoint_interval_seconds: u64,
-    /// Refused requests (401/403) are aggregated per source, principal and status over this
-    /// window, then audited as one security event each.
+    /// Refused requests (401/403/404 on authorisation) are aggregated per source, principal,
+    /// status and tenant over this window, then audited as one security event per group.
     pub security_event_window_seconds: u64,
     /// Most distinct (source, principal, status) groups held per window; extra refusals are
     /// counted in one overflow group.
     pub security_event_max_groups: usize,
 }
 
+/// Data directory when neither the config file nor `--data-dir` names one.
+pub const DEFAULT_DATA_DIR: &str = "./apim-data";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
-            data_dir: PathBuf::from("./apim-data"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: 1,
             admin: AdminConfig::default(),
             log: LogConfig::default(),
@@ -230,6 +233,15 @@ impl Config {
         }
         if self.raft.snapshot_every < 10 {
             return Err(bad("raft.snapshot_every", "must be at least 10".into()));
+        }
+        if self.raft.keep_logs > 1_000_000 {
+            return Err(bad("raft.keep_logs", "must be at most 1000000".into()));
+        }
+        if !(1..=600).contains(&self.admin.shutdown_grace_seconds) {
+            return Err(bad(
+                "admin.shutdown_grace_seconds",
+                "must be between 1 and 600".into(),
+            ));
         }
         if !(10..=60_000).contains(&self.audit.flush_interval_ms) {
             return Err(bad(

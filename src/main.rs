@@ -28,12 +28,9 @@ fn main() -> ExitCode {
             },
             None => Config::default(),
         };
-        // --data-dir / APIM_DATA_DIR win over the file when given explicitly.
-        if std::env::args().any(|a| a == "--data-dir" || a.starts_with("--data-dir="))
-            || std::env::var_os("APIM_DATA_DIR").is_some()
-            || config.is_none()
-        {
-            cfg.data_dir = cli.data_dir.clone();
+        // --data-dir / APIM_DATA_DIR win over the file.
+        if let Some(dir) = &cli.data_dir {
+            cfg.data_dir = dir.clone();
         }
         return match runtime.block_on(apim::node::run(cfg)) {
             Ok(()) => ExitCode::SUCCESS,

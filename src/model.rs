@@ -977,13 +977,6 @@ pub const READ_ONLY_FIELDS: [&str; 4] = ["tenant", "resource_version", "created_
 pub const DOCUMENT_API_VERSION: &str = "apim/v1";
 pub const DOCUMENT_KIND: &str = "TenantConfig";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportedConsumer {
-    #[serde(flatten)]
-    pub spec: ConsumerSpec,
-}
-
 /// One tenant's whole configuration. Consumers are exported without their keys: keys are
 /// secrets the server generates and cannot be reproduced from a file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

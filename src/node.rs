@@ -2,7 +2,6 @@
 //! notifications (READY, WATCHDOG, STOPPING) and graceful shutdown on SIGTERM / SIGINT.
 
 use crate::admin::{self, auth::BearerTokens, auth::Denials, AppState};
-use crate::audit::Signer;
 use crate::cluster::{Cluster, RaftSettings};
 use crate::config::Config;
 use crate::model::{format_time, Role, Spec, TokenSpec, UserSpec};
@@ -24,21 +23,19 @@ pub const AUDIT_KEY_FILE: &str = "audit-signing.key";
 pub const AUDIT_PUB_FILE: &str = "audit-signing.pub";
 pub const AUDIT_DIR: &str = "audit";
 
-pub fn audit_signer(data_dir: &Path) -> anyhow::Result<Signer> {
+/// Where the node's audit signing key lives.
+pub fn audit_key_paths(data_dir: &Path) -> crate::store::AuditKeyPaths {
     let pki = data_dir.join(PKI_DIR);
-    std::fs::create_dir_all(&pki).with_context(|| format!("cannot create {}", pki.display()))?;
-    Ok(Signer::load_or_create(
-        &pki.join(AUDIT_KEY_FILE),
-        &pki.join(AUDIT_PUB_FILE),
-    )?)
+    crate::store::AuditKeyPaths {
+        private: pki.join(AUDIT_KEY_FILE),
+        public: pki.join(AUDIT_PUB_FILE),
+    }
 }
 
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     if !dir.exists() {
-        std::fs::create_dir_all(dir)
+        pki::create_private_dir(dir)
             .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     if !dir.is_dir() {
         bail!("the data directory {} is not a directory", dir.display());
@@ -128,15 +125,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .admin_addr()
         .map_err(|e| anyhow::anyhow!("admin.listen: {e}"))?;
 
-    let ca = pki::Ca::load_or_create(&data_dir.join(PKI_DIR))?;
-    let (cert, key) = pki::admin_certificate(&ca, &data_dir.join(PKI_DIR), &cfg.admin.tls_names)?;
+    // The stores first: they lock their files, so a second process on this data directory
+    // stops here, before touching anything.
+    let log_store = LogStore::open(&data_dir)?;
+    let pki_dir = data_dir.join(PKI_DIR);
+    pki::create_private_dir(&pki_dir)?;
+    let sm = StateMachine::open(&data_dir, audit_key_paths(&data_dir))?;
+
+    let ca = pki::Ca::load_or_create(&pki_dir)?;
+    let (cert, key) = pki::admin_certificate(&ca, &pki_dir, &cfg.admin.tls_names)?;
     let tls = pki::server_config(&cert, &key)?;
     let listener = tokio::net::TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on {admin_addr} (admin.listen)"))?;
 
-    let log_store = LogStore::open(&data_dir)?;
-    let sm = StateMachine::open(&data_dir, audit_signer(&data_dir)?)?;
     let reader = sm.reader();
     let settings = RaftSettings {
         snapshot_every: cfg.raft.snapshot_every,

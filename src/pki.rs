@@ -2,7 +2,9 @@
 //! certificates it issues, the TLS server configuration, and secure random tokens and ids.
 //!
 //! Architecture invariant: this is the one place that selects the crypto provider (aws-lc-rs)
-//! for rustls and rcgen; nothing else constructs keys or picks algorithms.
+//! for rustls and rcgen, and that creates TLS keys and bearer secrets. (The audit module makes
+//! its own Ed25519 signing key, with aws-lc-rs too, so that the audit format depends on nothing
+//! else of the crate.)
 
 use anyhow::{anyhow, Context as _};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -53,8 +55,19 @@ pub fn secret_hash(secret: &str) -> String {
     ))
 }
 
-/// Writes `data` to `path` with mode 0600, replacing atomically.
-pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+/// Creates a directory (and its parents) readable by the owner only.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Writes `data` to `path` with `mode`, atomically (temporary file, fsync, rename, fsync of the
+/// directory): after a crash the file is either the old one or the new one, never partial.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -62,13 +75,23 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     Ok(())
+}
+
+/// [`write_atomic`] with mode 0600, for secrets.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    write_atomic(path, data, 0o600)
 }
 
 /// The node's internal CA, in `<data-dir>/pki/`.
@@ -81,7 +104,7 @@ pub struct Ca {
 impl Ca {
     /// Loads the CA from `dir`, creating it on first start.
     pub fn load_or_create(dir: &Path) -> anyhow::Result<Ca> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        create_private_dir(dir)?;
         let cert_path = dir.join("ca.crt");
         let key_path = dir.join("ca.key");
         if !cert_path.exists() {
@@ -102,8 +125,7 @@ impl Ca {
             params.not_after = now + time::Duration::days(3650);
             let cert = params.self_signed(&key)?;
             write_private(&key_path, key.serialize_pem().as_bytes())?;
-            std::fs::write(&cert_path, cert.pem())
-                .with_context(|| format!("cannot write {}", cert_path.display()))?;
+            write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
             tracing::info!(path = %cert_path.display(), "internal CA created");
         }
         let cert_pem = std::fs::read_to_string(&cert_path)
@@ -122,8 +144,8 @@ impl Ca {
     }
 
     /// Issues a TLS server certificate for `names` (DNS names or IP addresses), valid one year.
-    /// Returns (certificate chain PEM, private key PEM).
-    pub fn issue_server(&self, names: &[String]) -> anyhow::Result<(String, String)> {
+    /// Returns (certificate chain PEM, private key PEM, expiry as a Unix time).
+    pub fn issue_server(&self, names: &[String]) -> anyhow::Result<(String, String, i64)> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
@@ -138,15 +160,21 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(365);
+        let not_after = params.not_after.unix_timestamp();
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((
             format!("{}{}", cert.pem(), self.cert_pem),
             key.serialize_pem(),
+            not_after,
         ))
     }
 }
 
-/// Loads (or issues, when missing or issued for other names) the admin listener's certificate.
+/// Days before expiry at which the admin certificate is renewed at start-up.
+const RENEW_BEFORE_DAYS: i64 = 30;
+
+/// Loads the admin listener's certificate, or issues a new one when it is missing, was issued
+/// for other names, or expires within 30 days. `admin.meta` records the names and the expiry.
 pub fn admin_certificate(
     ca: &Ca,
     dir: &Path,
@@ -154,18 +182,33 @@ pub fn admin_certificate(
 ) -> anyhow::Result<(String, String)> {
     let cert_path = dir.join("admin.crt");
     let key_path = dir.join("admin.key");
-    let names_path = dir.join("admin.names");
+    let meta_path = dir.join("admin.meta");
     let wanted = names.join(",");
-    let current = std::fs::read_to_string(&names_path).unwrap_or_default();
-    if cert_path.exists() && key_path.exists() && current == wanted {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let current = std::fs::read_to_string(&meta_path).unwrap_or_default();
+    let fresh = match current.trim().split_once(' ') {
+        Some((not_after, issued_for)) => {
+            issued_for == wanted
+                && not_after
+                    .parse::<i64>()
+                    .is_ok_and(|t| t - now > RENEW_BEFORE_DAYS * 86_400)
+        }
+        None => false,
+    };
+    if fresh && cert_path.exists() && key_path.exists() {
         let cert = std::fs::read_to_string(&cert_path)?;
         let key = std::fs::read_to_string(&key_path)?;
         return Ok((cert, key));
     }
-    let (cert, key) = ca.issue_server(names)?;
+    let (cert, key, not_after) = ca.issue_server(names)?;
     write_private(&key_path, key.as_bytes())?;
-    std::fs::write(&cert_path, &cert)?;
-    std::fs::write(&names_path, &wanted)?;
+    write_atomic(&cert_path, cert.as_bytes(), 0o644)?;
+    write_atomic(
+        &meta_path,
+        format!("{not_after} {wanted}\n").as_bytes(),
+        0o644,
+    )?;
+    tracing::info!(names = %wanted, "admin certificate issued");
     Ok((cert, key))
 }
 
@@ -208,7 +251,7 @@ mod tests {
         install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::load_or_create(dir.path()).unwrap();
-        let (chain, key) = ca
+        let (chain, key, _) = ca
             .issue_server(&["localhost".into(), "127.0.0.1".into()])
             .unwrap();
         server_config(&chain, &key).unwrap();

@@ -514,6 +514,7 @@ fn mutate(
         }
     }
     let mut out = Vec::new();
+    let first_record = pending.len();
     for change in changes {
         let result = match change {
             Change::Create(spec) => create(st, log_index, ctx, tenant, spec, pending)?,
@@ -537,7 +538,17 @@ fn mutate(
             }
         }
     }
-    let _ = action;
+    // Records of a composite request (apply, bootstrap, cascades) name the request they came from.
+    for rec in pending.iter_mut().skip(first_record) {
+        if rec.action != action {
+            let mut detail = match rec.detail.take() {
+                Some(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            };
+            detail.insert("request".into(), action.into());
+            rec.detail = Some(detail.into());
+        }
+    }
     let revision = if changes.is_empty() {
         revision(st, tenant)?
     } else {
@@ -748,7 +759,7 @@ fn update(
                 return Ok(immutable("role"));
             }
             let admins = enabled_platform_admins(st)?;
-            if new.disabled && admins == [name.clone()] {
+            if tenant.is_none() && new.disabled && admins == [name.clone()] {
                 return Ok(Err(reject(
                     RejectCode::Conflict,
                     "this is the last enabled platform-admin; create another one first",

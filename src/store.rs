@@ -313,10 +313,25 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> KvRead for TableKv<'_, T> {
     }
 }
 
+/// Paths of the node's audit signing key (Ed25519, PKCS#8) and of its public key.
+#[derive(Debug, Clone)]
+pub struct AuditKeyPaths {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+impl AuditKeyPaths {
+    fn load(&self) -> anyhow::Result<Signer> {
+        Ok(Signer::load_or_create(&self.private, &self.public)?)
+    }
+}
+
 struct AuditSink {
-    writer: SegmentWriter,
+    /// `None` until opened, or after a failure until reopened.
+    writer: Option<SegmentWriter>,
     since_checkpoint: u64,
-    /// Set when an append to the segments failed; the next flush catches up from the store.
+    /// Set when the segments may miss records the store has (at open, after a failed append);
+    /// the next flush reopens the writer and catches up from the store.
     lagging: bool,
 }
 
@@ -324,7 +339,7 @@ struct SmInner {
     db: Database,
     audit: Mutex<AuditSink>,
     audit_dir: PathBuf,
-    public_key: Vec<u8>,
+    key: AuditKeyPaths,
 }
 
 /// The applied state in `state.redb`, and the audit segments it feeds.
@@ -354,38 +369,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl StateMachine {
     /// Opens `state.redb` in `dir` and the audit segments in `dir/audit`, reconciling the
     /// segments with the durable state (see module docs).
-    pub fn open(dir: &Path, signer: Signer) -> anyhow::Result<StateMachine> {
+    pub fn open(dir: &Path, key: AuditKeyPaths) -> anyhow::Result<StateMachine> {
         let db = open_db(&dir.join("state.redb"), SM_META)?;
-        let head = {
-            let tx = db.begin_write()?;
-            {
-                // create every table so read transactions never meet a missing one
-                tx.open_table(KV)?;
-                tx.open_table(AUDIT)?;
-                tx.open_table(AUDIT_BY_TENANT)?;
-                tx.open_table(SNAPSHOT)?;
-            }
-            tx.commit()?;
-            let rtx = db.begin_read()?;
-            let kv = rtx.open_table(KV)?;
-            state::audit_head(&TableKv(&kv))?
-        };
+        let tx = db.begin_write()?;
+        {
+            // create every table so read transactions never meet a missing one
+            tx.open_table(KV)?;
+            tx.open_table(AUDIT)?;
+            tx.open_table(AUDIT_BY_TENANT)?;
+            tx.open_table(SNAPSHOT)?;
+        }
+        tx.commit()?;
         let audit_dir = dir.join("audit");
         std::fs::create_dir_all(&audit_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", audit_dir.display()))?;
-        let public_key = signer.public_key().to_vec();
-        let writer = SegmentWriter::open(&audit_dir, signer, (head.seq, head.hash))?;
         let inner = SmInner {
             db,
             audit: Mutex::new(AuditSink {
-                writer,
+                writer: None,
                 since_checkpoint: 0,
                 lagging: true,
             }),
             audit_dir,
-            public_key,
+            key,
         };
-        inner.catch_up_audit()?;
+        inner.catch_up_locked(&mut lock(&inner.audit))?;
         Ok(StateMachine {
             inner: Arc::new(inner),
         })
@@ -406,40 +414,50 @@ impl StateMachine {
     pub fn audit_dir(&self) -> &Path {
         &self.inner.audit_dir
     }
-
-    pub fn audit_public_key(&self) -> &[u8] {
-        &self.inner.public_key
-    }
 }
 
 impl SmInner {
+    /// Holds the segment lock across the durable commit, the segment fsync and the checkpoint,
+    /// so a checkpoint never covers a record that is not yet durable in the store.
     fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
+        let mut sink = lock(&self.audit);
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         tx.commit()?;
-        self.catch_up_audit()?;
-        let mut sink = lock(&self.audit);
-        sink.writer.sync()?;
-        if let Some(t) = checkpoint_time {
-            if sink.since_checkpoint > 0 {
-                sink.writer.checkpoint(t)?;
-                sink.since_checkpoint = 0;
-            }
+        self.catch_up_locked(&mut sink)?;
+        let Some(writer) = sink.writer.as_mut() else {
+            anyhow::bail!("audit segment writer is not open");
+        };
+        let synced = writer.sync().and_then(|()| match checkpoint_time {
+            Some(t) => writer.checkpoint(t),
+            None => Ok(()),
+        });
+        if let Err(e) = synced {
+            sink.lagging = true;
+            return Err(e.into());
+        }
+        if checkpoint_time.is_some() {
+            sink.since_checkpoint = 0;
         }
         Ok(())
     }
 
-    /// Appends to the segments any record the store has and the segments lack.
-    fn catch_up_audit(&self) -> anyhow::Result<()> {
-        let mut sink = lock(&self.audit);
+    /// When the segments may lag the store: reopens the writer (which cuts a torn tail and any
+    /// record beyond the store's head) and appends the records the store has and the segments
+    /// lack. Called with the segment lock held.
+    fn catch_up_locked(&self, sink: &mut AuditSink) -> anyhow::Result<()> {
         if !sink.lagging {
             return Ok(());
         }
-        let from = sink.writer.head().0 + 1;
+        sink.writer = None; // release the directory lock before reopening
         let tx = self.db.begin_read()?;
+        let head = state::audit_head(&TableKv(&tx.open_table(KV)?))?;
+        let mut writer =
+            SegmentWriter::open(&self.audit_dir, self.key.load()?, (head.seq, head.hash))?;
+        let from = writer.head().0 + 1;
         let t = tx.open_table(AUDIT)?;
         let mut missing = Vec::new();
-        for item in t.range(from..)? {
+        for item in t.range(from..=head.seq)? {
             let (_, v) = item?;
             missing.push(Sealed::decode(v.value())?);
         }
@@ -450,9 +468,10 @@ impl SmInner {
                 "audit segments caught up from the store"
             );
             sink.since_checkpoint += missing.len() as u64;
-            sink.writer.append(&missing)?;
-            sink.writer.sync()?;
+            writer.append(&missing)?;
         }
+        writer.sync()?;
+        sink.writer = Some(writer);
         sink.lagging = false;
         Ok(())
     }
@@ -522,8 +541,12 @@ impl SmInner {
             let mut sink = lock(&self.audit);
             sink.since_checkpoint += sealed_all.len() as u64;
             if !sink.lagging {
-                if let Err(e) = sink.writer.append(&sealed_all) {
-                    tracing::error!(error = %e, "audit segment append failed; will catch up from the store");
+                let appended = match sink.writer.as_mut() {
+                    Some(w) => w.append(&sealed_all).map_err(anyhow::Error::from),
+                    None => Err(anyhow::anyhow!("audit segment writer is not open")),
+                };
+                if let Err(e) = appended {
+                    tracing::error!(error = %e, "audit segment append failed; the next flush catches up from the store");
                     sink.lagging = true;
                 }
             }
@@ -598,12 +621,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let bytes = to_json(&file).map_err(write_sm_err)?;
             // Storing the snapshot with an fsync also makes every earlier state commit durable.
             inner.save_snapshot(&bytes)?;
-            if let Err(e) = inner.catch_up_audit().and_then(|_| {
-                lock(&inner.audit)
-                    .writer
-                    .sync()
-                    .map_err(anyhow::Error::from)
-            }) {
+            if let Err(e) = inner.flush(None) {
                 tracing::error!(error = %e, "audit segment sync at snapshot failed");
             }
             tracing::info!(last_log = ?meta.last_log_id, bytes = bytes.len(), "snapshot built");
@@ -717,7 +735,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 // Read side
 
 /// Filters of an audit query. Times are RFC 3339 strings compared in UTC.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only records of this tenant (`_` for platform-level records).
@@ -829,6 +847,12 @@ impl StateReader {
             items,
             next_before: if exhausted { None } else { last_seen },
         })
+    }
+
+    /// Whether the audit segments hold every record of the store (false after a failed append,
+    /// until the next flush catches up).
+    pub fn audit_in_sync(&self) -> bool {
+        !lock(&self.inner.audit).lagging
     }
 
     /// The number of audit records and the chain head, from the store.

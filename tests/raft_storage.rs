@@ -1,8 +1,7 @@
 //! openraft's storage conformance suite, run against our redb log store and state machine.
 
-use apim::audit::Signer;
 use apim::cluster::{NodeId, TypeConfig};
-use apim::store::{LogStore, StateMachine};
+use apim::store::{AuditKeyPaths, LogStore, StateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{StorageError, StorageIOError};
 
@@ -17,9 +16,11 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Red
         };
         let dir = tempfile::tempdir().map_err(|e| io(e.to_string()))?;
         let log = LogStore::open(dir.path()).map_err(|e| io(format!("{e:#}")))?;
-        let signer = Signer::load_or_create(&dir.path().join("k"), &dir.path().join("k.pub"))
-            .map_err(|e| io(e.to_string()))?;
-        let sm = StateMachine::open(dir.path(), signer).map_err(|e| io(format!("{e:#}")))?;
+        let key = AuditKeyPaths {
+            private: dir.path().join("k"),
+            public: dir.path().join("k.pub"),
+        };
+        let sm = StateMachine::open(dir.path(), key).map_err(|e| io(format!("{e:#}")))?;
         Ok((dir, log, sm))
     }
 }

@@ -27,6 +27,15 @@ fn respond(ctx: &ReqCtx, r: Result<Response>) -> Response {
     match r {
         Ok(r) => r,
         Err(mut p) => {
+            if p.status >= 500 {
+                tracing::error!(
+                    request_id = %ctx.request_id,
+                    status = p.status,
+                    detail = %p.detail,
+                    cause = p.cause.as_deref().unwrap_or(""),
+                    "request failed"
+                );
+            }
             p.request_id = Some(ctx.request_id.clone());
             p.instance = Some(ctx.path.clone());
             p.into_response()
@@ -67,7 +76,7 @@ fn authz(
 ) -> Result<()> {
     authorize(p, tenant, kind, op, own_token).inspect_err(|e| {
         tracing::info!(source = %ctx.source, user = %p.user, status = e.status, request_id = %ctx.request_id, "authorization refused");
-        st.denials.record(&ctx.source, &p.user, 403, &e.detail, p.tenant.as_deref(), &ctx.path, &ctx.time);
+        st.denials.record(&ctx.source, &p.user, e.status, &e.detail, p.tenant.as_deref(), &ctx.path, &ctx.time);
     })
 }
 
@@ -122,6 +131,68 @@ async fn commit(
 // ---------------------------------------------------------------------------------------------
 // Bodies
 
+/// JSON → `Value`, refusing a member repeated in one object (which `Value` would silently
+/// resolve as last-one-wins, letting an ambiguous body through).
+fn strict_json(body: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    use serde::de::{Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+    struct Strict(serde_json::Value);
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = serde_json::Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                out.push(v);
+            }
+            Ok(out.into())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let Strict(v) = map.next_value()?;
+                if out.contains_key(&k) {
+                    return Err(A::Error::custom(format!("duplicate field `{k}`")));
+                }
+                out.insert(k, v);
+            }
+            Ok(out.into())
+        }
+    }
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(V).map(Strict)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let Strict(v) = Strict::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
 /// Parses a JSON body into `T`: 400 for malformed JSON, 422 naming the field for unknown fields
 /// and wrong types. Server-maintained fields (version, times) sent back by a client are ignored.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
@@ -130,7 +201,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
             "the request body is empty; a JSON object is expected",
         ));
     }
-    let mut value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+    let mut value: serde_json::Value = strict_json(body).map_err(|e| {
         let mut p = Problem::malformed(format!("the body is not valid JSON: {e}"));
         p.invalid_params.push(InvalidParam {
             name: "body".into(),
@@ -286,7 +357,13 @@ fn page(
     q: &BTreeMap<String, String>,
     fixed: &[&str],
 ) -> Result<Response> {
-    let limit = param_usize(q, "limit", 100, 1000)?.max(1);
+    let limit = param_usize(q, "limit", 100, 1000)?;
+    if limit == 0 {
+        return Err(
+            Problem::bad_request("limit must be an integer from 1 to 1000")
+                .field("limit", "out of range"),
+        );
+    }
     let offset = param_usize(q, "offset", 0, usize::MAX)?;
     let mut filters = Vec::new();
     for (k, v) in q {
@@ -514,7 +591,15 @@ async fn put_in(
     body: &[u8],
 ) -> Result<Response> {
     let p = authn(st, ctx, headers)?;
-    authz(st, ctx, &p, tenant, kind, Op::Write, false)?;
+    authz(
+        st,
+        ctx,
+        &p,
+        authz_scope(kind, tenant, name),
+        kind,
+        Op::Write,
+        false,
+    )?;
     require_json(headers)?;
     let current = read_object(st, kind, tenant, name)?;
     let version = required_if_match(headers, &current)?;
@@ -562,7 +647,15 @@ async fn delete_in(
     own_token: bool,
 ) -> Result<Response> {
     let p = authn(st, ctx, headers)?;
-    authz(st, ctx, &p, tenant, kind, Op::Write, own_token)?;
+    authz(
+        st,
+        ctx,
+        &p,
+        authz_scope(kind, tenant, name),
+        kind,
+        Op::Write,
+        own_token,
+    )?;
     let if_version = if_match(headers)?;
     commit(
         st,
@@ -578,6 +671,16 @@ async fn delete_in(
     )
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The tenant a change is authorised against: a tenant object is its own scope, so that a
+/// tenant role touching another tenant gets 404 like for any of that tenant's objects.
+fn authz_scope<'a>(kind: Kind, tenant: Option<&'a str>, name: &'a str) -> Option<&'a str> {
+    if kind == Kind::Tenant {
+        Some(name)
+    } else {
+        tenant
+    }
 }
 
 fn kind_of(collection: &str) -> Result<Kind> {
@@ -838,6 +941,22 @@ fn cred_parent(o: &Object) -> Option<&str> {
     }
 }
 
+/// Longest lifetime of an API key or token.
+const MAX_CREDENTIAL_DAYS: i64 = 3650;
+
+/// An RFC 3339 expiry, normalised, no further than [`MAX_CREDENTIAL_DAYS`] from now.
+fn bounded_time(ctx: &ReqCtx, value: &str) -> Result<String> {
+    let e = model::normalize_time("expires_at", value)
+        .map_err(|e| Problem::invalid(&e.field, &e.reason))?;
+    if e > model::format_time(ctx.now + time::Duration::days(MAX_CREDENTIAL_DAYS)) {
+        return Err(Problem::invalid(
+            "expires_at",
+            &format!("must be within {MAX_CREDENTIAL_DAYS} days"),
+        ));
+    }
+    Ok(e)
+}
+
 fn expiry(
     st: &AppState,
     ctx: &ReqCtx,
@@ -850,8 +969,7 @@ fn expiry(
             "give expires_at or ttl_days, not both",
         )),
         (Some(e), None) => {
-            let e = model::normalize_time("expires_at", e)
-                .map_err(|e| Problem::invalid(&e.field, &e.reason))?;
+            let e = bounded_time(ctx, e)?;
             if e <= ctx.time {
                 return Err(Problem::invalid("expires_at", "must be in the future"));
             }
@@ -859,8 +977,11 @@ fn expiry(
         }
         (None, ttl) => {
             let days = ttl.unwrap_or(st.default_ttl_days);
-            if !(1..=3650).contains(&days) {
-                return Err(Problem::invalid("ttl_days", "must be between 1 and 3650"));
+            if !(1..=MAX_CREDENTIAL_DAYS as u32).contains(&days) {
+                return Err(Problem::invalid(
+                    "ttl_days",
+                    &format!("must be between 1 and {MAX_CREDENTIAL_DAYS}"),
+                ));
             }
             Ok(model::format_time(
                 ctx.now + time::Duration::days(i64::from(days)),
@@ -1044,37 +1165,30 @@ async fn cred_put(
     let version = required_if_match(headers, &current)?;
     let upd: CredentialUpdate = parse_json(body)?;
     let expires = match &upd.expires_at {
-        Some(e) => Some(
-            model::normalize_time("expires_at", e)
-                .map_err(|e| Problem::invalid(&e.field, &e.reason))?,
-        ),
+        // a time in the past is allowed here: it expires the credential now
+        Some(e) => Some(bounded_time(ctx, e)?),
         None => None,
     };
     let mut spec = current.spec.clone();
-    match &mut spec {
-        Spec::Key(k) => {
-            if let Some(e) = expires {
-                k.expires_at = e;
-            }
-            if let Some(r) = upd.revoked {
-                k.revoked = r;
-            }
-            if upd.description.is_some() {
-                k.description = upd.description;
-            }
-        }
-        Spec::Token(t) => {
-            if let Some(e) = expires {
-                t.expires_at = e;
-            }
-            if let Some(r) = upd.revoked {
-                t.revoked = r;
-            }
-            if upd.description.is_some() {
-                t.description = upd.description;
-            }
-        }
+    let (expires_at, revoked, description) = match &mut spec {
+        Spec::Key(k) => (&mut k.expires_at, &mut k.revoked, &mut k.description),
+        Spec::Token(t) => (&mut t.expires_at, &mut t.revoked, &mut t.description),
         _ => return Err(Problem::internal("credential of unexpected kind")),
+    };
+    if *revoked && upd.revoked == Some(false) {
+        return Err(Problem::invalid(
+            "revoked",
+            "a revoked credential cannot be re-enabled; create a new one",
+        ));
+    }
+    if let Some(e) = expires {
+        *expires_at = e;
+    }
+    if let Some(r) = upd.revoked {
+        *revoked = r;
+    }
+    if upd.description.is_some() {
+        *description = upd.description;
     }
     let (objs, _) = commit(
         st,
@@ -1700,12 +1814,12 @@ pub async fn status(
         let p = authn(&st, &ctx, &headers)?;
         let head = st.reader.audit_head()?;
         Ok(axum::Json(serde_json::json!({
-            "status": if st.cluster.is_healthy() { "healthy" } else { "degraded" },
+            "status": if st.cluster.is_healthy() && st.reader.audit_in_sync() { "healthy" } else { "degraded" },
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": st.started.elapsed().as_secs(),
             "you": {"user": p.user, "role": p.role, "tenant": p.tenant},
             "raft": st.cluster.health(),
-            "audit": {"records": head.seq, "head": hex::encode(head.hash)},
+            "audit": {"records": head.seq, "head": hex::encode(head.hash), "segments_in_sync": st.reader.audit_in_sync()},
         }))
         .into_response())
     }

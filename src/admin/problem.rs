@@ -32,6 +32,9 @@ pub struct Problem {
     pub invalid_params: Vec<InvalidParam>,
     #[serde(skip)]
     pub extra_headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// The internal cause of a 5xx, logged with the request id, never sent to the client.
+    #[serde(skip)]
+    pub cause: Option<String>,
 }
 
 impl Problem {
@@ -45,6 +48,7 @@ impl Problem {
             request_id: None,
             invalid_params: Vec::new(),
             extra_headers: Vec::new(),
+            cause: None,
         }
     }
 
@@ -157,13 +161,14 @@ impl Problem {
     }
 
     pub fn internal(detail: impl std::fmt::Display) -> Problem {
-        tracing::error!(error = %detail, "internal error");
-        Problem::new(
+        let mut p = Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "Internal error",
             "the node failed to handle the request; see its log for the request id",
-        )
+        );
+        p.cause = Some(detail.to_string());
+        p
     }
 
     pub fn status(&self) -> StatusCode {

@@ -50,9 +50,14 @@ impl Node {
 
     /// A fresh node with extra TOML appended to its config.
     pub async fn start_with(extra: &str) -> Node {
+        Self::start_named("data", extra).await
+    }
+
+    /// A fresh node whose data directory is `<tmp>/<dir_name>`.
+    pub async fn start_named(dir_name: &str, extra: &str) -> Node {
         apim::pki::install_crypto_provider();
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("data");
+        let dir = tmp.path().join(dir_name);
         let mut n = Node {
             dir,
             _tmp: Some(tmp),
