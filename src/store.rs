@@ -216,21 +216,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta_get("vote")
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
-        let bytes = to_json(&committed).map_err(write_logs_err)?;
-        self.write(move |tx| {
-            tx.open_table(LOG_META)?
-                .insert("committed", bytes.as_slice())?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .meta_get::<Option<LogId<NodeId>>>("committed")?
-            .flatten())
-    }
+    // `save_committed` / `read_committed` keep openraft's defaults (not persisted): the state
+    // machine records its last applied id in the same transaction as the state, so after a
+    // restart it resumes from there; persisting the commit index would cost one more fsync per
+    // write for no gain.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
     where
@@ -651,11 +640,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Applying commits without fsync and takes tens of microseconds: it runs inline on the
+        // state machine task rather than paying two thread hand-offs per batch.
         let entries: Vec<_> = entries.into_iter().collect();
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.apply_blocking(entries))
-            .await
-            .map_err(write_sm_err)?
+        self.inner.apply_blocking(entries)
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
