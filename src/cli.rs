@@ -69,6 +69,10 @@ pub enum Command {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long, short = 'c', env = "APIM_CONFIG")]
         config: Option<PathBuf>,
+        /// Break-glass: issue a new platform-admin token into <data-dir>/admin.token at start-up
+        /// (when every admin token is lost or expired). Audited as `token.create` by `break-glass`.
+        #[arg(long)]
+        issue_admin_token: bool,
     },
     /// Health of the node, its Raft state and its audit log.
     Status,

@@ -139,10 +139,21 @@ impl Cluster {
             members.insert(node_id, BasicNode { addr });
             raft.initialize(members).await?;
         }
-        raft.wait(Some(Duration::from_secs(30)))
+        let m = raft
+            .wait(Some(Duration::from_secs(30)))
             .current_leader(node_id, "this node becomes leader")
             .await
             .map_err(|e| anyhow::anyhow!("Raft did not elect this node within 30 s: {e}"))?;
+        // A new leader commits a blank entry of its term, which commits everything before it.
+        // Serve only once all of that is applied, so no read (and no bootstrap decision) sees
+        // the state as it was before a crash.
+        raft.wait(Some(Duration::from_secs(300)))
+            .applied_index_at_least(
+                m.last_log_index,
+                "the state machine catches up with the log",
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("the state did not catch up with the Raft log: {e}"))?;
         Ok(Cluster { raft, node_id })
     }
 

@@ -23,7 +23,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Command::Serve { config } = &cli.command {
+    if let Command::Serve {
+        config,
+        issue_admin_token,
+    } = &cli.command
+    {
         let mut cfg = match config {
             Some(path) => match Config::load(path) {
                 Ok(c) => c,
@@ -38,7 +42,12 @@ fn main() -> ExitCode {
         if let Some(dir) = &cli.data_dir {
             cfg.data_dir = dir.clone();
         }
-        return match runtime.block_on(apim::node::run(cfg)) {
+        return match runtime.block_on(apim::node::run(
+            cfg,
+            apim::node::RunOptions {
+                issue_admin_token: *issue_admin_token,
+            },
+        )) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -43,58 +43,120 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the bootstrap platform admin and its token on a node that has no platform user.
-/// The token file is written before the command is proposed, so a crash in between leaves a
-/// file that the next start simply replaces.
-async fn bootstrap(cluster: &Cluster, reader: &StateReader, cfg: &Config) -> anyhow::Result<()> {
-    let users = reader.read(|kv| state::list_objects(kv, crate::model::Kind::User, None))?;
+/// Options of `apim serve` beyond the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Break-glass: issue a new platform-admin token into `<data-dir>/admin.token` at start-up
+    /// (for when every admin token is lost or expired). Needs local access to the data directory,
+    /// and is audited.
+    pub issue_admin_token: bool,
+}
+
+/// Writes a platform-admin token to `<data-dir>/admin.token`: on first start (bootstrap, which
+/// also creates the user `admin`) or when asked (break-glass). The secret is first written to
+/// `admin.token.new`, then renamed once the command is committed, so a crash in between never
+/// leaves `admin.token` holding a token the state does not know; the next start settles it.
+async fn admin_token(
+    cluster: &Cluster,
+    reader: &StateReader,
+    cfg: &Config,
+    force: bool,
+) -> anyhow::Result<()> {
     let token_path = cfg.data_dir.join(TOKEN_FILE);
-    if !users.is_empty() {
-        if !token_path.exists() {
-            tracing::info!("platform already bootstrapped; no bootstrap token file present");
+    let pending = cfg.data_dir.join(format!("{TOKEN_FILE}.new"));
+    if pending.exists() {
+        let secret = std::fs::read_to_string(&pending).unwrap_or_default();
+        let hash = pki::secret_hash(secret.trim());
+        if reader.read(|kv| state::find_token(kv, &hash))?.is_some() {
+            pki::rename_durable(&pending, &token_path)?;
+            tracing::info!(path = %token_path.display(), "admin token of an interrupted start settled");
+        } else {
+            std::fs::remove_file(&pending)
+                .with_context(|| format!("cannot remove {}", pending.display()))?;
         }
+    }
+    let users = reader.read(|kv| state::list_objects(kv, crate::model::Kind::User, None))?;
+    let bootstrapping = users.is_empty();
+    if !bootstrapping && !force {
         return Ok(());
     }
+    let owner = if bootstrapping {
+        "admin".to_string()
+    } else {
+        users
+            .iter()
+            .filter_map(|o| match &o.spec {
+                Spec::User(u) if u.role == Role::PlatformAdmin && !u.disabled => {
+                    Some(u.name.clone())
+                }
+                _ => None,
+            })
+            .min_by_key(|n| n != "admin")
+            .ok_or_else(|| anyhow::anyhow!("no enabled platform-admin user to issue a token for"))?
+    };
     let secret = pki::random_secret(admin::auth::TOKEN_PREFIX)?;
     let now = time::OffsetDateTime::now_utc();
     let expires = now + time::Duration::days(i64::from(cfg.admin.bootstrap_token_ttl_days));
-    pki::write_private(&token_path, format!("{secret}\n").as_bytes())?;
-    let cmd = Command::Bootstrap {
-        ctx: Context {
-            time: format_time(now),
-            actor: "bootstrap".into(),
-            role: "system".into(),
-            request_id: pki::random_id("req-")?,
-            source: "local".into(),
-        },
-        user: Box::new(Spec::User(UserSpec {
-            name: "admin".into(),
-            role: Role::PlatformAdmin,
-            display_name: Some("Bootstrap administrator".into()),
-            disabled: false,
-        })),
-        token: Box::new(Spec::Token(TokenSpec {
-            name: pki::random_id("tok-")?,
-            user: "admin".into(),
-            prefix: admin::auth::secret_prefix(&secret),
-            token_hash: pki::secret_hash(&secret),
-            expires_at: format_time(expires),
-            revoked: false,
-            description: Some("bootstrap token".into()),
-        })),
+    let token = Spec::Token(TokenSpec {
+        name: pki::random_id("tok-")?,
+        user: owner.clone(),
+        prefix: admin::auth::secret_prefix(&secret),
+        token_hash: pki::secret_hash(&secret),
+        expires_at: format_time(expires),
+        revoked: false,
+        description: Some(
+            if bootstrapping {
+                "bootstrap token"
+            } else {
+                "break-glass token issued at start-up"
+            }
+            .into(),
+        ),
+    });
+    let ctx = Context {
+        time: format_time(now),
+        actor: if bootstrapping {
+            "bootstrap"
+        } else {
+            "break-glass"
+        }
+        .into(),
+        role: "system".into(),
+        request_id: pki::random_id("req-")?,
+        source: "local".into(),
     };
+    let cmd = if bootstrapping {
+        Command::Bootstrap {
+            ctx,
+            user: Box::new(Spec::User(UserSpec {
+                name: owner.clone(),
+                role: Role::PlatformAdmin,
+                display_name: Some("Bootstrap administrator".into()),
+                disabled: false,
+            })),
+            token: Box::new(token),
+        }
+    } else {
+        Command::Mutate {
+            ctx,
+            tenant: None,
+            action: "token.issue-local".into(),
+            changes: vec![state::Change::Create(token)],
+        }
+    };
+    pki::write_private(&pending, format!("{secret}\n").as_bytes())?;
     match cluster.write(cmd).await {
         Ok(Response::Done { .. }) => {
-            tracing::info!(path = %token_path.display(), "bootstrap platform-admin token written");
+            pki::rename_durable(&pending, &token_path)?;
+            tracing::info!(path = %token_path.display(), user = %owner, "platform-admin token written");
             Ok(())
         }
-        Ok(other) => {
-            let _ = std::fs::remove_file(&token_path);
-            bail!("bootstrap refused: {other:?}")
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&token_path);
-            bail!("bootstrap failed: {e}")
+        other => {
+            let _ = std::fs::remove_file(&pending);
+            match other {
+                Ok(r) => bail!("issuing the admin token was refused: {r:?}"),
+                Err(e) => bail!("issuing the admin token failed: {e}"),
+            }
         }
     }
 }
@@ -115,7 +177,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// Runs a node until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     telemetry::init(&cfg.log);
     pki::install_crypto_provider();
@@ -152,7 +214,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sm.clone(),
     )
     .await?;
-    bootstrap(&cluster, &reader, &cfg).await?;
+    admin_token(&cluster, &reader, &cfg, opts.issue_admin_token).await?;
 
     let denials = Arc::new(Denials::new(cfg.audit.security_event_max_groups));
     let app_state = Arc::new(AppState {

@@ -89,6 +89,18 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renames `from` to `to` and fsyncs the directory, so the rename survives a power cut.
+pub fn rename_durable(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// [`write_atomic`] with mode 0600, for secrets.
 pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     write_atomic(path, data, 0o600)

@@ -196,3 +196,63 @@ fn cli_errors_are_one_line_with_documented_exit_codes() {
     let help = Command::new(BIN).arg("--help").output().expect("run");
     assert!(stdout(&help).contains("Exit codes:"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_issues_a_new_admin_token_and_audits_it() {
+    let mut n = Node::start().await;
+    let old = n.token.clone();
+    // the only admin token is revoked: nobody can administer the node any more
+    let toks = n
+        .admin(reqwest::Method::GET, "/admin/v1/users/admin/tokens", None)
+        .await;
+    let id = toks.body["items"][0]["name"]
+        .as_str()
+        .expect("token id")
+        .to_string();
+    let r = n
+        .req(
+            reqwest::Method::PUT,
+            &format!("/admin/v1/users/admin/tokens/{id}"),
+            Some(&old),
+            Some(serde_json::json!({"revoked": true})),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        n.admin(reqwest::Method::GET, "/admin/v1/status", None)
+            .await
+            .status,
+        401
+    );
+    assert_eq!(n.terminate(), Some(0));
+
+    // a restart without the flag changes nothing
+    n.boot().await;
+    assert_eq!(n.token, old);
+    assert_eq!(
+        n.admin(reqwest::Method::GET, "/admin/v1/status", None)
+            .await
+            .status,
+        401
+    );
+    n.terminate();
+
+    // break-glass: local access to the data directory gets a new token, audited
+    n.serve_args = vec!["--issue-admin-token".into()];
+    n.boot().await;
+    assert_ne!(n.token, old, "a new token was written");
+    let r = n
+        .admin(
+            reqwest::Method::GET,
+            "/admin/v1/audit?actor=break-glass",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let items = r.body["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["action"], "token.create");
+    assert_eq!(items[0]["detail"]["request"], "token.issue-local");
+    assert!(!n.dir.join("admin.token.new").exists());
+}

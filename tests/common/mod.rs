@@ -19,6 +19,8 @@ pub struct Node {
     pub client: reqwest::Client,
     child: Option<Child>,
     pub extra_config: String,
+    /// Extra arguments of `apim serve` at the next boot.
+    pub serve_args: Vec<String>,
 }
 
 pub struct Resp {
@@ -67,6 +69,7 @@ impl Node {
             client: reqwest::Client::new(),
             child: None,
             extra_config: extra.to_string(),
+            serve_args: Vec::new(),
         };
         n.boot().await;
         n
@@ -99,6 +102,7 @@ impl Node {
             let child = Command::new(BIN)
                 .args(["serve", "--config"])
                 .arg(self.config_path())
+                .args(&self.serve_args)
                 .env_remove("APIM_DATA_DIR")
                 .stdout(Stdio::null())
                 .stderr(log)
