@@ -304,6 +304,10 @@ pub enum AuditCmd {
         /// Trusted Ed25519 public key of the node (default: <data-dir>/pki/audit-signing.pub).
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// Also require the chain to reach the head the running node reports (`/status`), which
+        /// detects records cut from the end of the newest segment.
+        #[arg(long)]
+        against_node: bool,
     },
     /// List audit records, newest first.
     List {
@@ -991,8 +995,28 @@ async fn audit_verify(
     cli: &Cli,
     dir: &Option<PathBuf>,
     public_key: &Option<PathBuf>,
+    against_node: bool,
     out: Output,
 ) -> CResult<()> {
+    let expected = if against_node {
+        let status = Client::new(cli)?.get("/admin/v1/status").await?;
+        let seq = status["audit"]["records"].as_u64();
+        let hash = status["audit"]["head"]
+            .as_str()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|h| <[u8; 32]>::try_from(h).ok());
+        match (seq, hash) {
+            (Some(0), _) => None,
+            (Some(s), Some(h)) => Some((s, h)),
+            _ => {
+                return Err(CliError::Other(anyhow::anyhow!(
+                    "the node's status carries no audit head"
+                )))
+            }
+        }
+    } else {
+        None
+    };
     let dir = dir
         .clone()
         .unwrap_or_else(|| cli.data_dir().join(crate::node::AUDIT_DIR));
@@ -1007,7 +1031,7 @@ async fn audit_verify(
             key_path.display()
         ))
     })?;
-    match crate::audit::verify(&dir, &key) {
+    match crate::audit::verify_with(&dir, &[key.as_slice()], expected) {
         Ok(r) => {
             match out {
                 Output::Json => print_value(out, &serde_json::json!({
@@ -1031,10 +1055,15 @@ async fn audit_verify(
 pub async fn run(cli: Cli) -> CResult<()> {
     let out = cli.output;
     if let Command::Audit {
-        command: AuditCmd::Verify { dir, public_key },
+        command:
+            AuditCmd::Verify {
+                dir,
+                public_key,
+                against_node,
+            },
     } = &cli.command
     {
-        return audit_verify(&cli, dir, public_key, out).await;
+        return audit_verify(&cli, dir, public_key, *against_node, out).await;
     }
     let client = Client::new(&cli)?;
     match &cli.command {

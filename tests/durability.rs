@@ -107,7 +107,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
     );
     // Give the node a flush interval so the segment files catch up, then verify offline.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let out = n.cli(&["audit", "verify"]);
+    let out = n.cli(&["audit", "verify", "--against-node"]);
     assert!(
         out.status.success(),
         "verify failed: {}{}",
@@ -276,4 +276,39 @@ async fn snapshots_compact_the_log_and_survive_restart() {
     assert_eq!(n.terminate(), Some(0));
     let out = verify_cli(&n.dir, &n.dir.join("audit"));
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cut_from_the_tail_are_caught_against_the_node() {
+    let n = Node::start().await;
+    seed_tenant(&n, "acme").await;
+    let audit = n.dir.join("audit");
+    let (seg, fr) = frames(&audit);
+    let seg_name = seg.file_name().expect("name").to_string_lossy().to_string();
+    let (off, _, last_seq) = *fr.last().expect("records");
+    let copy = n.dir.with_file_name("tail-cut");
+    copy_dir(&audit, &copy);
+    let original = std::fs::read(&seg).expect("segment");
+    // cut the newest record at a frame boundary: the file alone still looks complete
+    std::fs::write(copy.join(&seg_name), &original[..off]).expect("write");
+    let dir = copy.to_str().expect("utf-8");
+    let alone = n.cli(&["audit", "verify", "--dir", dir]);
+    assert!(
+        alone.status.success(),
+        "offline the cut is invisible: {}",
+        stderr(&alone)
+    );
+    let against = n.cli(&["audit", "verify", "--against-node", "--dir", dir]);
+    assert_eq!(
+        against.status.code(),
+        Some(8),
+        "{}{}",
+        stdout(&against),
+        stderr(&against)
+    );
+    assert!(
+        stderr(&against).contains(&format!("{last_seq}")),
+        "{}",
+        stderr(&against)
+    );
 }
