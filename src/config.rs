@@ -72,8 +72,8 @@ pub struct AuditConfig {
     /// Refused requests (401/403/404 on authorisation) are aggregated per source, principal,
     /// status and tenant over this window, then audited as one security event per group.
     pub security_event_window_seconds: u64,
-    /// Most distinct (source, principal, status) groups held per window; extra refusals are
-    /// counted in one overflow group.
+    /// Most distinct (source, principal, status, tenant) groups held per window; extra refusals
+    /// are counted in one overflow group per status.
     pub security_event_max_groups: usize,
 }
 

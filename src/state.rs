@@ -59,7 +59,7 @@ pub enum Change {
     },
 }
 
-/// A refused access, aggregated per (source, principal, status) over a window.
+/// A refused access, aggregated per (source, principal, status, tenant) over a window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecurityEvent {
     pub source: String,
@@ -92,7 +92,7 @@ pub enum Command {
         action: String,
         changes: Vec<Change>,
     },
-    /// Aggregated refusals (401/403), audited as security events.
+    /// Aggregated refusals (401, 403, 404 outside the caller's tenant), audited as security events.
     SecurityEvents {
         ctx: Context,
         events: Vec<SecurityEvent>,

@@ -382,7 +382,11 @@ impl StateMachine {
             audit_dir,
             key,
         };
-        inner.catch_up_locked(&mut lock(&inner.audit))?;
+        let head = {
+            let tx = inner.db.begin_read()?;
+            state::audit_head(&TableKv(&tx.open_table(KV)?))?
+        };
+        inner.catch_up_locked(&mut lock(&inner.audit), head)?;
         Ok(StateMachine {
             inner: Arc::new(inner),
         })
@@ -410,10 +414,14 @@ impl SmInner {
     /// so a checkpoint never covers a record that is not yet durable in the store.
     fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
         let mut sink = lock(&self.audit);
+        // Read the head inside the transaction that makes the state durable: exactly what is
+        // durable is what the segments are brought to and what the checkpoint may sign. Applies
+        // that commit afterwards wait for the segment lock to append theirs.
         let mut tx = self.db.begin_write()?;
+        let head = state::audit_head(&TableKv(&tx.open_table(KV)?))?;
         tx.set_durability(Durability::Immediate)?;
         tx.commit()?;
-        self.catch_up_locked(&mut sink)?;
+        self.catch_up_locked(&mut sink, head)?;
         let Some(writer) = sink.writer.as_mut() else {
             anyhow::bail!("audit segment writer is not open");
         };
@@ -431,16 +439,15 @@ impl SmInner {
         Ok(())
     }
 
-    /// When the segments may lag the store: reopens the writer (which cuts a torn tail and any
-    /// record beyond the store's head) and appends the records the store has and the segments
-    /// lack. Called with the segment lock held.
-    fn catch_up_locked(&self, sink: &mut AuditSink) -> anyhow::Result<()> {
+    /// When the segments may lag the store: reopens the writer at the durable `head` (which cuts
+    /// a torn tail and any record beyond it) and appends the records up to `head` that the store
+    /// has and the segments lack. Called with the segment lock held.
+    fn catch_up_locked(&self, sink: &mut AuditSink, head: state::AuditHead) -> anyhow::Result<()> {
         if !sink.lagging {
             return Ok(());
         }
         sink.writer = None; // release the directory lock before reopening
         let tx = self.db.begin_read()?;
-        let head = state::audit_head(&TableKv(&tx.open_table(KV)?))?;
         let mut writer =
             SegmentWriter::open(&self.audit_dir, self.key.load()?, (head.seq, head.hash))?;
         let from = writer.head().0 + 1;

@@ -4,6 +4,7 @@
 use crate::model::{
     ApiSpec, ConsumerSpec, KeySpec, PlanSpec, SubscriptionSpec, TenantSpec, TokenSpec, UserSpec,
 };
+use std::borrow::Cow;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
@@ -15,8 +16,8 @@ use utoipa::{PartialSchema, ToSchema};
 
 struct Op {
     method: HttpMethod,
-    path: &'static str,
-    id: &'static str,
+    path: Cow<'static, str>,
+    id: Cow<'static, str>,
     summary: &'static str,
     tag: &'static str,
     body: Option<&'static str>,
@@ -24,10 +25,10 @@ struct Op {
     auth: bool,
 }
 
-const fn op(
+fn op(
     method: HttpMethod,
-    path: &'static str,
-    id: &'static str,
+    path: impl Into<Cow<'static, str>>,
+    id: impl Into<Cow<'static, str>>,
     summary: &'static str,
     tag: &'static str,
     body: Option<&'static str>,
@@ -35,8 +36,8 @@ const fn op(
 ) -> Op {
     Op {
         method,
-        path,
-        id,
+        path: path.into(),
+        id: id.into(),
         summary,
         tag,
         body,
@@ -361,15 +362,12 @@ fn operations() -> Vec<Op> {
         ("users", "UserSpec", "user"),
     ];
     for (seg, schema, tag) in COLLECTIONS {
-        let list: &'static str =
-            Box::leak(format!("/admin/v1/tenants/{{tenant}}/{seg}").into_boxed_str());
-        let item: &'static str =
-            Box::leak(format!("/admin/v1/tenants/{{tenant}}/{seg}/{{name}}").into_boxed_str());
-        let id =
-            |verb: &str| -> &'static str { Box::leak(format!("{tag}_{verb}").into_boxed_str()) };
+        let list = format!("/admin/v1/tenants/{{tenant}}/{seg}");
+        let item = format!("/admin/v1/tenants/{{tenant}}/{seg}/{{name}}");
+        let id = |verb: &str| format!("{tag}_{verb}");
         ops.push(op(
             Get,
-            list,
+            list.clone(),
             id("list"),
             "List (limit, offset, sort, name_prefix, filters)",
             tag,
@@ -378,7 +376,7 @@ fn operations() -> Vec<Op> {
         ));
         ops.push(op(
             Post,
-            list,
+            list.clone(),
             id("create"),
             "Create",
             tag,
@@ -387,7 +385,7 @@ fn operations() -> Vec<Op> {
         ));
         ops.push(op(
             Get,
-            item,
+            item.clone(),
             id("get"),
             "Get (returns an ETag)",
             tag,
@@ -396,7 +394,7 @@ fn operations() -> Vec<Op> {
         ));
         ops.push(op(
             Put,
-            item,
+            item.clone(),
             id("update"),
             "Replace (If-Match required)",
             tag,
@@ -405,7 +403,7 @@ fn operations() -> Vec<Op> {
         ));
         ops.push(op(
             Delete,
-            item,
+            item.clone(),
             id("delete"),
             "Delete (If-Match honoured)",
             tag,

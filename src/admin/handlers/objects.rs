@@ -1,0 +1,434 @@
+//! Tenants, tenant collections (APIs, consumers, plans, subscriptions, users) and platform
+//! users: generic create / read / list / replace / delete with ETags.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Collections
+
+/// The URL segment of each tenant-scoped collection.
+pub fn collection_kind(collection: &str) -> Option<Kind> {
+    match collection {
+        "apis" => Some(Kind::Api),
+        "consumers" => Some(Kind::Consumer),
+        "plans" => Some(Kind::Plan),
+        "subscriptions" => Some(Kind::Subscription),
+        "users" => Some(Kind::User),
+        _ => None,
+    }
+}
+
+fn parse_spec(kind: Kind, body: &[u8], tenant: Option<&str>) -> Result<Spec> {
+    let spec = match kind {
+        Kind::Tenant => Spec::Tenant(parse_json::<TenantSpec>(body)?),
+        Kind::Api => Spec::Api(parse_json::<ApiSpec>(body)?),
+        Kind::Consumer => Spec::Consumer(parse_json::<ConsumerSpec>(body)?),
+        Kind::Plan => Spec::Plan(parse_json::<PlanSpec>(body)?),
+        Kind::Subscription => {
+            let mut v: serde_json::Value = parse_json(body)?;
+            if let Some(m) = v.as_object_mut() {
+                m.remove("name");
+            }
+            Spec::Subscription(parse_json::<SubscriptionSpec>(
+                &serde_json::to_vec(&v).unwrap_or_default(),
+            )?)
+        }
+        Kind::User => Spec::User(parse_json::<UserSpec>(body)?),
+        Kind::Key | Kind::Token => {
+            return Err(Problem::not_found(
+                "credentials are created under their consumer or user",
+            ))
+        }
+    };
+    checked(spec.check(tenant))?;
+    Ok(spec)
+}
+
+pub(super) fn scope_path(tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) => format!("/admin/v1/tenants/{t}"),
+        None => "/admin/v1".to_string(),
+    }
+}
+
+pub(super) fn kind_segment(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Tenant => "tenants",
+        Kind::Api => "apis",
+        Kind::Consumer => "consumers",
+        Kind::Key => "keys",
+        Kind::Plan => "plans",
+        Kind::Subscription => "subscriptions",
+        Kind::User => "users",
+        Kind::Token => "tokens",
+    }
+}
+
+async fn list_in(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+    kind: Kind,
+    raw: Option<&str>,
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    let q = parse_query(raw)?;
+    if kind == Kind::Tenant && p.role != Role::PlatformAdmin {
+        // tenant roles see their own tenant only
+        let own: Vec<Object> = match &p.tenant {
+            Some(t) => st
+                .reader
+                .read(|kv| state::get_object(kv, Kind::Tenant, None, t))?
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
+        return page(own, kind, &q, &[]);
+    }
+    authz(st, ctx, &p, tenant, kind, Op::Read, false)?;
+    if let Some(t) = tenant {
+        read_object(st, Kind::Tenant, None, t)?;
+    }
+    let objects = st.reader.read(|kv| state::list_objects(kv, kind, tenant))?;
+    page(objects, kind, &q, &[])
+}
+
+async fn create_in(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+    kind: Kind,
+    body: &[u8],
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    authz(st, ctx, &p, tenant, kind, Op::Write, false)?;
+    require_json(headers)?;
+    let spec = parse_spec(kind, body, tenant)?;
+    let name = spec.name();
+    let (objs, _) = commit(
+        st,
+        ctx,
+        &p,
+        tenant,
+        &format!("{kind}.create"),
+        vec![Change::Create(spec)],
+    )
+    .await?;
+    let obj = objs
+        .into_iter()
+        .next()
+        .ok_or_else(|| Problem::internal("no object created"))?;
+    let location = format!("{}/{}/{name}", scope_path(tenant), kind_segment(kind));
+    Ok(object_response(StatusCode::CREATED, &obj, Some(location)))
+}
+
+async fn get_in(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+    kind: Kind,
+    name: &str,
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    if kind == Kind::Tenant && p.role != Role::PlatformAdmin {
+        if p.tenant.as_deref() != Some(name) {
+            return Err(Problem::not_found(format!("tenant {name:?} not found")));
+        }
+    } else {
+        authz(st, ctx, &p, tenant, kind, Op::Read, false)?;
+    }
+    let obj = read_object(st, kind, tenant, name)?;
+    Ok(object_response(StatusCode::OK, &obj, None))
+}
+
+async fn put_in(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+    kind: Kind,
+    name: &str,
+    body: &[u8],
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    authz(
+        st,
+        ctx,
+        &p,
+        authz_scope(kind, tenant, name),
+        kind,
+        Op::Write,
+        false,
+    )?;
+    require_json(headers)?;
+    let current = read_object(st, kind, tenant, name)?;
+    let version = required_if_match(headers, &current)?;
+    let spec = parse_spec(kind, body, tenant)?;
+    if spec.name() != name {
+        let field = if kind == Kind::Subscription {
+            "consumer"
+        } else {
+            "name"
+        };
+        return Err(Problem::invalid(
+            field,
+            &format!(
+                "the body names {:?} but the URL names {name:?}; renaming is not supported",
+                spec.name()
+            ),
+        ));
+    }
+    let (objs, _) = commit(
+        st,
+        ctx,
+        &p,
+        tenant,
+        &format!("{kind}.update"),
+        vec![Change::Update {
+            spec,
+            if_version: version,
+        }],
+    )
+    .await?;
+    let obj = objs
+        .into_iter()
+        .next()
+        .ok_or_else(|| Problem::internal("no object updated"))?;
+    Ok(object_response(StatusCode::OK, &obj, None))
+}
+
+pub(super) async fn delete_in(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: Option<&str>,
+    kind: Kind,
+    name: &str,
+    own_token: bool,
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    authz(
+        st,
+        ctx,
+        &p,
+        authz_scope(kind, tenant, name),
+        kind,
+        Op::Write,
+        own_token,
+    )?;
+    let if_version = if_match(headers)?;
+    commit(
+        st,
+        ctx,
+        &p,
+        tenant,
+        &format!("{kind}.delete"),
+        vec![Change::Delete {
+            kind,
+            name: name.to_string(),
+            if_version,
+        }],
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The tenant a change is authorised against: a tenant object is its own scope, so that a
+/// tenant role touching another tenant gets 404 like for any of that tenant's objects.
+fn authz_scope<'a>(kind: Kind, tenant: Option<&'a str>, name: &'a str) -> Option<&'a str> {
+    if kind == Kind::Tenant {
+        Some(name)
+    } else {
+        tenant
+    }
+}
+
+fn kind_of(collection: &str) -> Result<Kind> {
+    collection_kind(collection)
+        .ok_or_else(|| Problem::not_found(format!("no collection {collection:?}")))
+}
+
+// Tenants ---------------------------------------------------------------------------------------
+
+pub async fn list_tenants(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    respond(
+        &ctx,
+        list_in(&st, &ctx, &headers, None, Kind::Tenant, q.as_deref()).await,
+    )
+}
+
+pub async fn create_tenant(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    respond(
+        &ctx,
+        create_in(&st, &ctx, &headers, None, Kind::Tenant, &body).await,
+    )
+}
+
+pub async fn get_tenant(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> Response {
+    respond(
+        &ctx,
+        get_in(&st, &ctx, &headers, None, Kind::Tenant, &t).await,
+    )
+}
+
+pub async fn put_tenant(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+    body: Bytes,
+) -> Response {
+    respond(
+        &ctx,
+        put_in(&st, &ctx, &headers, None, Kind::Tenant, &t, &body).await,
+    )
+}
+
+pub async fn delete_tenant(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> Response {
+    respond(
+        &ctx,
+        delete_in(&st, &ctx, &headers, None, Kind::Tenant, &t, false).await,
+    )
+}
+
+// Tenant collections -----------------------------------------------------------------------------
+
+pub async fn list_collection(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((t, c)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let r =
+        async { list_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, q.as_deref()).await }.await;
+    respond(&ctx, r)
+}
+
+pub async fn create_in_collection(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((t, c)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let r = async { create_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &body).await }.await;
+    respond(&ctx, r)
+}
+
+pub async fn get_in_collection(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((t, c, n)): Path<(String, String, String)>,
+) -> Response {
+    let r = async { get_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n).await }.await;
+    respond(&ctx, r)
+}
+
+pub async fn put_in_collection(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((t, c, n)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    let r = async { put_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n, &body).await }.await;
+    respond(&ctx, r)
+}
+
+pub async fn delete_in_collection(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((t, c, n)): Path<(String, String, String)>,
+) -> Response {
+    let r = async { delete_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n, false).await }.await;
+    respond(&ctx, r)
+}
+
+// Platform users ---------------------------------------------------------------------------------
+
+pub async fn list_platform_users(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    respond(
+        &ctx,
+        list_in(&st, &ctx, &headers, None, Kind::User, q.as_deref()).await,
+    )
+}
+
+pub async fn create_platform_user(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    respond(
+        &ctx,
+        create_in(&st, &ctx, &headers, None, Kind::User, &body).await,
+    )
+}
+
+pub async fn get_platform_user(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+) -> Response {
+    respond(
+        &ctx,
+        get_in(&st, &ctx, &headers, None, Kind::User, &n).await,
+    )
+}
+
+pub async fn put_platform_user(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+    body: Bytes,
+) -> Response {
+    respond(
+        &ctx,
+        put_in(&st, &ctx, &headers, None, Kind::User, &n, &body).await,
+    )
+}
+
+pub async fn delete_platform_user(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+) -> Response {
+    respond(
+        &ctx,
+        delete_in(&st, &ctx, &headers, None, Kind::User, &n, false).await,
+    )
+}
