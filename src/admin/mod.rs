@@ -153,9 +153,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tenants", get(h::list_tenants).post(h::create_tenant))
         .route(
             "/tenants/{tenant}",
-            get(h::get_tenant)
-                .put(h::put_tenant)
-                .delete(h::delete_tenant),
+            get(h::get_object::<{ h::TENANTS }>)
+                .put(h::put_object::<{ h::TENANTS }>)
+                .delete(h::delete_object::<{ h::TENANTS }>),
         )
         .route("/tenants/{tenant}/export", get(h::export_tenant))
         .route(
@@ -173,25 +173,29 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/tenants/{tenant}/{collection}/{name}",
-            get(h::get_in_collection)
-                .put(h::put_in_collection)
-                .delete(h::delete_in_collection),
+            get(h::get_object::<{ h::COLLECTION }>)
+                .put(h::put_object::<{ h::COLLECTION }>)
+                .delete(h::delete_object::<{ h::COLLECTION }>),
         )
         .route(
             "/tenants/{tenant}/consumers/{consumer}/keys",
-            get(h::list_keys).post(h::create_key),
+            get(h::list_credentials::<false>).post(h::create_credential::<false>),
         )
         .route(
             "/tenants/{tenant}/consumers/{consumer}/keys/{id}",
-            get(h::get_key).put(h::put_key).delete(h::delete_key),
+            get(h::get_credential::<false>)
+                .put(h::put_credential::<false>)
+                .delete(h::delete_credential::<false>),
         )
         .route(
             "/tenants/{tenant}/users/{user}/tokens",
-            get(h::list_tokens).post(h::create_token),
+            get(h::list_credentials::<true>).post(h::create_credential::<true>),
         )
         .route(
             "/tenants/{tenant}/users/{user}/tokens/{id}",
-            get(h::get_token).put(h::put_token).delete(h::delete_token),
+            get(h::get_credential::<true>)
+                .put(h::put_credential::<true>)
+                .delete(h::delete_credential::<true>),
         )
         .route(
             "/users",
@@ -199,19 +203,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/users/{user}",
-            get(h::get_platform_user)
-                .put(h::put_platform_user)
-                .delete(h::delete_platform_user),
+            get(h::get_object::<{ h::PLATFORM_USERS }>)
+                .put(h::put_object::<{ h::PLATFORM_USERS }>)
+                .delete(h::delete_object::<{ h::PLATFORM_USERS }>),
         )
         .route(
             "/users/{user}/tokens",
-            get(h::list_platform_tokens).post(h::create_platform_token),
+            get(h::list_credentials::<true>).post(h::create_credential::<true>),
         )
         .route(
             "/users/{user}/tokens/{id}",
-            get(h::get_platform_token)
-                .put(h::put_platform_token)
-                .delete(h::delete_platform_token),
+            get(h::get_credential::<true>)
+                .put(h::put_credential::<true>)
+                .delete(h::delete_credential::<true>),
         );
     Router::new()
         .nest("/admin/v1", v1)

@@ -3,6 +3,7 @@
 
 use super::objects::{delete_in, kind_segment, scope_path};
 use super::*;
+use std::collections::HashMap;
 
 // Credentials: API keys of consumers, API tokens of users ---------------------------------------
 
@@ -359,345 +360,88 @@ async fn cred_delete(
     delete_in(st, ctx, headers, tenant, ck.kind(), id, own).await
 }
 
-pub async fn list_keys(
+/// Path parameters of the credential routes: `tenant` (absent for platform users), `consumer`
+/// (keys) or `user` (tokens), and `id`.
+type CredParams = Path<HashMap<String, String>>;
+
+/// The credential a route names: API keys when `TOKEN` is false, API tokens when true.
+fn cred_at<const TOKEN: bool>(p: &HashMap<String, String>) -> CredAt<'_> {
+    let ck = if TOKEN {
+        CredKind::Token
+    } else {
+        CredKind::Key
+    };
+    CredAt {
+        ck,
+        tenant: p.get("tenant").map(String::as_str),
+        parent: p
+            .get(ck.parent_field())
+            .map(String::as_str)
+            .unwrap_or_default(),
+    }
+}
+
+fn cred_id(p: &HashMap<String, String>) -> &str {
+    p.get("id").map(String::as_str).unwrap_or_default()
+}
+
+pub async fn list_credentials<const TOKEN: bool>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path((t, c)): Path<(String, String)>,
+    Path(p): CredParams,
     RawQuery(q): RawQuery,
 ) -> Response {
-    respond(
-        &ctx,
-        cred_list(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Key,
-                tenant: Some(&t),
-                parent: &c,
-            },
-            q.as_deref(),
-        )
-        .await,
-    )
+    let r = cred_list(&st, &ctx, &headers, cred_at::<TOKEN>(&p), q.as_deref()).await;
+    respond(&ctx, r)
 }
-pub async fn create_key(
+
+pub async fn create_credential<const TOKEN: bool>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path((t, c)): Path<(String, String)>,
+    Path(p): CredParams,
     body: Bytes,
 ) -> Response {
-    respond(
-        &ctx,
-        cred_create(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Key,
-                tenant: Some(&t),
-                parent: &c,
-            },
-            &body,
-        )
-        .await,
-    )
+    let r = cred_create(&st, &ctx, &headers, cred_at::<TOKEN>(&p), &body).await;
+    respond(&ctx, r)
 }
-pub async fn get_key(
+
+pub async fn get_credential<const TOKEN: bool>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path((t, c, id)): Path<(String, String, String)>,
+    Path(p): CredParams,
 ) -> Response {
-    respond(
-        &ctx,
-        cred_get(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Key,
-                tenant: Some(&t),
-                parent: &c,
-            },
-            &id,
-        )
-        .await,
-    )
+    let r = cred_get(&st, &ctx, &headers, cred_at::<TOKEN>(&p), cred_id(&p)).await;
+    respond(&ctx, r)
 }
-pub async fn put_key(
+
+pub async fn put_credential<const TOKEN: bool>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path((t, c, id)): Path<(String, String, String)>,
+    Path(p): CredParams,
     body: Bytes,
 ) -> Response {
-    respond(
+    let r = cred_put(
+        &st,
         &ctx,
-        cred_put(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Key,
-                tenant: Some(&t),
-                parent: &c,
-            },
-            &id,
-            &body,
-        )
-        .await,
+        &headers,
+        cred_at::<TOKEN>(&p),
+        cred_id(&p),
+        &body,
     )
+    .await;
+    respond(&ctx, r)
 }
-pub async fn delete_key(
+
+pub async fn delete_credential<const TOKEN: bool>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path((t, c, id)): Path<(String, String, String)>,
+    Path(p): CredParams,
 ) -> Response {
-    respond(
-        &ctx,
-        cred_delete(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Key,
-                tenant: Some(&t),
-                parent: &c,
-            },
-            &id,
-        )
-        .await,
-    )
-}
-pub async fn list_tokens(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, u)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    respond(
-        &ctx,
-        cred_list(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: Some(&t),
-                parent: &u,
-            },
-            q.as_deref(),
-        )
-        .await,
-    )
-}
-pub async fn create_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, u)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    respond(
-        &ctx,
-        cred_create(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: Some(&t),
-                parent: &u,
-            },
-            &body,
-        )
-        .await,
-    )
-}
-pub async fn get_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, u, id)): Path<(String, String, String)>,
-) -> Response {
-    respond(
-        &ctx,
-        cred_get(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: Some(&t),
-                parent: &u,
-            },
-            &id,
-        )
-        .await,
-    )
-}
-pub async fn put_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, u, id)): Path<(String, String, String)>,
-    body: Bytes,
-) -> Response {
-    respond(
-        &ctx,
-        cred_put(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: Some(&t),
-                parent: &u,
-            },
-            &id,
-            &body,
-        )
-        .await,
-    )
-}
-pub async fn delete_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, u, id)): Path<(String, String, String)>,
-) -> Response {
-    respond(
-        &ctx,
-        cred_delete(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: Some(&t),
-                parent: &u,
-            },
-            &id,
-        )
-        .await,
-    )
-}
-pub async fn list_platform_tokens(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(u): Path<String>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    respond(
-        &ctx,
-        cred_list(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: None,
-                parent: &u,
-            },
-            q.as_deref(),
-        )
-        .await,
-    )
-}
-pub async fn create_platform_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(u): Path<String>,
-    body: Bytes,
-) -> Response {
-    respond(
-        &ctx,
-        cred_create(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: None,
-                parent: &u,
-            },
-            &body,
-        )
-        .await,
-    )
-}
-pub async fn get_platform_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((u, id)): Path<(String, String)>,
-) -> Response {
-    respond(
-        &ctx,
-        cred_get(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: None,
-                parent: &u,
-            },
-            &id,
-        )
-        .await,
-    )
-}
-pub async fn put_platform_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((u, id)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    respond(
-        &ctx,
-        cred_put(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: None,
-                parent: &u,
-            },
-            &id,
-            &body,
-        )
-        .await,
-    )
-}
-pub async fn delete_platform_token(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((u, id)): Path<(String, String)>,
-) -> Response {
-    respond(
-        &ctx,
-        cred_delete(
-            &st,
-            &ctx,
-            &headers,
-            CredAt {
-                ck: CredKind::Token,
-                tenant: None,
-                parent: &u,
-            },
-            &id,
-        )
-        .await,
-    )
+    let r = cred_delete(&st, &ctx, &headers, cred_at::<TOKEN>(&p), cred_id(&p)).await;
+    respond(&ctx, r)
 }

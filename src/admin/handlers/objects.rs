@@ -2,6 +2,7 @@
 //! users: generic create / read / list / replace / delete with ETags.
 
 use super::*;
+use std::collections::HashMap;
 
 // ---------------------------------------------------------------------------------------------
 // Collections
@@ -277,43 +278,6 @@ pub async fn create_tenant(
     )
 }
 
-pub async fn get_tenant(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(t): Path<String>,
-) -> Response {
-    respond(
-        &ctx,
-        get_in(&st, &ctx, &headers, None, Kind::Tenant, &t).await,
-    )
-}
-
-pub async fn put_tenant(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(t): Path<String>,
-    body: Bytes,
-) -> Response {
-    respond(
-        &ctx,
-        put_in(&st, &ctx, &headers, None, Kind::Tenant, &t, &body).await,
-    )
-}
-
-pub async fn delete_tenant(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(t): Path<String>,
-) -> Response {
-    respond(
-        &ctx,
-        delete_in(&st, &ctx, &headers, None, Kind::Tenant, &t, false).await,
-    )
-}
-
 // Tenant collections -----------------------------------------------------------------------------
 
 pub async fn list_collection(
@@ -336,37 +300,6 @@ pub async fn create_in_collection(
     body: Bytes,
 ) -> Response {
     let r = async { create_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &body).await }.await;
-    respond(&ctx, r)
-}
-
-pub async fn get_in_collection(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, c, n)): Path<(String, String, String)>,
-) -> Response {
-    let r = async { get_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n).await }.await;
-    respond(&ctx, r)
-}
-
-pub async fn put_in_collection(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, c, n)): Path<(String, String, String)>,
-    body: Bytes,
-) -> Response {
-    let r = async { put_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n, &body).await }.await;
-    respond(&ctx, r)
-}
-
-pub async fn delete_in_collection(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path((t, c, n)): Path<(String, String, String)>,
-) -> Response {
-    let r = async { delete_in(&st, &ctx, &headers, Some(&t), kind_of(&c)?, &n, false).await }.await;
     respond(&ctx, r)
 }
 
@@ -396,39 +329,80 @@ pub async fn create_platform_user(
     )
 }
 
-pub async fn get_platform_user(
-    State(st): St,
-    Extension(ctx): Extension<ReqCtx>,
-    headers: HeaderMap,
-    Path(n): Path<String>,
-) -> Response {
-    respond(
-        &ctx,
-        get_in(&st, &ctx, &headers, None, Kind::User, &n).await,
-    )
+// Single objects: one set of handlers for tenants, tenant collections and platform users ----------
+
+/// Which objects an item route serves (the const parameter of the item handlers).
+pub const TENANTS: u8 = 0;
+pub const COLLECTION: u8 = 1;
+pub const PLATFORM_USERS: u8 = 2;
+
+/// An object named by a route: its scope, kind and name.
+struct Target<'a> {
+    scope: Option<&'a str>,
+    kind: Kind,
+    name: &'a str,
 }
 
-pub async fn put_platform_user(
+fn target<const C: u8>(p: &HashMap<String, String>) -> Result<Target<'_>> {
+    let get = |k: &str| p.get(k).map(String::as_str).unwrap_or_default();
+    Ok(match C {
+        TENANTS => Target {
+            scope: None,
+            kind: Kind::Tenant,
+            name: get("tenant"),
+        },
+        PLATFORM_USERS => Target {
+            scope: None,
+            kind: Kind::User,
+            name: get("user"),
+        },
+        _ => Target {
+            scope: Some(get("tenant")),
+            kind: kind_of(get("collection"))?,
+            name: get("name"),
+        },
+    })
+}
+
+pub async fn get_object<const C: u8>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path(n): Path<String>,
+    Path(p): Path<HashMap<String, String>>,
+) -> Response {
+    let r = async {
+        let t = target::<C>(&p)?;
+        get_in(&st, &ctx, &headers, t.scope, t.kind, t.name).await
+    }
+    .await;
+    respond(&ctx, r)
+}
+
+pub async fn put_object<const C: u8>(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(p): Path<HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
-    respond(
-        &ctx,
-        put_in(&st, &ctx, &headers, None, Kind::User, &n, &body).await,
-    )
+    let r = async {
+        let t = target::<C>(&p)?;
+        put_in(&st, &ctx, &headers, t.scope, t.kind, t.name, &body).await
+    }
+    .await;
+    respond(&ctx, r)
 }
 
-pub async fn delete_platform_user(
+pub async fn delete_object<const C: u8>(
     State(st): St,
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
-    Path(n): Path<String>,
+    Path(p): Path<HashMap<String, String>>,
 ) -> Response {
-    respond(
-        &ctx,
-        delete_in(&st, &ctx, &headers, None, Kind::User, &n, false).await,
-    )
+    let r = async {
+        let t = target::<C>(&p)?;
+        delete_in(&st, &ctx, &headers, t.scope, t.kind, t.name, false).await
+    }
+    .await;
+    respond(&ctx, r)
 }
