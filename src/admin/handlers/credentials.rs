@@ -129,6 +129,20 @@ fn own_token(p: &Principal, ck: CredKind, tenant: Option<&str>, parent: &str) ->
     ck == CredKind::Token && p.user == parent && p.tenant.as_deref() == tenant
 }
 
+/// Authenticates and authorises an action on credentials (every user may manage its own tokens).
+fn cred_principal(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    at: CredAt<'_>,
+    op: Op,
+) -> Result<Principal> {
+    let p = authn(st, ctx, headers)?;
+    let own = own_token(&p, at.ck, at.tenant, at.parent);
+    authz(st, ctx, &p, at.tenant, at.ck.kind(), op, own)?;
+    Ok(p)
+}
+
 async fn cred_list(
     st: &AppState,
     ctx: &ReqCtx,
@@ -137,16 +151,7 @@ async fn cred_list(
     raw: Option<&str>,
 ) -> Result<Response> {
     let CredAt { ck, tenant, parent } = at;
-    let p = authn(st, ctx, headers)?;
-    authz(
-        st,
-        ctx,
-        &p,
-        tenant,
-        ck.kind(),
-        Op::Read,
-        own_token(&p, ck, tenant, parent),
-    )?;
+    cred_principal(st, ctx, headers, at, Op::Read)?;
     read_object(st, ck.parent_kind(), tenant, parent)?;
     let q = parse_query(raw)?;
     let objects: Vec<Object> = st
@@ -166,16 +171,7 @@ async fn cred_create(
     body: &[u8],
 ) -> Result<Response> {
     let CredAt { ck, tenant, parent } = at;
-    let p = authn(st, ctx, headers)?;
-    authz(
-        st,
-        ctx,
-        &p,
-        tenant,
-        ck.kind(),
-        Op::Write,
-        own_token(&p, ck, tenant, parent),
-    )?;
+    let p = cred_principal(st, ctx, headers, at, Op::Write)?;
     require_json(headers)?;
     let req: NewCredential = if body.is_empty() {
         NewCredential {
@@ -261,17 +257,7 @@ async fn cred_get(
     at: CredAt<'_>,
     id: &str,
 ) -> Result<Response> {
-    let CredAt { ck, tenant, parent } = at;
-    let p = authn(st, ctx, headers)?;
-    authz(
-        st,
-        ctx,
-        &p,
-        tenant,
-        ck.kind(),
-        Op::Read,
-        own_token(&p, ck, tenant, parent),
-    )?;
+    cred_principal(st, ctx, headers, at, Op::Read)?;
     let obj = read_cred(st, at, id)?;
     Ok(object_response(StatusCode::OK, &obj, None))
 }
@@ -284,17 +270,8 @@ async fn cred_put(
     id: &str,
     body: &[u8],
 ) -> Result<Response> {
-    let CredAt { ck, tenant, parent } = at;
-    let p = authn(st, ctx, headers)?;
-    authz(
-        st,
-        ctx,
-        &p,
-        tenant,
-        ck.kind(),
-        Op::Write,
-        own_token(&p, ck, tenant, parent),
-    )?;
+    let CredAt { ck, tenant, .. } = at;
+    let p = cred_principal(st, ctx, headers, at, Op::Write)?;
     require_json(headers)?;
     let current = read_cred(st, at, id)?;
     let version = required_if_match(headers, &current)?;
