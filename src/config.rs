@@ -110,7 +110,7 @@ impl Default for AdminConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            level: "info".into(),
+            level: "info,openraft=warn".into(),
             format: "json".into(),
         }
     }
