@@ -74,6 +74,10 @@ pub struct Record {
     /// RFC 3339 UTC, supplied by the caller.
     pub time: String,
     pub actor: String,
+    /// Id of the credential (API token) the actor used, when there was one. Absent from records
+    /// written before it existed, and from system records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     pub role: String,
     pub tenant: Option<String>,
     /// e.g. "api.create".
@@ -1792,6 +1796,7 @@ mod tests {
             seq,
             time: format!("2025-03-01T12:00:{:02}Z", seq % 60),
             actor: "alice@example.com".into(),
+            credential: None,
             role: "admin".into(),
             tenant: seq.is_multiple_of(2).then(|| "acme".to_string()),
             action: "api.create".into(),
@@ -2736,6 +2741,7 @@ mod tests {
             seq: 1,
             time: "2025-01-01T00:00:00Z".into(),
             actor: "alice".into(),
+            credential: None,
             role: "admin".into(),
             tenant: None,
             action: "api.create".into(),

@@ -308,6 +308,9 @@ pub enum AuditCmd {
         /// detects records cut from the end of the newest segment.
         #[arg(long)]
         against_node: bool,
+        /// Accept a directory without any record (a node that never recorded anything).
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// List audit records, newest first.
     List {
@@ -996,6 +999,7 @@ async fn audit_verify(
     dir: &Option<PathBuf>,
     public_key: &Option<PathBuf>,
     against_node: bool,
+    allow_empty: bool,
     out: Output,
 ) -> CResult<()> {
     let expected = if against_node {
@@ -1032,6 +1036,11 @@ async fn audit_verify(
         ))
     })?;
     match crate::audit::verify_with(&dir, &[key.as_slice()], expected) {
+        Ok(r) if r.records == 0 && !allow_empty => Err(CliError::AuditBroken(format!(
+            "audit log verification FAILED: no audit record in {} (every segment is missing, or \
+             the directory is wrong; --allow-empty accepts a node that never recorded anything)",
+            dir.display()
+        ))),
         Ok(r) => {
             match out {
                 Output::Json => print_value(out, &serde_json::json!({
@@ -1060,10 +1069,11 @@ pub async fn run(cli: Cli) -> CResult<()> {
                 dir,
                 public_key,
                 against_node,
+                allow_empty,
             },
     } = &cli.command
     {
-        return audit_verify(&cli, dir, public_key, *against_node, out).await;
+        return audit_verify(&cli, dir, public_key, *against_node, *allow_empty, out).await;
     }
     let client = Client::new(&cli)?;
     match &cli.command {

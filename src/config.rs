@@ -32,8 +32,13 @@ pub struct AdminConfig {
     pub tls_names: Vec<String>,
     /// Largest request body accepted, in bytes (larger answers 413).
     pub max_body_bytes: usize,
-    /// Time allowed to handle one request, in seconds.
+    /// Time allowed to handle one request, body included, in seconds.
     pub request_timeout_seconds: u64,
+    /// Time allowed for a connection's TLS handshake and for each request's headers, in seconds
+    /// (slow clients are cut off).
+    pub header_timeout_seconds: u64,
+    /// Most admin connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
     /// Lifetime of the bootstrap token written to `<data_dir>/admin.token`, in days.
     pub bootstrap_token_ttl_days: u32,
     /// Default lifetime of tokens and API keys created without an expiry, in days.
@@ -100,6 +105,8 @@ impl Default for AdminConfig {
             tls_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_body_bytes: 1024 * 1024,
             request_timeout_seconds: 30,
+            header_timeout_seconds: 10,
+            max_connections: 1024,
             bootstrap_token_ttl_days: 30,
             default_credential_ttl_days: 365,
             shutdown_grace_seconds: 20,
@@ -205,6 +212,18 @@ impl Config {
             return Err(bad(
                 "admin.request_timeout_seconds",
                 "must be at least 1".into(),
+            ));
+        }
+        if !(1..=300).contains(&self.admin.header_timeout_seconds) {
+            return Err(bad(
+                "admin.header_timeout_seconds",
+                "must be between 1 and 300".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.admin.max_connections) {
+            return Err(bad(
+                "admin.max_connections",
+                "must be between 1 and 1000000".into(),
             ));
         }
         if !(1..=3650).contains(&self.admin.bootstrap_token_ttl_days) {

@@ -33,14 +33,29 @@ pub type Checked = Result<(), FieldError>;
 /// The one time format of the control plane: RFC 3339, UTC, milliseconds, `Z`. Fixed width,
 /// so times compare correctly as strings.
 pub fn format_time(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
+    // In UTC, within years 0 to 9999 (the format's four digits), formatting cannot fail; a time
+    // outside that range (only reachable through a bug, as `normalize_time` refuses them) is
+    // clamped rather than rendered as an empty string that would compare before every time.
+    let utc = t
+        .checked_to_offset(time::UtcOffset::UTC)
+        .unwrap_or(if t.year() < 0 {
+            time::OffsetDateTime::UNIX_EPOCH
+        } else {
+            MAX_TIME
+        });
+    let utc = if utc.year() > 9999 { MAX_TIME } else { utc };
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&fmt).unwrap_or_default()
+    utc.format(&fmt)
+        .unwrap_or_else(|_| "9999-12-31T23:59:59.999Z".to_string())
 }
 
-/// Parses any RFC 3339 time and normalises it to [`format_time`]'s form.
+/// The latest time the control plane represents.
+const MAX_TIME: time::OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999 UTC);
+
+/// Parses any RFC 3339 time and normalises it to [`format_time`]'s form. Times that do not fall
+/// in years 1970 to 9999 once in UTC are refused.
 pub fn normalize_time(field: &str, s: &str) -> Result<String, FieldError> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|_| {
@@ -49,7 +64,13 @@ pub fn normalize_time(field: &str, s: &str) -> Result<String, FieldError> {
                 format!("{s:?} is not an RFC 3339 time like 2027-01-31T00:00:00Z"),
             )
         })?;
-    Ok(format_time(t))
+    match t.checked_to_offset(time::UtcOffset::UTC) {
+        Some(utc) if (1970..=9999).contains(&utc.year()) => Ok(format_time(utc)),
+        _ => Err(FieldError::new(
+            field,
+            format!("{s:?} is outside the years 1970 to 9999 (UTC)"),
+        )),
+    }
 }
 
 /// Names (tenants, APIs, consumers, plans, users) are DNS-label-like so they are safe in URLs,
@@ -1076,6 +1097,24 @@ mod tests {
             let e = check_name("name", bad).unwrap_err();
             assert_eq!(e.field, "name");
         }
+    }
+
+    #[test]
+    fn times_normalise_and_never_panic() {
+        assert_eq!(
+            normalize_time("t", "2027-01-31T01:00:00+01:00").unwrap(),
+            "2027-01-31T00:00:00.000Z"
+        );
+        for bad in [
+            "9999-12-31T23:59:59-01:00",
+            "0000-01-01T00:00:00+01:00",
+            "1969-12-31T23:59:59Z",
+            "soon",
+        ] {
+            assert_eq!(normalize_time("t", bad).unwrap_err().field, "t", "{bad}");
+        }
+        let far = time::macros::datetime!(9999-12-31 23:00 -05:00);
+        assert_eq!(format_time(far), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]

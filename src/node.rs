@@ -65,7 +65,8 @@ async fn admin_token(
     let token_path = cfg.data_dir.join(TOKEN_FILE);
     let pending = cfg.data_dir.join(format!("{TOKEN_FILE}.new"));
     if pending.exists() {
-        let secret = std::fs::read_to_string(&pending).unwrap_or_default();
+        let secret = std::fs::read_to_string(&pending)
+            .with_context(|| format!("cannot read {}", pending.display()))?;
         let hash = pki::secret_hash(secret.trim());
         if reader.read(|kv| state::find_token(kv, &hash))?.is_some() {
             pki::rename_durable(&pending, &token_path)?;
@@ -115,6 +116,7 @@ async fn admin_token(
     });
     let ctx = Context {
         time: format_time(now),
+        credential: None,
         actor: if bootstrapping {
             "bootstrap"
         } else {
@@ -232,12 +234,18 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.admin.shutdown_grace_seconds);
+    let limits = admin::ConnLimits {
+        max_connections: cfg.admin.max_connections,
+        header_timeout: Duration::from_secs(cfg.admin.header_timeout_seconds),
+        idle_timeout: Duration::from_secs(60),
+    };
     let server = tokio::spawn(admin::serve(
         listener,
         tls,
         admin::router(app_state),
         stop_rx.clone(),
         grace,
+        limits,
     ));
 
     // Durability and checkpoints of the applied state and audit segments.
@@ -345,6 +353,7 @@ async fn flush_denials(cluster: &Cluster, denials: &Denials) {
         ctx: Context {
             time: admin::now(),
             actor: "system".into(),
+            credential: None,
             role: "system".into(),
             request_id: pki::random_id("sec-").unwrap_or_default(),
             source: "local".into(),

@@ -69,24 +69,28 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// directory): after a crash the file is either the old one or the new one, never partial.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // One temporary name per target (`ca.key.tmp`, not `ca.tmp`), created fresh: a stale one
+    // left by a crash is removed, so its permissions never carry over to a secret.
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", tmp.display())),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(data)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", dir.display()))?;
-    }
-    Ok(())
+    drop(f);
+    rename_durable(&tmp, path)
 }
 
 /// Renames `from` to `to` and fsyncs the directory, so the rename survives a power cut.

@@ -36,6 +36,9 @@ pub struct Context {
     /// RFC 3339 UTC time the leader received the request.
     pub time: String,
     pub actor: String,
+    /// Id of the credential the actor authenticated with (absent for system commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     pub role: String,
     pub request_id: String,
     pub source: String,
@@ -322,6 +325,7 @@ impl PendingRecord {
             seq,
             time: self.ctx.time,
             actor: self.actor,
+            credential: self.ctx.credential.clone(),
             role: self.role,
             tenant: self.tenant,
             action: self.action,
@@ -979,12 +983,14 @@ pub fn diff_document(
         diff.changes.push(Change::Create(spec));
     }
     let desired = doc.specs();
+    let wanted: std::collections::BTreeSet<(Kind, String)> =
+        desired.iter().map(|d| (d.kind(), d.name())).collect();
     let mut deletes_first = Vec::new();
     let mut deletes_then = Vec::new();
     for kind in [Kind::Subscription, Kind::Consumer, Kind::Api, Kind::Plan] {
         for o in list_objects(kv, kind, Some(tenant))? {
             let name = o.spec.name();
-            if !desired.iter().any(|d| d.kind() == kind && d.name() == name) {
+            if !wanted.contains(&(kind, name.clone())) {
                 diff.delete.push(format!("{kind}/{name}"));
                 let c = Change::Delete {
                     kind,
@@ -1107,6 +1113,7 @@ mod tests {
         Context {
             time: "2026-01-01T00:00:00Z".into(),
             actor: "alice".into(),
+            credential: Some("tok-1".into()),
             role: "platform-admin".into(),
             request_id: "r1".into(),
             source: "127.0.0.1".into(),

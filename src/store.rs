@@ -538,7 +538,16 @@ impl SmInner {
             sink.since_checkpoint += sealed_all.len() as u64;
             if !sink.lagging {
                 let appended = match sink.writer.as_mut() {
-                    Some(w) => w.append(&sealed_all).map_err(anyhow::Error::from),
+                    // A flush that ran between this commit and now may have caught these
+                    // records up from the store already: append only what the segments lack.
+                    Some(w) => {
+                        let have = w.head().0;
+                        let missing: Vec<Sealed> = sealed_all
+                            .into_iter()
+                            .filter(|r| r.record.seq > have)
+                            .collect();
+                        w.append(&missing).map_err(anyhow::Error::from)
+                    }
                     None => Err(anyhow::anyhow!("audit segment writer is not open")),
                 };
                 if let Err(e) = appended {

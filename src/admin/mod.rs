@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use handlers as h;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use problem::Problem;
 use std::net::SocketAddr;
@@ -103,29 +103,32 @@ async fn request_context(
         p.instance = Some(ctx.path.clone());
         p.into_response()
     };
-    let mut resp = 'handled: {
+    // The time limit covers reading the body too, so a client trickling a body cannot hold a
+    // connection and its buffer for ever.
+    let handled = async {
         let declared = req
             .headers()
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|n| n > st.max_body_bytes) {
-            break 'handled with_ids(Problem::too_large(st.max_body_bytes));
+            return with_ids(Problem::too_large(st.max_body_bytes));
         }
         if matches!(method, Method::POST | Method::PUT | Method::PATCH) {
             let (parts, body) = req.into_parts();
             match h::limited_body(body, st.max_body_bytes).await {
                 Ok(bytes) => req = Request::from_parts(parts, axum::body::Body::from(bytes)),
-                Err(p) => break 'handled with_ids(p),
+                Err(p) => return with_ids(p),
             }
         }
         req.extensions_mut().insert(ctx.clone());
-        match tokio::time::timeout(st.request_timeout, next.run(req)).await {
-            Ok(r) => r,
-            Err(_) => with_ids(Problem::unavailable(
-                "the request took too long and was abandoned",
-            )),
-        }
+        next.run(req).await
+    };
+    let mut resp = match tokio::time::timeout(st.request_timeout, handled).await {
+        Ok(r) => r,
+        Err(_) => with_ids(Problem::unavailable(
+            "the request took too long and was abandoned",
+        )),
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -242,16 +245,40 @@ async fn method_not_allowed(axum::Extension(ctx): axum::Extension<ReqCtx>) -> Re
 
 /// Serves `app` over TLS on `listener` until `shutdown` turns true, then lets in-flight
 /// requests finish for up to `grace`.
+/// Connection limits of the admin listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Most connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// Time allowed for the TLS handshake and for each request's headers.
+    pub header_timeout: Duration,
+    /// Connections idle this long are closed.
+    pub idle_timeout: Duration,
+}
+
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
+    limits: ConnLimits,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper enforces its header read timeout only with a timer: without one a client sending
+    // half a header holds the connection for ever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -264,24 +291,30 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, max = limits.max_connections, "admin connection refused: too many open connections");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %peer, error = %e, "admin TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %peer, "admin TLS handshake timed out");
-                        return;
-                    }
-                };
+            let _slot = slot;
+            let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "admin TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "admin TLS handshake timed out");
+                    return;
+                }
+            };
             let svc = tower::ServiceExt::map_request(
                 app,
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {

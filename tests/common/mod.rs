@@ -86,13 +86,19 @@ impl Node {
             if self.port == 0 || attempt > 0 {
                 self.port = free_port();
             }
+            let listen = format!("listen = \"127.0.0.1:{}\"\n", self.port);
+            let mut sections = self.extra_config_sections();
+            let own_admin = if sections.contains("[admin]\n") {
+                sections = sections.replacen("[admin]\n", &format!("[admin]\n{listen}"), 1);
+                String::new()
+            } else {
+                format!("[admin]\n{listen}")
+            };
             let cfg = format!(
-                "data_dir = {:?}\n{}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nformat = \"text\"\nlevel = \"warn\"\n",
+                "data_dir = {:?}\n{}\n{own_admin}[log]\nformat = \"text\"\nlevel = \"warn\"\n{sections}",
                 self.dir.display().to_string(),
                 self.extra_config_top(),
-                self.port
             );
-            let cfg = format!("{cfg}{}", self.extra_config_sections());
             std::fs::write(self.config_path(), cfg).expect("write config");
             let log = std::fs::OpenOptions::new()
                 .create(true)

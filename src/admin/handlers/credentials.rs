@@ -294,6 +294,14 @@ async fn cred_put(
         ));
     }
     if let Some(e) = expires {
+        // Owners may shorten their own token's life, not extend it (nor revive one an
+        // administrator expired): extending takes the right to manage the tenant's tokens.
+        let may_extend = authorize(&p, tenant, ck.kind(), Op::Write, false).is_ok();
+        if e > *expires_at && !may_extend {
+            return Err(Problem::forbidden(
+                "you may shorten your own token's lifetime, not extend it; ask an administrator",
+            ));
+        }
         *expires_at = e;
     }
     if let Some(r) = upd.revoked {

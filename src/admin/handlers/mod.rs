@@ -98,6 +98,7 @@ fn command_ctx(ctx: &ReqCtx, p: &Principal) -> Context {
     Context {
         time: ctx.time.clone(),
         actor: p.user.clone(),
+        credential: Some(p.credential.clone()),
         role: p.role.as_str().to_string(),
         request_id: ctx.request_id.clone(),
         source: ctx.source.clone(),
@@ -138,7 +139,11 @@ async fn commit(
             },
         }),
         Ok(SmResponse::Noop) => Err(Problem::internal("state machine returned no response")),
-        Err(e) => Err(Problem::unavailable(e.to_string())),
+        Err(e) => {
+            let mut p = Problem::unavailable("the change could not be committed; retry later");
+            p.cause = Some(e.to_string());
+            Err(p)
+        }
     }
 }
 
