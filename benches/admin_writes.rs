@@ -4,7 +4,8 @@
 //! Run: `cargo bench --bench admin_writes` (release build; starts the real binary on loopback,
 //! in a temporary data directory, and stops it at the end). Every write is a full admin request:
 //! TLS, bearer-token authentication, RBAC, validation, Raft commit with the log fsynced, apply,
-//! audit record. Set `APIM_BENCH_WRITES` to change the number of writes per run (default 4000).
+//! audit record. Set `APIM_BENCH_WRITES` to change the number of writes per run (default 4000),
+//! and `APIM_BENCH_CONFIG` to append TOML sections to the node's configuration.
 
 use serde_json::json;
 use std::process::{Command, Stdio};
@@ -127,8 +128,9 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n",
-            dir.display().to_string()
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n{}",
+            dir.display().to_string(),
+            std::env::var("APIM_BENCH_CONFIG").unwrap_or_default()
         ),
     )
     .expect("config");
