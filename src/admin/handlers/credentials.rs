@@ -184,35 +184,32 @@ async fn cred_create(
     };
     let expires_at = expiry(st, ctx, req.expires_at.as_deref(), req.ttl_days)?;
     read_object(st, ck.parent_kind(), tenant, parent)?;
-    let (secret, spec, id) = match ck {
-        CredKind::Key => {
-            let secret = crate::pki::random_secret("apik_").map_err(Problem::internal)?;
-            let id = crate::pki::random_id("key-").map_err(Problem::internal)?;
-            let spec = Spec::Key(KeySpec {
-                name: id.clone(),
-                consumer: parent.to_string(),
-                prefix: secret_prefix(&secret),
-                key_hash: crate::pki::secret_hash(&secret),
-                expires_at,
-                revoked: false,
-                description: req.description,
-            });
-            (secret, spec, id)
-        }
-        CredKind::Token => {
-            let secret = crate::pki::random_secret(TOKEN_PREFIX).map_err(Problem::internal)?;
-            let id = crate::pki::random_id("tok-").map_err(Problem::internal)?;
-            let spec = Spec::Token(TokenSpec {
-                name: id.clone(),
-                user: parent.to_string(),
-                prefix: secret_prefix(&secret),
-                token_hash: crate::pki::secret_hash(&secret),
-                expires_at,
-                revoked: false,
-                description: req.description,
-            });
-            (secret, spec, id)
-        }
+    let (secret_kind, id_kind) = match ck {
+        CredKind::Key => ("apik_", "key-"),
+        CredKind::Token => (TOKEN_PREFIX, "tok-"),
+    };
+    let secret = crate::pki::random_secret(secret_kind).map_err(Problem::internal)?;
+    let id = crate::pki::random_id(id_kind).map_err(Problem::internal)?;
+    let (prefix, hash) = (secret_prefix(&secret), crate::pki::secret_hash(&secret));
+    let spec = match ck {
+        CredKind::Key => Spec::Key(KeySpec {
+            name: id.clone(),
+            consumer: parent.to_string(),
+            prefix,
+            key_hash: hash,
+            expires_at,
+            revoked: false,
+            description: req.description,
+        }),
+        CredKind::Token => Spec::Token(TokenSpec {
+            name: id.clone(),
+            user: parent.to_string(),
+            prefix,
+            token_hash: hash,
+            expires_at,
+            revoked: false,
+            description: req.description,
+        }),
     };
     checked(spec.check(tenant))?;
     let (objs, _) = commit(
