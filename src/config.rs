@@ -18,6 +18,7 @@ pub struct Config {
     /// This node's Raft id (1 for a single node).
     pub node_id: u64,
     pub admin: AdminConfig,
+    pub gateway: GatewayConfig,
     pub log: LogConfig,
     pub raft: RaftConfig,
     pub audit: AuditConfig,
@@ -45,6 +46,33 @@ pub struct AdminConfig {
     pub default_credential_ttl_days: u32,
     /// Time allowed for in-flight requests to finish on shutdown, in seconds.
     pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Whether this node runs the gateway data plane.
+    pub enabled: bool,
+    /// Address of the gateway's plain-HTTP listener (port 0: any free port).
+    pub http_listen: String,
+    /// Time allowed to connect to an upstream target, in milliseconds.
+    pub upstream_connect_timeout_ms: u64,
+    /// Time allowed for an upstream's response headers, in seconds.
+    pub upstream_response_timeout_seconds: u64,
+    /// Time allowed for each request's headers, in seconds (slow clients are cut off).
+    pub header_timeout_seconds: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            enabled: true,
+            http_listen: "127.0.0.1:8080".into(),
+            upstream_connect_timeout_ms: 2000,
+            upstream_response_timeout_seconds: 30,
+            header_timeout_seconds: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +119,7 @@ impl Default for Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             node_id: 1,
             admin: AdminConfig::default(),
+            gateway: GatewayConfig::default(),
             log: LogConfig::default(),
             raft: RaftConfig::default(),
             audit: AuditConfig::default(),
@@ -238,6 +267,28 @@ impl Config {
                 "must be between 1 and 3650".into(),
             ));
         }
+        if self.gateway.enabled {
+            self.gateway_addr()
+                .map_err(|r| bad("gateway.http_listen", r))?;
+        }
+        if !(1..=60_000).contains(&self.gateway.upstream_connect_timeout_ms) {
+            return Err(bad(
+                "gateway.upstream_connect_timeout_ms",
+                "must be between 1 and 60000".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.gateway.upstream_response_timeout_seconds) {
+            return Err(bad(
+                "gateway.upstream_response_timeout_seconds",
+                "must be between 1 and 3600".into(),
+            ));
+        }
+        if !(1..=300).contains(&self.gateway.header_timeout_seconds) {
+            return Err(bad(
+                "gateway.header_timeout_seconds",
+                "must be between 1 and 300".into(),
+            ));
+        }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             return Err(bad(
                 "log.format",
@@ -287,6 +338,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn gateway_addr(&self) -> Result<SocketAddr, String> {
+        self.gateway.http_listen.parse().map_err(|_| {
+            format!(
+                "{:?} is not an address like 127.0.0.1:8080",
+                self.gateway.http_listen
+            )
+        })
     }
 
     pub fn admin_addr(&self) -> Result<SocketAddr, String> {

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod gateway;
 pub mod model;
 pub mod node;
 pub mod pki;

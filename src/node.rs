@@ -234,6 +234,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.admin.shutdown_grace_seconds);
+    let gateway_task = if cfg.gateway.enabled {
+        Some(start_gateway(&cfg, &sm, &reader, stop_rx.clone(), grace).await?)
+    } else {
+        None
+    };
     let limits = admin::ConnLimits {
         max_connections: cfg.admin.max_connections,
         header_timeout: Duration::from_secs(cfg.admin.header_timeout_seconds),
@@ -332,6 +337,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(g) = gateway_task {
+        let _ = g.await;
+    }
     let _ = security_events.await;
     let _ = flusher.await;
     cluster.shutdown().await;
@@ -341,6 +349,72 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("final flush task: {e}"))??;
     tracing::info!("apim node stopped");
     Ok(())
+}
+
+/// Binds the gateway listener, installs the first routing table, keeps the table in step with
+/// committed changes, and serves until `stop`.
+async fn start_gateway(
+    cfg: &Config,
+    sm: &StateMachine,
+    reader: &StateReader,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use crate::gateway::{routes::RouteTable, Gateway, UpstreamTimeouts};
+    let addr = cfg
+        .gateway_addr()
+        .map_err(|e| anyhow::anyhow!("gateway.http_listen: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (gateway.http_listen)"))?;
+    let bound = listener.local_addr()?;
+    let gateway = Arc::new(Gateway::new(UpstreamTimeouts {
+        connect: Duration::from_millis(cfg.gateway.upstream_connect_timeout_ms),
+        response: Duration::from_secs(cfg.gateway.upstream_response_timeout_seconds),
+    }));
+    let mut changes = sm.gateway_changes();
+    gateway.swap(reader.read(RouteTable::build)?);
+    {
+        let gateway = gateway.clone();
+        let reader = reader.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+                let reader = reader.clone();
+                let started = Instant::now();
+                match tokio::task::spawn_blocking(move || reader.read(RouteTable::build)).await {
+                    Ok(Ok(table)) => {
+                        let routes = table.routes;
+                        gateway.swap(table);
+                        tracing::debug!(
+                            routes,
+                            build_ms = started.elapsed().as_millis() as u64,
+                            "gateway routing table swapped"
+                        );
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "gateway routing table rebuild failed; serving the previous one")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "gateway routing table rebuild task failed")
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(gateway = %bound, routes = gateway.routes(), "gateway listening");
+    let header_timeout = Duration::from_secs(cfg.gateway.header_timeout_seconds);
+    Ok(tokio::spawn(crate::gateway::serve(
+        listener,
+        gateway,
+        stop,
+        grace,
+        header_timeout,
+    )))
 }
 
 async fn flush_denials(cluster: &Cluster, denials: &Denials) {

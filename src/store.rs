@@ -325,6 +325,8 @@ struct AuditSink {
 }
 
 struct SmInner {
+    /// Bumped after each applied batch that changed what the gateway serves.
+    gateway_changes: tokio::sync::watch::Sender<u64>,
     db: Database,
     audit: Mutex<AuditSink>,
     audit_dir: PathBuf,
@@ -373,6 +375,7 @@ impl StateMachine {
         std::fs::create_dir_all(&audit_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", audit_dir.display()))?;
         let inner = SmInner {
+            gateway_changes: tokio::sync::watch::Sender::new(0),
             db,
             audit: Mutex::new(AuditSink {
                 writer: None,
@@ -406,6 +409,12 @@ impl StateMachine {
 
     pub fn audit_dir(&self) -> &Path {
         &self.inner.audit_dir
+    }
+
+    /// Changes whenever an applied change touches what the gateway serves (tenants, APIs,
+    /// plans, subscriptions, keys).
+    pub fn gateway_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.gateway_changes.subscribe()
     }
 }
 
@@ -488,6 +497,7 @@ impl SmInner {
         tx.set_durability(Durability::None).map_err(write_sm_err)?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut sealed_all: Vec<Sealed> = Vec::new();
+        let mut gateway_dirty = false;
         {
             let mut kv = tx.open_table(KV).map_err(write_sm_err)?;
             let mut meta = tx.open_table(SM_META).map_err(write_sm_err)?;
@@ -509,6 +519,17 @@ impl SmInner {
                     EntryPayload::Normal(cmd) => {
                         let applied = state::apply(&TableKv(&kv), entry.log_id.index, &cmd)
                             .map_err(|e| StorageIOError::apply(entry.log_id, any(e)))?;
+                        gateway_dirty |= applied.writes.keys().any(|k| {
+                            [
+                                "o/tenant/",
+                                "o/api/",
+                                "o/plan/",
+                                "o/subscription/",
+                                "o/key/",
+                            ]
+                            .iter()
+                            .any(|p| k.starts_with(p))
+                        });
                         for (k, v) in &applied.writes {
                             match v {
                                 Some(v) => kv.insert(k.as_str(), v.as_slice()),
@@ -533,6 +554,9 @@ impl SmInner {
             }
         }
         tx.commit().map_err(write_sm_err)?;
+        if gateway_dirty {
+            self.gateway_changes.send_modify(|n| *n += 1);
+        }
         if !sealed_all.is_empty() {
             let mut sink = lock(&self.audit);
             sink.since_checkpoint += sealed_all.len() as u64;
@@ -714,7 +738,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .insert("current", bytes.as_slice())
                     .map_err(write_sm_err)?;
             }
-            tx.commit().map_err(write_sm_err)
+            tx.commit().map_err(write_sm_err)?;
+            inner.gateway_changes.send_modify(|n| *n += 1);
+            Ok(())
         })
         .await
         .map_err(write_sm_err)?

@@ -14,6 +14,8 @@ pub struct Node {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub port: u16,
+    /// Port of the gateway's HTTP listener.
+    pub gateway_port: u16,
     pub url: String,
     pub token: String,
     pub client: reqwest::Client,
@@ -64,6 +66,7 @@ impl Node {
             dir,
             _tmp: Some(tmp),
             port: 0,
+            gateway_port: 0,
             url: String::new(),
             token: String::new(),
             client: reqwest::Client::new(),
@@ -94,8 +97,17 @@ impl Node {
             } else {
                 format!("[admin]\n{listen}")
             };
+            self.gateway_port = free_port();
+            let gateway_listen = format!("http_listen = \"127.0.0.1:{}\"\n", self.gateway_port);
+            let own_gateway = if sections.contains("[gateway]\n") {
+                sections =
+                    sections.replacen("[gateway]\n", &format!("[gateway]\n{gateway_listen}"), 1);
+                String::new()
+            } else {
+                format!("[gateway]\n{gateway_listen}")
+            };
             let cfg = format!(
-                "data_dir = {:?}\n{}\n{own_admin}[log]\nformat = \"text\"\nlevel = \"warn\"\n{sections}",
+                "data_dir = {:?}\n{}\n{own_admin}{own_gateway}[log]\nformat = \"text\"\nlevel = \"warn\"\n{sections}",
                 self.dir.display().to_string(),
                 self.extra_config_top(),
             );

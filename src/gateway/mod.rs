@@ -1,0 +1,638 @@
+//! The gateway data plane: an HTTP listener that routes requests of published APIs to their
+//! upstreams through the APIs' policy chains.
+//!
+//! Architecture invariant: the request path reads only the compiled [`RouteTable`] (swapped
+//! atomically after each committed change) and in-memory limiter state; it never touches the
+//! store or Raft, and it never panics on client input. Policies it does not enforce yet make the
+//! API answer 503 (fail closed), never pass traffic unchecked.
+
+pub mod policy;
+pub mod routes;
+
+use crate::model::{Policy, SubscriptionStatus};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use policy::{Decision, Gcra};
+use routes::{Route, RouteTable};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
+
+/// Limits of the gateway's upstream calls.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    /// Time until the upstream's response headers.
+    pub response: Duration,
+}
+
+/// The shared state of the data plane.
+pub struct Gateway {
+    table: ArcSwap<RouteTable>,
+    /// GCRA state per (tenant, API, consumer, limit).
+    rate: Mutex<HashMap<String, u64>>,
+    /// Quota counters per (tenant, API, consumer, window): (window index, count).
+    quota: Mutex<HashMap<String, (i64, u64)>>,
+    client: Client<HttpConnector, Body>,
+    timeouts: UpstreamTimeouts,
+    started: Instant,
+}
+
+fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "type": format!("urn:apim:problem:gateway:{slug}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "request_id": request_id,
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    r
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+/// A policy refusal: status, stable cause, and a detail that never says which part of a
+/// credential was wrong.
+struct Refusal(
+    StatusCode,
+    &'static str,
+    String,
+    Vec<(HeaderName, HeaderValue)>,
+);
+
+fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Refusal {
+    Refusal(status, slug, detail.into(), Vec::new())
+}
+
+/// Seconds until the end of the current UTC day, and the day's index.
+fn day_window(now: time::OffsetDateTime) -> (i64, u64) {
+    let secs = now.unix_timestamp();
+    (
+        secs.div_euclid(86_400),
+        (86_400 - secs.rem_euclid(86_400)) as u64,
+    )
+}
+
+/// Seconds until the end of the current UTC month, and the month's index.
+fn month_window(now: time::OffsetDateTime) -> (i64, u64) {
+    let idx = i64::from(now.year()) * 12 + i64::from(u8::from(now.month())) - 1;
+    let next = if now.month() == time::Month::December {
+        time::Date::from_calendar_date(now.year() + 1, time::Month::January, 1)
+    } else {
+        time::Date::from_calendar_date(now.year(), now.month().next(), 1)
+    };
+    let left = next
+        .map(|d| (d.midnight().assume_utc() - now).whole_seconds().max(1) as u64)
+        .unwrap_or(86_400);
+    (idx, left)
+}
+
+impl Gateway {
+    pub fn new(timeouts: UpstreamTimeouts) -> Gateway {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeouts.connect));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Gateway {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            rate: Mutex::new(HashMap::new()),
+            quota: Mutex::new(HashMap::new()),
+            client,
+            timeouts,
+            started: Instant::now(),
+        }
+    }
+
+    /// Installs a new routing table; requests in flight finish on the one they started with.
+    pub fn swap(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    pub fn routes(&self) -> usize {
+        self.table.load().routes
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Runs the route's policy chain. Returns the consumer (if identified) and headers to add
+    /// to the answer (rate-limit state).
+    fn enforce(
+        &self,
+        table: &RouteTable,
+        route: &Route,
+        req: &mut Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+        let mut consumer: Option<String> = None;
+        let mut answer_headers = Vec::new();
+        let now = time::OffsetDateTime::now_utc();
+        let now_s = crate::model::format_time(now);
+        for (i, p) in route.policies.iter().enumerate() {
+            match p {
+                Policy::ApiKey {
+                    header: name,
+                    query_param,
+                } => {
+                    let from_header = req
+                        .headers()
+                        .get(name.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let from_query = query_param.as_ref().and_then(|q| {
+                        req.uri().query().and_then(|qs| {
+                            serde_urlencoded::from_str::<Vec<(String, String)>>(qs)
+                                .ok()?
+                                .into_iter()
+                                .find(|(k, _)| k == q)
+                                .map(|(_, v)| v)
+                        })
+                    });
+                    let Some(key) = from_header.or(from_query) else {
+                        return Err(refuse(
+                            StatusCode::UNAUTHORIZED,
+                            "missing-credential",
+                            "this API requires an API key",
+                        ));
+                    };
+                    // never forward the credential upstream
+                    req.headers_mut().remove(name.as_str());
+                    let hash = crate::pki::secret_hash(key.trim());
+                    let entry = table
+                        .keys
+                        .get(&hash)
+                        .filter(|k| k.tenant == route.tenant && !k.revoked && k.expires_at > now_s);
+                    let Some(entry) = entry else {
+                        return Err(refuse(
+                            StatusCode::UNAUTHORIZED,
+                            "invalid-credential",
+                            "the API key is not valid for this API",
+                        ));
+                    };
+                    match route.subscriptions.get(&entry.consumer) {
+                        Some((SubscriptionStatus::Active, plan)) => {
+                            if let Some(plan) = plan {
+                                if let Some(rl) = &plan.rate_limit {
+                                    let key = format!(
+                                        "{}/{}/{}/plan",
+                                        route.tenant, route.api, entry.consumer
+                                    );
+                                    self.rate_limit(
+                                        &key,
+                                        Gcra::new(rl.requests, rl.per_seconds),
+                                        &mut answer_headers,
+                                    )?;
+                                }
+                                if let Some(q) = &plan.quota {
+                                    let base = format!(
+                                        "{}/{}/{}",
+                                        route.tenant, route.api, entry.consumer
+                                    );
+                                    if let Some(limit) = q.per_day {
+                                        self.quota(&format!("{base}/day"), limit, day_window(now))?;
+                                    }
+                                    if let Some(limit) = q.per_month {
+                                        self.quota(
+                                            &format!("{base}/month"),
+                                            limit,
+                                            month_window(now),
+                                        )?;
+                                    }
+                                }
+                            }
+                            consumer = Some(entry.consumer.clone());
+                        }
+                        _ => {
+                            return Err(refuse(
+                                StatusCode::FORBIDDEN,
+                                "not-subscribed",
+                                "the application has no active subscription to this API",
+                            ))
+                        }
+                    }
+                }
+                Policy::RateLimit {
+                    requests,
+                    per_seconds,
+                } => {
+                    let who = consumer.clone().unwrap_or_else(|| client.ip().to_string());
+                    let key = format!("{}/{}/{who}/{i}", route.tenant, route.api);
+                    self.rate_limit(
+                        &key,
+                        Gcra::new(*requests, *per_seconds),
+                        &mut answer_headers,
+                    )?;
+                }
+                Policy::IpFilter { allow, deny } => {
+                    if !policy::ip_allowed(allow, deny, client.ip()) {
+                        return Err(refuse(
+                            StatusCode::FORBIDDEN,
+                            "address-refused",
+                            "requests from this address are not allowed",
+                        ));
+                    }
+                }
+                Policy::RequestSizeLimit { max_bytes } => {
+                    let declared = req
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if declared.is_some_and(|n| n > *max_bytes) {
+                        return Err(refuse(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "body-too-large",
+                            format!("the request body exceeds {max_bytes} bytes"),
+                        ));
+                    }
+                    if declared.is_none() && req.headers().contains_key(header::TRANSFER_ENCODING) {
+                        return Err(refuse(
+                            StatusCode::LENGTH_REQUIRED,
+                            "length-required",
+                            "this API needs a Content-Length",
+                        ));
+                    }
+                }
+                Policy::RequestHeaders { add, remove } => {
+                    for h in remove {
+                        req.headers_mut().remove(h.as_str());
+                    }
+                    for h in add {
+                        if let (Ok(n), Ok(v)) = (
+                            HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_str(&h.value),
+                        ) {
+                            req.headers_mut().insert(n, v);
+                        }
+                    }
+                }
+                Policy::ResponseHeaders { .. } => {}
+                Policy::Jwt { .. } | Policy::MutualTls { .. } | Policy::Cors { .. } => {
+                    return Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "policy-unavailable",
+                        "this API uses a policy this gateway does not enforce yet",
+                    ))
+                }
+            }
+        }
+        Ok(answer_headers)
+    }
+
+    fn rate_limit(
+        &self,
+        key: &str,
+        gcra: Gcra,
+        answer: &mut Vec<(HeaderName, HeaderValue)>,
+    ) -> Result<(), Refusal> {
+        let now = self.now_ns();
+        let decision = {
+            let mut m = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > 100_000 {
+                m.retain(|_, tat| *tat > now); // expired states equal a fresh one
+            }
+            let tat = m.entry(key.to_string()).or_insert(0);
+            gcra.check(tat, now)
+        };
+        let policy = HeaderValue::from_str(&format!(
+            "\"default\";q={};w={}",
+            gcra.requests, gcra.per_seconds
+        ))
+        .ok();
+        match decision {
+            Decision::Allow {
+                remaining,
+                reset_secs,
+            } => {
+                if let Some(p) = policy {
+                    answer.push((HeaderName::from_static("ratelimit-policy"), p));
+                }
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset_secs}"))
+                {
+                    answer.push((HeaderName::from_static("ratelimit"), v));
+                }
+                Ok(())
+            }
+            Decision::Deny { retry_after_secs } => {
+                let mut r = refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "the rate limit is exceeded; retry later",
+                );
+                if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                    r.3.push((header::RETRY_AFTER, v));
+                }
+                if let Some(p) = policy {
+                    r.3.push((HeaderName::from_static("ratelimit-policy"), p));
+                }
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("\"default\";r=0;t={retry_after_secs}"))
+                {
+                    r.3.push((HeaderName::from_static("ratelimit"), v));
+                }
+                Err(r)
+            }
+        }
+    }
+
+    fn quota(&self, key: &str, limit: u64, (window, left_secs): (i64, u64)) -> Result<(), Refusal> {
+        let mut m = self.quota.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 100_000 {
+            m.retain(|_, (w, _)| *w >= window - 1);
+        }
+        let slot = m.entry(key.to_string()).or_insert((window, 0));
+        if slot.0 != window {
+            *slot = (window, 0);
+        }
+        if slot.1 >= limit {
+            let mut r = refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota-exceeded",
+                "the plan's quota for this period is used up",
+            );
+            if let Ok(v) = HeaderValue::from_str(&left_secs.to_string()) {
+                r.3.push((header::RETRY_AFTER, v));
+            }
+            return Err(r);
+        }
+        slot.1 += 1;
+        Ok(())
+    }
+
+    /// Handles one request end to end.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<Body> {
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                crate::pki::random_id("req-").unwrap_or_else(|_| "req-unknown".into())
+            });
+        let table = self.table.load_full();
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+            })
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let path = req.uri().path().to_string();
+        if path.contains("/../")
+            || path.ends_with("/..")
+            || path.contains("/./")
+            || path.contains("//")
+        {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "bad-path",
+                "the request path is not normalised",
+                &request_id,
+            );
+        }
+        let Some(route) = table.lookup(&host, &path).cloned() else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "no-route",
+                "no API matches this host and path",
+                &request_id,
+            );
+        };
+        let extra = match self.enforce(&table, &route, &mut req, client) {
+            Ok(h) => h,
+            Err(Refusal(status, slug, detail, headers)) => {
+                let mut r = problem(status, slug, &detail, &request_id);
+                for (k, v) in headers {
+                    r.headers_mut().insert(k, v);
+                }
+                return r;
+            }
+        };
+        let target = route.next_target();
+        if !target.origin.starts_with("http://") {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "policy-unavailable",
+                "HTTPS upstreams are not supported by this gateway yet",
+                &request_id,
+            );
+        }
+        let rest = &path[if route.base_path == "/" {
+            0
+        } else {
+            route.base_path.len()
+        }..];
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let uri = format!(
+            "{}{}{}{query}",
+            target.origin,
+            target.path,
+            if rest.is_empty() { "/" } else { rest }
+        );
+        let Ok(uri) = uri.parse::<hyper::Uri>() else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "bad-path",
+                "the request path cannot be forwarded",
+                &request_id,
+            );
+        };
+        let original_host = req.headers().get(header::HOST).cloned();
+        let (mut parts, body) = req.into_parts();
+        parts.uri = uri;
+        parts.version = hyper::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::HOST);
+        let h = &mut parts.headers;
+        if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
+            h.insert("x-forwarded-for", v);
+        }
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if let Some(host) = original_host {
+            h.insert("x-forwarded-host", host);
+        }
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            h.insert("x-request-id", v);
+        }
+        h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
+        let upstream_req =
+            Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+        let resp =
+            match tokio::time::timeout(self.timeouts.response, self.client.request(upstream_req))
+                .await
+            {
+                Err(_) => {
+                    return problem(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-timeout",
+                        "the upstream did not answer in time",
+                        &request_id,
+                    )
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    return problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unavailable",
+                        "the upstream could not be reached",
+                        &request_id,
+                    )
+                }
+                Ok(Err(_)) => {
+                    return problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-failed",
+                        "the upstream connection failed",
+                        &request_id,
+                    )
+                }
+                Ok(Ok(r)) => r,
+            };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        for p in &route.policies {
+            if let Policy::ResponseHeaders { add, remove } = p {
+                for h in remove {
+                    parts.headers.remove(h.as_str());
+                }
+                for h in add {
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(h.name.as_bytes()),
+                        HeaderValue::from_str(&h.value),
+                    ) {
+                        parts.headers.insert(n, v);
+                    }
+                }
+            }
+        }
+        parts
+            .headers
+            .append(header::VIA, HeaderValue::from_static("1.1 apim"));
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            parts.headers.insert("x-request-id", v);
+        }
+        for (k, v) in extra {
+            parts.headers.insert(k, v);
+        }
+        Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+    }
+}
+
+/// Serves plain HTTP on `listener` until `shutdown`, then drains for up to `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    header_timeout: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw = gateway.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, std::convert::Infallible>(gw.handle(req, peer).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(peer = %peer, error = %e, "gateway connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("gateway drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!("gateway drain timed out"),
+    }
+}

@@ -1,0 +1,298 @@
+//! The routing table: published APIs compiled into an immutable structure that the request path
+//! reads without locks, and the credentials and subscriptions the policies need.
+//!
+//! Architecture invariant: building a table is a pure function of the applied state; matching
+//! is a pure function of (table, host, path). Neither does IO.
+
+use crate::model::{ApiSpec, Kind, Lifecycle, Object, PlanSpec, Policy, Spec, SubscriptionStatus};
+use crate::state::{self, KvRead, StoreError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// One upstream target and its weight.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port` (scheme and authority) of the target.
+    pub origin: String,
+    /// Path prefix of the target URL, without a trailing `/` (may be empty).
+    pub path: String,
+    pub weight: u32,
+}
+
+/// A published API as the gateway serves it.
+#[derive(Debug)]
+pub struct Route {
+    pub tenant: String,
+    pub api: String,
+    /// Lower-case host, or the suffix after `*.` for wildcard hosts.
+    pub base_path: String,
+    pub policies: Vec<Policy>,
+    pub targets: Vec<Target>,
+    /// Weighted round-robin over `targets`: each index appears `weight` times.
+    schedule: Vec<usize>,
+    cursor: AtomicUsize,
+    /// Subscriptions to this API: consumer → (status, plan).
+    pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
+}
+
+impl Route {
+    /// The next target in weighted round-robin order.
+    pub fn next_target(&self) -> &Target {
+        let n = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let idx = self.schedule[n % self.schedule.len()];
+        &self.targets[idx]
+    }
+}
+
+/// An API key as the gateway checks it.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub tenant: String,
+    pub consumer: String,
+    pub expires_at: String,
+    pub revoked: bool,
+}
+
+/// Routes of one host, most specific (longest base path) first.
+type HostRoutes = Vec<Arc<Route>>;
+
+/// The compiled table, swapped as a whole after every committed change.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact: HashMap<String, HostRoutes>,
+    /// Wildcard hosts (`*.bank.example`) by their suffix (`bank.example`).
+    wildcard: HashMap<String, HostRoutes>,
+    /// API keys by the hex SHA-256 of the key.
+    pub keys: HashMap<String, KeyEntry>,
+    pub routes: usize,
+}
+
+fn path_matches(base: &str, path: &str) -> bool {
+    base == "/"
+        || path == base
+        || (path.starts_with(base) && path.as_bytes().get(base.len()) == Some(&b'/'))
+}
+
+fn first_match<'a>(routes: Option<&'a HostRoutes>, path: &str) -> Option<&'a Arc<Route>> {
+    routes?.iter().find(|r| path_matches(&r.base_path, path))
+}
+
+impl RouteTable {
+    /// The route for a request. The most specific match wins: an exact host before a wildcard
+    /// host, a longer wildcard suffix before a shorter one, then the longest base path (matched
+    /// on whole path segments).
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        let host = host.trim_end_matches('.');
+        if let Some(r) = first_match(self.exact.get(host), path) {
+            return Some(r);
+        }
+        let mut rest = host;
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if let Some(r) = first_match(self.wildcard.get(suffix), path) {
+                return Some(r);
+            }
+            rest = suffix;
+        }
+        None
+    }
+
+    /// Adds a route under each of its hosts.
+    fn insert(&mut self, route: Route, hosts: &[String]) {
+        let route = Arc::new(route);
+        self.routes += 1;
+        for host in hosts {
+            let host = host.to_ascii_lowercase();
+            match host.strip_prefix("*.") {
+                Some(suffix) => self.wildcard.entry(suffix.to_string()).or_default(),
+                None => self.exact.entry(host).or_default(),
+            }
+            .push(route.clone());
+        }
+    }
+
+    /// Orders each host's routes, most specific first (ties by API name, for determinism).
+    fn finish(&mut self) {
+        for routes in self.exact.values_mut().chain(self.wildcard.values_mut()) {
+            routes.sort_by(|a, b| {
+                b.base_path
+                    .len()
+                    .cmp(&a.base_path.len())
+                    .then_with(|| a.api.cmp(&b.api))
+            });
+        }
+    }
+
+    /// Compiles the table from the applied state: published and deprecated APIs of every
+    /// tenant, their subscriptions with plans, and every API key.
+    pub fn build(kv: &dyn KvRead) -> Result<RouteTable, StoreError> {
+        let mut table = RouteTable::default();
+        for tenant in state::list_objects(kv, Kind::Tenant, None)? {
+            let t = tenant.spec.name();
+            let plans: HashMap<String, PlanSpec> = state::list_objects(kv, Kind::Plan, Some(&t))?
+                .into_iter()
+                .filter_map(|o| match o.spec {
+                    Spec::Plan(p) => Some((p.name.clone(), p)),
+                    _ => None,
+                })
+                .collect();
+            let mut subs: HashMap<String, HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>> =
+                HashMap::new();
+            for o in state::list_objects(kv, Kind::Subscription, Some(&t))? {
+                if let Spec::Subscription(s) = o.spec {
+                    let plan = plans.get(&s.plan).cloned();
+                    subs.entry(s.api.clone())
+                        .or_default()
+                        .insert(s.consumer.clone(), (s.status, plan));
+                }
+            }
+            for o in state::list_objects(kv, Kind::Api, Some(&t))? {
+                if let Spec::Api(api) = &o.spec {
+                    if matches!(api.lifecycle, Lifecycle::Published | Lifecycle::Deprecated) {
+                        let subs = subs.remove(&api.name).unwrap_or_default();
+                        table.insert(compile(&t, api, subs), &api.hosts);
+                    }
+                }
+            }
+            for o in state::list_objects(kv, Kind::Key, Some(&t))? {
+                if let Object {
+                    spec: Spec::Key(k), ..
+                } = o
+                {
+                    table.keys.insert(
+                        k.key_hash.clone(),
+                        KeyEntry {
+                            tenant: t.clone(),
+                            consumer: k.consumer,
+                            expires_at: k.expires_at,
+                            revoked: k.revoked,
+                        },
+                    );
+                }
+            }
+        }
+        table.finish();
+        Ok(table)
+    }
+}
+
+fn compile(
+    tenant: &str,
+    api: &ApiSpec,
+    subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
+) -> Route {
+    let targets: Vec<Target> = api
+        .upstream
+        .targets
+        .iter()
+        .map(|t| {
+            let (scheme, rest) = t.url.split_once("://").unwrap_or(("http", &t.url));
+            let (authority, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+                None => (rest, ""),
+            };
+            Target {
+                origin: format!("{scheme}://{authority}"),
+                path: path.to_string(),
+                weight: t.weight.max(1),
+            }
+        })
+        .collect();
+    let schedule = targets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| std::iter::repeat_n(i, t.weight as usize))
+        .collect();
+    Route {
+        tenant: tenant.to_string(),
+        api: api.name.clone(),
+        base_path: match api.base_path.trim_end_matches('/') {
+            "" => "/".to_string(),
+            bp => bp.to_string(),
+        },
+        policies: api.policies.clone(),
+        targets,
+        schedule,
+        cursor: AtomicUsize::new(0),
+        subscriptions,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Upstream, UpstreamTarget};
+
+    fn api(name: &str, hosts: &[&str], base_path: &str, targets: &[(&str, u32)]) -> ApiSpec {
+        ApiSpec {
+            name: name.into(),
+            version: "v1".into(),
+            display_name: None,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            base_path: base_path.into(),
+            upstream: Upstream {
+                targets: targets
+                    .iter()
+                    .map(|(u, w)| UpstreamTarget {
+                        url: u.to_string(),
+                        weight: *w,
+                    })
+                    .collect(),
+            },
+            policies: vec![],
+            lifecycle: Lifecycle::Published,
+        }
+    }
+
+    fn table(apis: &[ApiSpec]) -> RouteTable {
+        let mut t = RouteTable::default();
+        for a in apis {
+            t.insert(compile("t", a, HashMap::new()), &a.hosts);
+        }
+        t.finish();
+        t
+    }
+
+    fn check(t: &RouteTable, host: &str, path: &str, expect: Option<&str>) {
+        assert_eq!(
+            t.lookup(host, path).map(|r| r.api.as_str()),
+            expect,
+            "{host}{path}"
+        );
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let up = [("http://127.0.0.1:1", 1)];
+        let t = table(&[
+            api("root", &["api.bank.example"], "/", &up),
+            api("pay", &["api.bank.example"], "/payments", &up),
+            api("pay2", &["api.bank.example"], "/payments/v2", &up),
+            api("wild", &["*.bank.example"], "/", &up),
+            api("deep-wild", &["*.eu.bank.example"], "/", &up),
+        ]);
+        check(&t, "api.bank.example", "/payments", Some("pay"));
+        check(&t, "api.bank.example", "/payments/x", Some("pay"));
+        check(&t, "api.bank.example", "/payments/v2/x", Some("pay2"));
+        check(&t, "api.bank.example", "/paymentsx", Some("root"));
+        check(&t, "other.bank.example", "/payments", Some("wild"));
+        check(&t, "x.eu.bank.example", "/", Some("deep-wild"));
+        check(&t, "bank.example", "/", None);
+        check(&t, "api.bank.example.", "/payments", Some("pay"));
+        check(&t, "evil.example", "/", None);
+    }
+
+    #[test]
+    fn weighted_round_robin_follows_weights() {
+        let r = compile(
+            "t",
+            &api("a", &["h"], "/", &[("http://a:1/x/", 3), ("http://b:2", 1)]),
+            HashMap::new(),
+        );
+        assert_eq!(r.targets[0].origin, "http://a:1");
+        assert_eq!(r.targets[0].path, "/x");
+        let picks: Vec<&str> = (0..8).map(|_| r.next_target().origin.as_str()).collect();
+        assert_eq!(picks.iter().filter(|o| **o == "http://a:1").count(), 6);
+        assert_eq!(picks.iter().filter(|o| **o == "http://b:2").count(), 2);
+    }
+}

@@ -1,0 +1,438 @@
+//! The gateway data plane end to end: a real upstream on loopback, published APIs routed by
+//! host and path, API keys, subscriptions, rate limits, quotas, IP filters, upstream failures,
+//! routing table swaps after a committed change, and policies not yet enforced failing closed.
+
+mod common;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
+/// three seconds first.
+async fn echo_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.uri().path().ends_with("/slow") {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                        }
+                        let headers: serde_json::Map<String, Value> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    Value::String(v.to_str().unwrap_or("").to_string()),
+                                )
+                            })
+                            .collect();
+                        let method = req.method().to_string();
+                        let uri = req.uri().to_string();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let echo = json!({
+                            "method": method,
+                            "uri": uri,
+                            "headers": headers,
+                            "body": String::from_utf8_lossy(&body),
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .header("connection", "keep-alive")
+                                .body(Full::new(bytes::Bytes::from(echo.to_string())))
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Gw {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Gw {
+    fn new(n: &Node) -> Gw {
+        Gw {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .expect("client"),
+            base: format!("http://127.0.0.1:{}", n.gateway_port),
+        }
+    }
+
+    async fn get(
+        &self,
+        host: &str,
+        path: &str,
+        key: Option<&str>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("host", host);
+        if let Some(k) = key {
+            r = r.header("x-api-key", k);
+        }
+        let resp = r.send().await.expect("gateway answered");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, headers, body)
+    }
+
+    /// Polls until the gateway's routing table reflects a change (swaps follow commits).
+    async fn until(
+        &self,
+        host: &str,
+        path: &str,
+        key: Option<&str>,
+        status: u16,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut last = self.get(host, path, key).await;
+        for _ in 0..100 {
+            if last.0 == status {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            last = self.get(host, path, key).await;
+        }
+        last
+    }
+}
+
+async fn publish(n: &Node, tenant: &str, mut api: Value) {
+    let name = api["name"].as_str().expect("name").to_string();
+    api["lifecycle"] = json!("published");
+    let r = n
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/tenants/{tenant}/apis"),
+            Some(api),
+        )
+        .await;
+    assert_eq!(r.status, 201, "publish {name}: {:?}", r.body);
+}
+
+async fn key_for(n: &Node, tenant: &str, consumer: &str) -> (String, String) {
+    let r = n
+        .admin(
+            Method::POST,
+            &format!("/admin/v1/tenants/{tenant}/consumers/{consumer}/keys"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    (
+        r.body["key"].as_str().expect("key").to_string(),
+        r.body["name"].as_str().expect("id").to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_subscriptions_and_proxy_semantics() {
+    let up = echo_upstream().await;
+    let n = Node::start().await;
+    seed_tenant(&n, "acme").await; // API payments (draft, api-key), consumer app, plan gold, active subscription
+    let api = json!({
+        "name": "payments", "version": "v1", "hosts": ["api.bank.example"], "base_path": "/payments",
+        "upstream": {"targets": [{"url": format!("http://{up}/backend")}]},
+        "policies": [{"type": "api-key", "header": "x-api-key"}],
+    });
+    let gw = Gw::new(&n);
+    let (key, key_id) = key_for(&n, "acme", "app").await;
+    // a draft API is not served
+    assert_eq!(
+        gw.get("api.bank.example", "/payments/accounts", Some(&key))
+            .await
+            .0,
+        404
+    );
+    let cur = n
+        .admin(Method::GET, "/admin/v1/tenants/acme/apis/payments", None)
+        .await;
+    let mut body = api.clone();
+    body["lifecycle"] = json!("published");
+    let r = n
+        .req(
+            Method::PUT,
+            "/admin/v1/tenants/acme/apis/payments",
+            Some(&n.token),
+            Some(body),
+            &[("if-match", &cur.etag())],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // routed once the table is swapped; the upstream sees the forwarded request
+    let (status, headers, echo) = gw
+        .until(
+            "api.bank.example",
+            "/payments/accounts?iban=FR76",
+            Some(&key),
+            200,
+        )
+        .await;
+    assert_eq!(status, 200, "{echo:?}");
+    assert_eq!(echo["uri"], "/backend/accounts?iban=FR76");
+    let h = &echo["headers"];
+    assert!(
+        h.get("x-api-key").is_none(),
+        "the API key is not forwarded: {h}"
+    );
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-host"], "api.bank.example");
+    assert_eq!(h["via"], "1.1 apim");
+    let rid = h["x-request-id"].as_str().expect("request id").to_string();
+    assert_eq!(
+        headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+        Some(rid.as_str())
+    );
+    assert!(
+        headers.get("connection").is_none(),
+        "hop-by-hop headers are dropped"
+    );
+
+    // refusals: problem+json with a stable type, never saying which part was wrong
+    let (s, hd, b) = gw.get("api.bank.example", "/payments/accounts", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("urn:apim:problem:gateway:missing-credential"))
+    );
+    assert_eq!(
+        hd.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let (s, _, b) = gw
+        .get("api.bank.example", "/payments/accounts", Some("apik_wrong"))
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("urn:apim:problem:gateway:invalid-credential"))
+    );
+    let (s, _, _) = gw.get("api.bank.example", "/other", Some(&key)).await;
+    assert_eq!(s, 404);
+    let (s, _, _) = gw.get("api.unknown.example", "/payments", Some(&key)).await;
+    assert_eq!(s, 404);
+
+    // a consumer without an active subscription is refused
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/acme/consumers",
+            Some(json!({"name": "other"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let (other_key, _) = key_for(&n, "acme", "other").await;
+    let (s, _, b) = gw
+        .until("api.bank.example", "/payments/x", Some(&other_key), 403)
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (403, Some("urn:apim:problem:gateway:not-subscribed"))
+    );
+
+    // a revoked key stops working as soon as the change is committed
+    let r = n
+        .req(
+            Method::PUT,
+            &format!("/admin/v1/tenants/acme/consumers/app/keys/{key_id}"),
+            Some(&n.token),
+            Some(json!({"revoked": true})),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let (s, _, b) = gw
+        .until("api.bank.example", "/payments/accounts", Some(&key), 401)
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("urn:apim:problem:gateway:invalid-credential"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_filters_specificity_and_upstream_failures() {
+    let up = echo_upstream().await;
+    let n = Node::start_with("[gateway]\nupstream_response_timeout_seconds = 1\n").await;
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let t = "/admin/v1/tenants/acme";
+    let target = json!({"targets": [{"url": format!("http://{up}")}]});
+    publish(&n, "acme", json!({"name": "limited", "version": "v1", "hosts": ["api.bank.example"], "base_path": "/limited",
+        "upstream": target, "policies": [{"type": "rate-limit", "requests": 2, "per_seconds": 60}]})).await;
+    publish(&n, "acme", json!({"name": "limited-v2", "version": "v2", "hosts": ["api.bank.example"], "base_path": "/limited/v2",
+        "upstream": target, "policies": []})).await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "wild", "version": "v1", "hosts": ["*.bank.example"], "base_path": "/",
+        "upstream": target, "policies": []}),
+    )
+    .await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "fenced", "version": "v1", "hosts": ["fenced.example"], "base_path": "/",
+        "upstream": target, "policies": [{"type": "ip-filter", "deny": ["127.0.0.0/8"]}]}),
+    )
+    .await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "jwt", "version": "v1", "hosts": ["jwt.example"], "base_path": "/",
+        "upstream": target, "policies": [{"type": "jwt", "issuer": "i", "audience": "a"}]}),
+    )
+    .await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "down", "version": "v1", "hosts": ["down.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]}, "policies": []}),
+    )
+    .await;
+    // quotas come from the plan of the subscription
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/plans"),
+            Some(json!({"name": "tiny", "quota": {"per_day": 3}}))
+        )
+        .await
+        .status,
+        201
+    );
+    publish(
+        &n,
+        "acme",
+        json!({"name": "metered", "version": "v1", "hosts": ["metered.example"], "base_path": "/",
+        "upstream": target, "policies": [{"type": "api-key"}]}),
+    )
+    .await;
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/consumers"),
+            Some(json!({"name": "app"}))
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/subscriptions"),
+            Some(json!({"consumer": "app", "api": "metered", "plan": "tiny", "status": "active"}))
+        )
+        .await
+        .status,
+        201
+    );
+    let (key, _) = key_for(&n, "acme", "app").await;
+    let gw = Gw::new(&n);
+
+    // the most specific route wins: longer base path, then exact host over wildcard
+    let (s, _, e) = gw
+        .until("api.bank.example", "/limited/v2/x", None, 200)
+        .await;
+    assert_eq!((s, e["uri"].as_str()), (200, Some("/x")));
+    let (s, _, e) = gw.get("www.bank.example", "/anything", None).await;
+    assert_eq!((s, e["uri"].as_str()), (200, Some("/anything")));
+    // `/limited` does not match `/limitedx` (whole segments): the wildcard API serves it
+    let (s, h, e) = gw.get("api.bank.example", "/limitedx", None).await;
+    assert_eq!((s, e["uri"].as_str()), (200, Some("/limitedx")));
+    assert!(
+        h.get("ratelimit").is_none(),
+        "not the rate-limited API: {h:?}"
+    );
+
+    // rate limit: 2 per minute, then 429 with Retry-After and RateLimit headers
+    let (s, h, _) = gw.get("api.bank.example", "/limited/a", None).await;
+    assert_eq!(s, 200);
+    assert!(
+        h.get("ratelimit-policy").is_some() && h.get("ratelimit").is_some(),
+        "{h:?}"
+    );
+    assert_eq!(gw.get("api.bank.example", "/limited/b", None).await.0, 200);
+    let (s, h, b) = gw.get("api.bank.example", "/limited/c", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (429, Some("urn:apim:problem:gateway:rate-limited"))
+    );
+    let retry: u64 = h
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after");
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // plan quota: 3 per day
+    for _ in 0..3 {
+        assert_eq!(
+            gw.until("metered.example", "/", Some(&key), 200).await.0,
+            200
+        );
+    }
+    let (s, _, b) = gw.get("metered.example", "/", Some(&key)).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (429, Some("urn:apim:problem:gateway:quota-exceeded"))
+    );
+
+    // IP filter, fail-closed policies, upstream failures
+    assert_eq!(gw.get("fenced.example", "/", None).await.0, 403);
+    let (s, _, b) = gw.get("jwt.example", "/", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (503, Some("urn:apim:problem:gateway:policy-unavailable"))
+    );
+    let (s, _, b) = gw.get("down.example", "/", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (502, Some("urn:apim:problem:gateway:upstream-unavailable"))
+    );
+    let (s, _, b) = gw.get("www.bank.example", "/slow", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (504, Some("urn:apim:problem:gateway:upstream-timeout"))
+    );
+    // the admin side is unaffected
+    assert_eq!(
+        n.admin(Method::GET, "/admin/v1/health", None).await.status,
+        200
+    );
+}
