@@ -48,6 +48,9 @@ pub struct Gateway {
     client: Client<HttpConnector, Body>,
     timeouts: UpstreamTimeouts,
     started: Instant,
+    /// Request ids: a random per-process prefix and a counter (unique, cheap; not secret).
+    id_prefix: u32,
+    id_counter: std::sync::atomic::AtomicU64,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -155,7 +158,18 @@ impl Gateway {
             client,
             timeouts,
             started: Instant::now(),
+            id_prefix: crate::pki::random_bytes::<4>()
+                .map(u32::from_le_bytes)
+                .unwrap_or_default(),
+            id_counter: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    fn next_request_id(&self) -> String {
+        let n = self
+            .id_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("req-{:08x}{n:012x}", self.id_prefix)
     }
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
@@ -183,7 +197,6 @@ impl Gateway {
         let mut consumer: Option<String> = None;
         let mut answer_headers = Vec::new();
         let now = time::OffsetDateTime::now_utc();
-        let now_s = crate::model::format_time(now);
         for (i, p) in route.policies.iter().enumerate() {
             match p {
                 Policy::ApiKey {
@@ -214,6 +227,7 @@ impl Gateway {
                     // never forward the credential upstream
                     req.headers_mut().remove(name.as_str());
                     let hash = crate::pki::secret_hash(key.trim());
+                    let now_s = crate::model::format_time(now);
                     let entry = table
                         .keys
                         .get(&hash)
@@ -428,9 +442,7 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_string)
-            .unwrap_or_else(|| {
-                crate::pki::random_id("req-").unwrap_or_else(|_| "req-unknown".into())
-            });
+            .unwrap_or_else(|| self.next_request_id());
         let table = self.table.load_full();
         let host = req
             .uri()

@@ -25,7 +25,7 @@ pub struct Target {
 pub struct Route {
     pub tenant: String,
     pub api: String,
-    /// Lower-case host, or the suffix after `*.` for wildcard hosts.
+    /// Path prefix, without a trailing `/` (`/` for the root).
     pub base_path: String,
     pub policies: Vec<Policy>,
     pub targets: Vec<Target>,

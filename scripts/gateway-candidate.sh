@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs apim as the candidate gateway of the shared gateway benchmark (gateway-bench.sh):
+# a fresh node whose gateway listens on $GW_LISTEN and routes every path of host 127.0.0.1
+# to $GW_UPSTREAM, with no policy ("plain proxying") or, with APIM_BENCH_POLICIES=1, with a
+# rate limit that never trips (the shared benchmark sends no API key). Stays in the foreground; the benchmark stops it
+# by process group. Usage (from the repository root, after `cargo build --release`):
+#   ../shared/bench/gateway-bench.sh --candidate-name apim \
+#     --candidate 'scripts/gateway-candidate.sh' 18090
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+bin="${APIM_BIN:-$here/target/release/apim}"
+work="$(mktemp -d)"
+trap 'kill 0 2>/dev/null; rm -rf "$work"' EXIT
+admin_port=$(( ${GW_PORT:-18090} + 1000 ))
+cat > "$work/apim.toml" <<TOML
+data_dir = "$work/data"
+[admin]
+listen = "127.0.0.1:$admin_port"
+[gateway]
+http_listen = "${GW_LISTEN:-127.0.0.1:18090}"
+[log]
+level = "warn"
+TOML
+"$bin" serve --config "$work/apim.toml" &
+node=$!
+for _ in $(seq 1 100); do
+  [ -s "$work/data/admin.token" ] && break
+  sleep 0.1
+done
+cli=("$bin" --data-dir "$work/data" --url "https://127.0.0.1:$admin_port")
+policies='[]'
+if [ "${APIM_BENCH_POLICIES:-0}" = 1 ]; then
+  policies='[{"type":"rate-limit","requests":1000000,"per_seconds":1}]'
+fi
+cat > "$work/doc.yaml" <<YAML
+apiVersion: apim/v1
+kind: TenantConfig
+tenant: bench
+apis:
+  - name: bench
+    version: v1
+    hosts: ["127.0.0.1"]
+    base_path: /
+    upstream: {targets: [{url: "http://${GW_UPSTREAM:-127.0.0.1:18080}"}]}
+    policies: $policies
+    lifecycle: published
+plans:
+  - name: open
+consumers:
+  - name: wrk
+subscriptions:
+  - {consumer: wrk, api: bench, plan: open, status: active}
+YAML
+"${cli[@]}" apply -f "$work/doc.yaml" >/dev/null
+wait "$node"
