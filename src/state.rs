@@ -608,6 +608,58 @@ fn references(
     Ok(Ok(()))
 }
 
+/// A published API must not claim a host and base path another served API already answers on
+/// (in any tenant): the gateway would route one tenant's traffic to the other.
+fn route_claim(
+    st: &Staged,
+    tenant: Option<&str>,
+    spec: &Spec,
+) -> Result<Result<(), Rejection>, StoreError> {
+    let Spec::Api(api) = spec else {
+        return Ok(Ok(()));
+    };
+    let served = |l: crate::model::Lifecycle| {
+        matches!(
+            l,
+            crate::model::Lifecycle::Published | crate::model::Lifecycle::Deprecated
+        )
+    };
+    if !served(api.lifecycle) {
+        return Ok(Ok(()));
+    }
+    let base = |b: &str| match b.trim_end_matches('/') {
+        "" => "/".to_string(),
+        b => b.to_string(),
+    };
+    for t in st.objects(Kind::Tenant, None)? {
+        let tn = t.spec.name();
+        for o in st.objects(Kind::Api, Some(&tn))? {
+            let Spec::Api(other) = &o.spec else { continue };
+            if (tenant == Some(tn.as_str()) && other.name == api.name) || !served(other.lifecycle) {
+                continue;
+            }
+            if base(&other.base_path) != base(&api.base_path) {
+                continue;
+            }
+            if let Some(h) = api
+                .hosts
+                .iter()
+                .find(|h| other.hosts.iter().any(|o| o.eq_ignore_ascii_case(h)))
+            {
+                return Ok(Err(Rejection {
+                    code: RejectCode::Conflict,
+                    message: format!(
+                        "host {h:?} with base path {:?} is already served by another API",
+                        api.base_path
+                    ),
+                    field: Some("hosts".into()),
+                }));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
 fn index_key(spec: &Spec) -> Option<String> {
     match spec {
         Spec::Key(k) if !k.key_hash.is_empty() => Some(key_hash_index(&k.key_hash)),
@@ -644,6 +696,9 @@ fn create(
         )));
     }
     if let Err(r) = references(st, tenant, spec)? {
+        return Ok(Err(r));
+    }
+    if let Err(r) = route_claim(st, tenant, spec)? {
         return Ok(Err(r));
     }
     let obj = Object {
@@ -773,6 +828,9 @@ fn update(
         _ => {}
     }
     if let Err(r) = references(st, tenant, spec)? {
+        return Ok(Err(r));
+    }
+    if let Err(r) = route_claim(st, tenant, spec)? {
         return Ok(Err(r));
     }
     let version = current.meta.version + 1;

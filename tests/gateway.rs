@@ -436,3 +436,120 @@ async fn limits_filters_specificity_and_upstream_failures() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_query_keys_and_host_claims() {
+    let up = echo_upstream().await;
+    let n = Node::start().await;
+    for t in ["acme", "globex"] {
+        let r = n
+            .admin(Method::POST, "/admin/v1/tenants", Some(json!({"name": t})))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let target = json!({"targets": [{"url": format!("http://{up}")}]});
+    publish(&n, "acme", json!({"name": "open", "version": "v1", "hosts": ["api.acme.example"], "base_path": "/open",
+        "upstream": target, "policies": [{"type": "api-key", "header": "x-api-key", "query_param": "apikey"}]})).await;
+    let t = "/admin/v1/tenants/acme";
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/plans"),
+            Some(json!({"name": "p"}))
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/consumers"),
+            Some(json!({"name": "c"}))
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/subscriptions"),
+            Some(json!({"consumer": "c", "api": "open", "plan": "p", "status": "active"}))
+        )
+        .await
+        .status,
+        201
+    );
+    let (key, _) = key_for(&n, "acme", "c").await;
+    let gw = Gw::new(&n);
+
+    // a key in the query string is accepted and not forwarded
+    let (s, _, e) = gw
+        .until(
+            "api.acme.example",
+            &format!("/open/a?apikey={key}&x=1"),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(s, 200, "{e:?}");
+    assert_eq!(e["uri"], "/a?x=1");
+
+    // path tricks are refused before routing
+    for path in [
+        "/open/%2e%2e/admin",
+        "/open//a",
+        "/open/a;jsessionid=1",
+        "/open/%2F..%2Fetc",
+        "/open/./a",
+        "/open/a\\b",
+    ] {
+        // raw bytes: an HTTP client library would normalise the path before sending it
+        let port = n.gateway_port;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: api.acme.example\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+        );
+        let answer = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            c.write_all(request.as_bytes()).expect("write");
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        })
+        .await
+        .expect("raw client");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+    }
+
+    // another tenant cannot claim the same host and base path
+    let r = n
+        .admin(Method::POST, "/admin/v1/tenants/globex/apis", Some(json!({"name": "steal", "version": "v1",
+            "hosts": ["API.acme.example"], "base_path": "/open/", "upstream": target, "lifecycle": "published"})))
+        .await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "hosts", "{:?}", r.body);
+    // as a draft it is stored, and publishing it is refused the same way
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/globex/apis",
+            Some(json!({"name": "steal", "version": "v1",
+            "hosts": ["api.acme.example"], "base_path": "/open", "upstream": target})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let mut body = r.body.clone();
+    body["lifecycle"] = json!("published");
+    let r = n
+        .req(
+            Method::PUT,
+            "/admin/v1/tenants/globex/apis/steal",
+            Some(&n.token),
+            Some(body),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+}

@@ -106,6 +106,41 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
+/// Whether a request path is safe to route and forward as is: no empty, `.` or `..` segment,
+/// no backslash, no `;` parameters, and no percent-encoded dot, slash or backslash (which
+/// upstreams may decode differently than the router matched).
+fn path_is_plain(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    path.starts_with('/')
+        && !path.contains("//")
+        && !path.contains('\\')
+        && !path.contains(';')
+        && !["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|e| lower.contains(e))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// Removes a query parameter (the API key) from the request's URI.
+fn strip_query_param(req: &mut Request<Incoming>, name: &str) {
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(name))
+        .collect();
+    let path = req.uri().path();
+    let new = if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    if let Ok(uri) = new.parse::<hyper::Uri>() {
+        *req.uri_mut() = uri;
+    }
+}
+
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
 /// credential was wrong.
 struct Refusal(
@@ -224,8 +259,11 @@ impl Gateway {
                             "this API requires an API key",
                         ));
                     };
-                    // never forward the credential upstream
+                    // never forward the credential upstream, in a header or in the query
                     req.headers_mut().remove(name.as_str());
+                    if let Some(q) = query_param {
+                        strip_query_param(req, q);
+                    }
                     let hash = crate::pki::secret_hash(key.trim());
                     let now_s = crate::model::format_time(now);
                     let entry = table
@@ -315,7 +353,7 @@ impl Gateway {
                             format!("the request body exceeds {max_bytes} bytes"),
                         ));
                     }
-                    if declared.is_none() && req.headers().contains_key(header::TRANSFER_ENCODING) {
+                    if declared.is_none() && !hyper::body::Body::is_end_stream(req.body()) {
                         return Err(refuse(
                             StatusCode::LENGTH_REQUIRED,
                             "length-required",
@@ -457,11 +495,7 @@ impl Gateway {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let path = req.uri().path().to_string();
-        if path.contains("/../")
-            || path.ends_with("/..")
-            || path.contains("/./")
-            || path.contains("//")
-        {
+        if !path_is_plain(&path) {
             return problem(
                 StatusCode::BAD_REQUEST,
                 "bad-path",

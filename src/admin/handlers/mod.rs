@@ -126,7 +126,10 @@ async fn commit(
         }) => Ok((objects, revision)),
         Ok(SmResponse::Rejected(r)) => Err(match r.code {
             RejectCode::NotFound => Problem::not_found(r.message),
-            RejectCode::Conflict => Problem::conflict(r.message),
+            RejectCode::Conflict => match r.field {
+                Some(f) => Problem::conflict(r.message.clone()).field(f, r.message),
+                None => Problem::conflict(r.message),
+            },
             RejectCode::PreconditionFailed => Problem::precondition_failed(r.message),
             RejectCode::Invalid => match r.field {
                 Some(f) => Problem::invalid(&f, &r.message),
