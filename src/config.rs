@@ -61,6 +61,8 @@ pub struct GatewayConfig {
     pub upstream_response_timeout_seconds: u64,
     /// Time allowed for each request's headers, in seconds (slow clients are cut off).
     pub header_timeout_seconds: u64,
+    /// Most client connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +73,7 @@ impl Default for GatewayConfig {
             upstream_connect_timeout_ms: 2000,
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
+            max_connections: 10_000,
         }
     }
 }
@@ -281,6 +284,12 @@ impl Config {
             return Err(bad(
                 "gateway.upstream_response_timeout_seconds",
                 "must be between 1 and 3600".into(),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.gateway.max_connections) {
+            return Err(bad(
+                "gateway.max_connections",
+                "must be between 1 and 1000000".into(),
             ));
         }
         if !(1..=300).contains(&self.gateway.header_timeout_seconds) {

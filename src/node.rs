@@ -414,6 +414,7 @@ async fn start_gateway(
         stop,
         grace,
         header_timeout,
+        cfg.gateway.max_connections,
     )))
 }
 

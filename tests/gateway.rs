@@ -258,6 +258,21 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
         (403, Some("urn:apim:problem:gateway:not-subscribed"))
     );
 
+    // every request has a JSON access-log line, without the key
+    let log = n.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "apim::gateway::access")
+        .collect();
+    let served = lines.iter().find(|l| l["status"] == 200).expect("an access line for a 200");
+    assert_eq!(served["api"], "payments");
+    assert_eq!(served["consumer"], "app");
+    assert_eq!(served["path"], "/payments/accounts");
+    assert!(served["upstream_us"].as_u64().is_some(), "{served}");
+    assert!(lines.iter().any(|l| l["status"] == 401));
+    assert!(!log.contains(&key), "the API key is never logged");
+
     // a revoked key stops working as soon as the change is committed
     let r = n
         .req(

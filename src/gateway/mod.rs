@@ -141,6 +141,15 @@ fn strip_query_param(req: &mut Request<Incoming>, name: &str) {
     }
 }
 
+/// What the access log says of a request beyond its line and status.
+#[derive(Default)]
+struct Served {
+    tenant: Option<String>,
+    api: Option<String>,
+    consumer: Option<String>,
+    upstream_us: Option<u64>,
+}
+
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
 /// credential was wrong.
 struct Refusal(
@@ -228,6 +237,7 @@ impl Gateway {
         route: &Route,
         req: &mut Request<Incoming>,
         client: SocketAddr,
+        served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
         let mut consumer: Option<String> = None;
         let mut answer_headers = Vec::new();
@@ -309,6 +319,7 @@ impl Gateway {
                                 }
                             }
                             consumer = Some(entry.consumer.clone());
+                            served.consumer = consumer.clone();
                         }
                         _ => {
                             return Err(refuse(
@@ -469,10 +480,40 @@ impl Gateway {
     }
 
     /// Handles one request end to end.
+    /// Handles one request end to end and writes its access-log line (target
+    /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
     pub async fn handle(
         self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let mut served = Served::default();
+        let resp = self.serve_one(req, client, &mut served).await;
+        tracing::info!(
+            target: "apim::gateway::access",
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            duration_us = started.elapsed().as_micros() as u64,
+            upstream_us = served.upstream_us,
+            tenant = served.tenant.as_deref().unwrap_or(""),
+            api = served.api.as_deref().unwrap_or(""),
+            consumer = served.consumer.as_deref().unwrap_or(""),
+            client = %client.ip(),
+            request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
+            "gateway request"
+        );
+        resp
+    }
+
+    async fn serve_one(
+        &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        served: &mut Served,
     ) -> Response<Body> {
         let request_id = req
             .headers()
@@ -511,7 +552,9 @@ impl Gateway {
                 &request_id,
             );
         };
-        let extra = match self.enforce(&table, &route, &mut req, client) {
+        served.tenant = Some(route.tenant.clone());
+        served.api = Some(route.api.clone());
+        let extra = match self.enforce(&table, &route, &mut req, client, served) {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
                 let mut r = problem(status, slug, &detail, &request_id);
@@ -574,36 +617,37 @@ impl Gateway {
         h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
         let upstream_req =
             Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
-        let resp =
-            match tokio::time::timeout(self.timeouts.response, self.client.request(upstream_req))
-                .await
-            {
-                Err(_) => {
-                    return problem(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream-timeout",
-                        "the upstream did not answer in time",
-                        &request_id,
-                    )
-                }
-                Ok(Err(e)) if e.is_connect() => {
-                    return problem(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream-unavailable",
-                        "the upstream could not be reached",
-                        &request_id,
-                    )
-                }
-                Ok(Err(_)) => {
-                    return problem(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream-failed",
-                        "the upstream connection failed",
-                        &request_id,
-                    )
-                }
-                Ok(Ok(r)) => r,
-            };
+        let upstream_started = Instant::now();
+        let result =
+            tokio::time::timeout(self.timeouts.response, self.client.request(upstream_req)).await;
+        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+        let resp = match result {
+            Err(_) => {
+                return problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    "the upstream did not answer in time",
+                    &request_id,
+                )
+            }
+            Ok(Err(e)) if e.is_connect() => {
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    "the upstream could not be reached",
+                    &request_id,
+                )
+            }
+            Ok(Err(_)) => {
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-failed",
+                    "the upstream connection failed",
+                    &request_id,
+                )
+            }
+            Ok(Ok(r)) => r,
+        };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         for p in &route.policies {
@@ -641,7 +685,9 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     header_timeout: Duration,
+    max_connections: usize,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -661,11 +707,17 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, max = max_connections, "gateway connection refused: too many open connections");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let gw = gateway.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let gw = gw.clone();
                 async move { Ok::<_, std::convert::Infallible>(gw.handle(req, peer).await) }

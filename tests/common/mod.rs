@@ -107,7 +107,7 @@ impl Node {
                 format!("[gateway]\n{gateway_listen}")
             };
             let cfg = format!(
-                "data_dir = {:?}\n{}\n{own_admin}{own_gateway}[log]\nformat = \"text\"\nlevel = \"warn\"\n{sections}",
+                "data_dir = {:?}\n{}\n{own_admin}{own_gateway}[log]\nformat = \"json\"\nlevel = \"warn,apim::gateway::access=info\"\n{sections}",
                 self.dir.display().to_string(),
                 self.extra_config_top(),
             );
