@@ -219,6 +219,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     admin_token(&cluster, &reader, &cfg, opts.issue_admin_token).await?;
 
     let denials = Arc::new(Denials::new(cfg.audit.security_event_max_groups));
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
     let app_state = Arc::new(AppState {
         cluster: cluster.clone(),
         reader: reader.clone(),
@@ -231,11 +232,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         default_ttl_days: cfg.admin.default_credential_ttl_days,
         started,
         openapi: admin::openapi::document(),
+        metrics: metrics.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.admin.shutdown_grace_seconds);
     let gateway_task = if cfg.gateway.enabled {
-        Some(start_gateway(&cfg, &sm, &reader, stop_rx.clone(), grace).await?)
+        Some(start_gateway(&cfg, metrics.clone(), &sm, &reader, stop_rx.clone(), grace).await?)
     } else {
         None
     };
@@ -355,6 +357,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
 /// committed changes, and serves until `stop`.
 async fn start_gateway(
     cfg: &Config,
+    metrics: Arc<crate::telemetry::Metrics>,
     sm: &StateMachine,
     reader: &StateReader,
     stop: watch::Receiver<bool>,
@@ -368,10 +371,13 @@ async fn start_gateway(
         .await
         .with_context(|| format!("cannot listen on {addr} (gateway.http_listen)"))?;
     let bound = listener.local_addr()?;
-    let gateway = Arc::new(Gateway::new(UpstreamTimeouts {
-        connect: Duration::from_millis(cfg.gateway.upstream_connect_timeout_ms),
-        response: Duration::from_secs(cfg.gateway.upstream_response_timeout_seconds),
-    }));
+    let gateway = Arc::new(Gateway::new(
+        UpstreamTimeouts {
+            connect: Duration::from_millis(cfg.gateway.upstream_connect_timeout_ms),
+            response: Duration::from_secs(cfg.gateway.upstream_response_timeout_seconds),
+        },
+        metrics,
+    ));
     let mut changes = sm.gateway_changes();
     gateway.swap(reader.read(RouteTable::build)?);
     {

@@ -265,13 +265,36 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|l| l["target"] == "apim::gateway::access")
         .collect();
-    let served = lines.iter().find(|l| l["status"] == 200).expect("an access line for a 200");
+    let served = lines
+        .iter()
+        .find(|l| l["status"] == 200)
+        .expect("an access line for a 200");
     assert_eq!(served["api"], "payments");
     assert_eq!(served["consumer"], "app");
     assert_eq!(served["path"], "/payments/accounts");
     assert!(served["upstream_us"].as_u64().is_some(), "{served}");
     assert!(lines.iter().any(|l| l["status"] == 401));
     assert!(!log.contains(&key), "the API key is never logged");
+
+    // Prometheus metrics on the admin listener
+    let m = n
+        .client
+        .get(format!("{}/metrics", n.url))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(m.status(), 200);
+    let text = m.text().await.expect("text");
+    for needle in [
+        "apim_gateway_requests_total{tenant=\"acme\",api=\"payments\",class=\"2xx\"}",
+        "apim_gateway_refusals_total{cause=\"missing-credential\"} 1",
+        "apim_gateway_added_seconds_bucket",
+        "apim_gateway_upstream_seconds_count",
+        "apim_gateway_routes 1",
+        "apim_gateway_open_connections",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
 
     // a revoked key stops working as soon as the change is committed
     let r = n

@@ -39,6 +39,7 @@ pub struct AppState {
     pub default_ttl_days: u32,
     pub started: Instant,
     pub openapi: String,
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// Per-request facts set by the outer middleware.
@@ -221,6 +222,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(h::delete_credential::<true>),
         );
     Router::new()
+        .route("/metrics", get(h::metrics))
         .nest("/admin/v1", v1)
         .fallback(h::not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -48,6 +48,7 @@ pub struct Gateway {
     client: Client<HttpConnector, Body>,
     timeouts: UpstreamTimeouts,
     started: Instant,
+    metrics: Arc<crate::telemetry::Metrics>,
     /// Request ids: a random per-process prefix and a counter (unique, cheap; not secret).
     id_prefix: u32,
     id_counter: std::sync::atomic::AtomicU64,
@@ -148,6 +149,8 @@ struct Served {
     api: Option<String>,
     consumer: Option<String>,
     upstream_us: Option<u64>,
+    /// Cause of a refusal by the gateway itself (not an upstream answer).
+    refusal: Option<&'static str>,
 }
 
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
@@ -187,7 +190,7 @@ fn month_window(now: time::OffsetDateTime) -> (i64, u64) {
 }
 
 impl Gateway {
-    pub fn new(timeouts: UpstreamTimeouts) -> Gateway {
+    pub fn new(timeouts: UpstreamTimeouts, metrics: Arc<crate::telemetry::Metrics>) -> Gateway {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_nodelay(true);
@@ -202,6 +205,7 @@ impl Gateway {
             client,
             timeouts,
             started: Instant::now(),
+            metrics,
             id_prefix: crate::pki::random_bytes::<4>()
                 .map(u32::from_le_bytes)
                 .unwrap_or_default(),
@@ -218,6 +222,9 @@ impl Gateway {
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
     pub fn swap(&self, table: RouteTable) {
+        self.metrics
+            .gateway_routes
+            .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
         self.table.store(Arc::new(table));
     }
 
@@ -492,6 +499,7 @@ impl Gateway {
         let path = req.uri().path().to_string();
         let mut served = Served::default();
         let resp = self.serve_one(req, client, &mut served).await;
+        self.record(&served, resp.status(), started.elapsed());
         tracing::info!(
             target: "apim::gateway::access",
             method = %method,
@@ -507,6 +515,50 @@ impl Gateway {
             "gateway request"
         );
         resp
+    }
+
+    fn record(&self, served: &Served, status: StatusCode, total: Duration) {
+        use crate::telemetry::{ApiLabels, CauseLabels, RequestLabels};
+        if let Some(cause) = served.refusal {
+            self.metrics
+                .gateway_refusals
+                .get_or_create(&CauseLabels {
+                    cause: cause.to_string(),
+                })
+                .inc();
+        }
+        let (Some(tenant), Some(api)) = (&served.tenant, &served.api) else {
+            return;
+        };
+        let class = match status.as_u16() {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics
+            .gateway_requests
+            .get_or_create(&RequestLabels {
+                tenant: tenant.clone(),
+                api: api.clone(),
+                class: class.to_string(),
+            })
+            .inc();
+        let labels = ApiLabels {
+            tenant: tenant.clone(),
+            api: api.clone(),
+        };
+        let upstream = Duration::from_micros(served.upstream_us.unwrap_or(0));
+        self.metrics
+            .gateway_added
+            .get_or_create(&labels)
+            .observe(total.saturating_sub(upstream).as_secs_f64());
+        if served.upstream_us.is_some() {
+            self.metrics
+                .gateway_upstream
+                .get_or_create(&labels)
+                .observe(upstream.as_secs_f64());
+        }
     }
 
     async fn serve_one(
@@ -537,6 +589,7 @@ impl Gateway {
             .to_ascii_lowercase();
         let path = req.uri().path().to_string();
         if !path_is_plain(&path) {
+            served.refusal = Some("bad-path");
             return problem(
                 StatusCode::BAD_REQUEST,
                 "bad-path",
@@ -545,6 +598,7 @@ impl Gateway {
             );
         }
         let Some(route) = table.lookup(&host, &path).cloned() else {
+            served.refusal = Some("no-route");
             return problem(
                 StatusCode::NOT_FOUND,
                 "no-route",
@@ -557,6 +611,7 @@ impl Gateway {
         let extra = match self.enforce(&table, &route, &mut req, client, served) {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
+                served.refusal = Some(slug);
                 let mut r = problem(status, slug, &detail, &request_id);
                 for (k, v) in headers {
                     r.headers_mut().insert(k, v);
@@ -716,6 +771,8 @@ pub async fn serve(
         let gw = gateway.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let open = gateway.metrics.gateway_connections.clone();
+        open.inc();
         tokio::spawn(async move {
             let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
@@ -726,6 +783,7 @@ pub async fn serve(
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(peer = %peer, error = %e, "gateway connection ended with an error");
             }
+            open.dec();
         });
     }
     drop(listener);

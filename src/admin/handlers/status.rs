@@ -54,3 +54,16 @@ pub async fn not_found(Extension(ctx): Extension<ReqCtx>) -> Response {
         )),
     )
 }
+
+/// Prometheus text exposition of the node's metrics (no authentication: it carries tenant and
+/// API names and counts, no secret; the admin listener is on a management address).
+pub async fn metrics(State(st): St) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
