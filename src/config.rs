@@ -63,6 +63,9 @@ pub struct GatewayConfig {
     pub header_timeout_seconds: u64,
     /// Most client connections open at once; more are closed as soon as accepted.
     pub max_connections: usize,
+    /// CIDRs of the proxies or load balancers in front of the gateway: only their
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -74,6 +77,7 @@ impl Default for GatewayConfig {
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -285,6 +289,10 @@ impl Config {
                 "gateway.upstream_response_timeout_seconds",
                 "must be between 1 and 3600".into(),
             ));
+        }
+        for (i, c) in self.gateway.trusted_proxies.iter().enumerate() {
+            crate::model::check_cidr(&format!("gateway.trusted_proxies[{i}]"), c)
+                .map_err(|e| bad(&e.field, e.reason))?;
         }
         if !(1..=1_000_000).contains(&self.gateway.max_connections) {
             return Err(bad(

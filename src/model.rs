@@ -412,7 +412,8 @@ fn check_header_name(field: &str, name: &str) -> Checked {
     }
 }
 
-fn check_cidr(field: &str, cidr: &str) -> Checked {
+/// Checks an IPv4 or IPv6 address or CIDR.
+pub fn check_cidr(field: &str, cidr: &str) -> Checked {
     let (addr, len) = match cidr.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (cidr, None),

@@ -377,6 +377,7 @@ async fn start_gateway(
             response: Duration::from_secs(cfg.gateway.upstream_response_timeout_seconds),
         },
         metrics,
+        cfg.gateway.trusted_proxies.clone(),
     ));
     let mut changes = sm.gateway_changes();
     gateway.swap(reader.read(RouteTable::build)?);

@@ -591,3 +591,69 @@ async fn path_tricks_query_keys_and_host_claims() {
         .await;
     assert_eq!(r.status, 409, "{:?}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let up = echo_upstream().await;
+    let target = json!({"targets": [{"url": format!("http://{up}")}]});
+    let api = json!({"name": "fenced", "version": "v1", "hosts": ["api.example"], "base_path": "/",
+        "upstream": target, "policies": [{"type": "ip-filter", "deny": ["203.0.113.0/24"]}]});
+    let send = |gw: &Gw, xff: &'static str| {
+        let r = gw
+            .http
+            .get(format!("{}/x", gw.base))
+            .header("host", "api.example")
+            .header("x-forwarded-for", xff)
+            .header("x-forwarded-host", "evil.example")
+            .send();
+        async move {
+            let r = r.await.expect("answer");
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    // untrusted peer: its headers are replaced, the filter sees the peer
+    let n = Node::start().await;
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "t"}))
+        )
+        .await
+        .status,
+        201
+    );
+    publish(&n, "t", api.clone()).await;
+    let gw = Gw::new(&n);
+    gw.until("api.example", "/x", None, 200).await;
+    let (s, e) = send(&gw, "203.0.113.5").await;
+    assert_eq!(s, 200, "a spoofed address does not reach the filter: {e}");
+    assert_eq!(e["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(e["headers"]["x-forwarded-host"], "api.example");
+
+    // trusted proxy: the client named in its header is the one filtered and forwarded
+    let n = Node::start_with("[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "t"}))
+        )
+        .await
+        .status,
+        201
+    );
+    publish(&n, "t", api).await;
+    let gw = Gw::new(&n);
+    gw.until("api.example", "/x", None, 200).await;
+    let (s, _) = send(&gw, "203.0.113.5").await;
+    assert_eq!(s, 403);
+    let (s, e) = send(&gw, "198.51.100.1").await;
+    assert_eq!(s, 200);
+    assert_eq!(e["headers"]["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
+    assert_eq!(e["headers"]["x-forwarded-host"], "evil.example");
+}

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use policy::{Decision, Gcra};
 use routes::{Route, RouteTable};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -49,6 +49,8 @@ pub struct Gateway {
     timeouts: UpstreamTimeouts,
     started: Instant,
     metrics: Arc<crate::telemetry::Metrics>,
+    /// CIDRs of proxies in front of the gateway whose `X-Forwarded-*` headers are believed.
+    trusted_proxies: Vec<String>,
     /// Request ids: a random per-process prefix and a counter (unique, cheap; not secret).
     id_prefix: u32,
     id_counter: std::sync::atomic::AtomicU64,
@@ -149,6 +151,8 @@ struct Served {
     api: Option<String>,
     consumer: Option<String>,
     upstream_us: Option<u64>,
+    /// The client's address (the peer, or what a trusted proxy says).
+    client: Option<IpAddr>,
     /// Cause of a refusal by the gateway itself (not an upstream answer).
     refusal: Option<&'static str>,
 }
@@ -190,7 +194,11 @@ fn month_window(now: time::OffsetDateTime) -> (i64, u64) {
 }
 
 impl Gateway {
-    pub fn new(timeouts: UpstreamTimeouts, metrics: Arc<crate::telemetry::Metrics>) -> Gateway {
+    pub fn new(
+        timeouts: UpstreamTimeouts,
+        metrics: Arc<crate::telemetry::Metrics>,
+        trusted_proxies: Vec<String>,
+    ) -> Gateway {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_nodelay(true);
@@ -206,6 +214,7 @@ impl Gateway {
             timeouts,
             started: Instant::now(),
             metrics,
+            trusted_proxies,
             id_prefix: crate::pki::random_bytes::<4>()
                 .map(u32::from_le_bytes)
                 .unwrap_or_default(),
@@ -243,7 +252,7 @@ impl Gateway {
         table: &RouteTable,
         route: &Route,
         req: &mut Request<Incoming>,
-        client: SocketAddr,
+        client: IpAddr,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
         let mut consumer: Option<String> = None;
@@ -341,7 +350,7 @@ impl Gateway {
                     requests,
                     per_seconds,
                 } => {
-                    let who = consumer.clone().unwrap_or_else(|| client.ip().to_string());
+                    let who = consumer.clone().unwrap_or_else(|| client.to_string());
                     let key = format!("{}/{}/{who}/{i}", route.tenant, route.api);
                     self.rate_limit(
                         &key,
@@ -350,7 +359,7 @@ impl Gateway {
                     )?;
                 }
                 Policy::IpFilter { allow, deny } => {
-                    if !policy::ip_allowed(allow, deny, client.ip()) {
+                    if !policy::ip_allowed(allow, deny, client) {
                         return Err(refuse(
                             StatusCode::FORBIDDEN,
                             "address-refused",
@@ -510,7 +519,7 @@ impl Gateway {
             tenant = served.tenant.as_deref().unwrap_or(""),
             api = served.api.as_deref().unwrap_or(""),
             consumer = served.consumer.as_deref().unwrap_or(""),
-            client = %client.ip(),
+            client = %served.client.unwrap_or(client.ip()),
             request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
             "gateway request"
         );
@@ -564,9 +573,21 @@ impl Gateway {
     async fn serve_one(
         &self,
         mut req: Request<Incoming>,
-        client: SocketAddr,
+        peer: SocketAddr,
         served: &mut Served,
     ) -> Response<Body> {
+        let peer_trusted = self
+            .trusted_proxies
+            .iter()
+            .any(|c| policy::cidr_contains(c, peer.ip()));
+        let incoming_xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let client =
+            policy::client_address(peer.ip(), incoming_xff.as_deref(), &self.trusted_proxies);
+        served.client = Some(client);
         let request_id = req
             .headers()
             .get("x-request-id")
@@ -659,11 +680,23 @@ impl Gateway {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
         let h = &mut parts.headers;
-        if let Ok(v) = HeaderValue::from_str(&client.ip().to_string()) {
+        // Client-supplied forwarding headers are believed only from trusted proxies.
+        let xff = match (&incoming_xff, peer_trusted) {
+            (Some(chain), true) => format!("{chain}, {}", peer.ip()),
+            _ => peer.ip().to_string(),
+        };
+        if !peer_trusted {
+            h.remove("x-forwarded-proto");
+            h.remove("x-forwarded-host");
+            h.remove(header::FORWARDED);
+        }
+        if let Ok(v) = HeaderValue::from_str(&xff) {
             h.insert("x-forwarded-for", v);
         }
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        if let Some(host) = original_host {
+        if !h.contains_key("x-forwarded-proto") {
+            h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        if let Some(host) = original_host.filter(|_| !h.contains_key("x-forwarded-host")) {
             h.insert("x-forwarded-host", host);
         }
         if let Ok(v) = HeaderValue::from_str(&request_id) {

@@ -96,6 +96,30 @@ pub fn ip_allowed(allow: &[String], deny: &[String], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|c| cidr_contains(c, ip))
 }
 
+/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which case the
+/// right-most address of `X-Forwarded-For` that is not itself a trusted proxy. A header that
+/// does not parse is ignored (the peer is then the client).
+pub fn client_address(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[String]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| cidr_contains(c, ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let Some(header) = forwarded_for else {
+        return peer;
+    };
+    let chain: Option<Vec<IpAddr>> = header.split(',').map(|a| a.trim().parse().ok()).collect();
+    let Some(chain) = chain else {
+        return peer;
+    };
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(**ip))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +178,39 @@ mod tests {
             Decision::Deny {
                 retry_after_secs: 30
             }
+        );
+    }
+
+    #[test]
+    fn client_address_trusts_only_configured_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted = vec!["10.0.0.0/8".to_string()];
+        // an untrusted peer's header is ignored
+        assert_eq!(
+            client_address(ip("203.0.113.9"), Some("1.2.3.4"), &trusted),
+            ip("203.0.113.9")
+        );
+        // a trusted proxy's header names the client; proxies in the chain are skipped
+        assert_eq!(
+            client_address(ip("10.0.0.1"), Some("198.51.100.7, 10.0.0.2"), &trusted),
+            ip("198.51.100.7")
+        );
+        // a client cannot pass itself off by prepending an address: the right-most untrusted wins
+        assert_eq!(
+            client_address(ip("10.0.0.1"), Some("1.1.1.1, 198.51.100.7"), &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.1"), Some("garbage"), &trusted),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.1"), None, &trusted),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            client_address(ip("10.0.0.1"), Some("10.0.0.3"), &trusted),
+            ip("10.0.0.3")
         );
     }
 
