@@ -326,12 +326,23 @@ pub enum Policy {
     Jwt {
         issuer: String,
         audience: String,
+        /// Where to fetch the issuer's keys (refreshed and cached).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         jwks_url: Option<String>,
+        /// The issuer's keys as a JWKS document, for sites that cannot reach the issuer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jwks: Option<String>,
+        /// Allowed algorithms among RS256, PS256, ES256, EdDSA (empty: all four).
         #[serde(default)]
         algorithms: Vec<String>,
         #[serde(default)]
         required_scopes: Vec<String>,
+        /// Claim whose value names the consumer (subscription and plan then apply).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        consumer_claim: Option<String>,
+        /// Tolerated clock difference for `exp` and `nbf`, in seconds.
+        #[serde(default = "default_clock_skew")]
+        clock_skew_seconds: u32,
     },
     /// Require a client certificate from the given CA bundle (PEM), mapped to a consumer.
     MutualTls {
@@ -375,6 +386,10 @@ pub enum Policy {
     RequestSizeLimit {
         max_bytes: u64,
     },
+}
+
+fn default_clock_skew() -> u32 {
+    60
 }
 
 fn default_key_header() -> String {
@@ -480,9 +495,54 @@ impl Policy {
                 issuer,
                 audience,
                 jwks_url,
+                jwks,
                 algorithms,
                 required_scopes,
+                consumer_claim,
+                clock_skew_seconds,
             } => {
+                match (jwks_url, jwks) {
+                    (None, None) => {
+                        return Err(FieldError::new(
+                            format!("{at}.jwks"),
+                            "give the issuer's keys: jwks (a JWKS document) or jwks_url",
+                        ))
+                    }
+                    (_, Some(doc)) => {
+                        let set: jsonwebtoken::jwk::JwkSet =
+                            serde_json::from_str(doc).map_err(|e| {
+                                FieldError::new(
+                                    format!("{at}.jwks"),
+                                    format!("not a JWKS document: {e}"),
+                                )
+                            })?;
+                        if set.keys.is_empty() {
+                            return Err(FieldError::new(format!("{at}.jwks"), "holds no key"));
+                        }
+                        for (i, k) in set.keys.iter().enumerate() {
+                            let symmetric = matches!(
+                                k.algorithm,
+                                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+                            );
+                            if symmetric || jsonwebtoken::DecodingKey::from_jwk(k).is_err() {
+                                return Err(FieldError::new(
+                                    format!("{at}.jwks.keys[{i}]"),
+                                    "is not a usable public key (symmetric keys are refused)",
+                                ));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if *clock_skew_seconds > 600 {
+                    return Err(FieldError::new(
+                        format!("{at}.clock_skew_seconds"),
+                        "must be at most 600",
+                    ));
+                }
+                if let Some(c) = consumer_claim {
+                    check_text(&format!("{at}.consumer_claim"), c, 100)?;
+                }
                 if issuer.is_empty() {
                     return Err(FieldError::new(format!("{at}.issuer"), "must not be empty"));
                 }
@@ -1172,9 +1232,12 @@ mod tests {
                     a.policies = vec![Policy::Jwt {
                         issuer: "i".into(),
                         audience: "a".into(),
-                        jwks_url: None,
+                        jwks_url: Some("https://idp.example/jwks".into()),
+                        jwks: None,
                         algorithms: vec!["HS256".into()],
                         required_scopes: vec![],
+                        consumer_claim: None,
+                        clock_skew_seconds: 60,
                     }]
                 }),
                 "policies[0].algorithms[0]",

@@ -18,9 +18,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Installs aws-lc-rs as the process-wide rustls provider. Idempotent.
+/// Installs aws-lc-rs as the process-wide provider of rustls and of jsonwebtoken. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
 
 /// `N` bytes from the operating system's CSPRNG.

@@ -271,7 +271,9 @@ async fn bad_bodies_headers_and_queries_change_nothing() {
             "forbidden JWT algorithm",
             apis,
             None,
-            policy(json!({"type": "jwt", "issuer": "i", "audience": "a", "algorithms": ["HS256"]})),
+            policy(
+                json!({"type": "jwt", "issuer": "i", "audience": "a", "jwks_url": "https://idp.example/jwks", "algorithms": ["HS256"]}),
+            ),
             At::Field("policies[0].algorithms[0]"),
         ),
         (

@@ -352,7 +352,7 @@ async fn limits_filters_specificity_and_upstream_failures() {
         &n,
         "acme",
         json!({"name": "jwt", "version": "v1", "hosts": ["jwt.example"], "base_path": "/",
-        "upstream": target, "policies": [{"type": "jwt", "issuer": "i", "audience": "a"}]}),
+        "upstream": target, "policies": [{"type": "jwt", "issuer": "i", "audience": "a", "jwks_url": "https://idp.example/jwks"}]}),
     )
     .await;
     publish(

@@ -34,6 +34,43 @@ pub struct Route {
     cursor: AtomicUsize,
     /// Subscriptions to this API: consumer → (status, plan).
     pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
+    /// Decoding keys of each JWT policy with a static JWKS, by the policy's position.
+    pub jwt_keys: HashMap<usize, Vec<JwtKey>>,
+}
+
+/// A public key of a JWT issuer.
+pub struct JwtKey {
+    pub kid: Option<String>,
+    pub key: jsonwebtoken::DecodingKey,
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKey").field("kid", &self.kid).finish()
+    }
+}
+
+/// The keys of a static JWKS document (keys that do not decode are skipped; the model refuses
+/// such documents anyway).
+fn jwks_keys(doc: &str) -> Vec<JwtKey> {
+    let Ok(set) = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(doc) else {
+        return Vec::new();
+    };
+    set.keys
+        .iter()
+        .filter(|k| {
+            !matches!(
+                k.algorithm,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+            )
+        })
+        .filter_map(|k| {
+            Some(JwtKey {
+                kid: k.common.key_id.clone(),
+                key: jsonwebtoken::DecodingKey::from_jwk(k).ok()?,
+            })
+        })
+        .collect()
 }
 
 impl Route {
@@ -203,7 +240,19 @@ fn compile(
         .enumerate()
         .flat_map(|(i, t)| std::iter::repeat_n(i, t.weight as usize))
         .collect();
+    let jwt_keys = api
+        .policies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Policy::Jwt {
+                jwks: Some(doc), ..
+            } => Some((i, jwks_keys(doc))),
+            _ => None,
+        })
+        .collect();
     Route {
+        jwt_keys,
         tenant: tenant.to_string(),
         api: api.name.clone(),
         base_path: match api.base_path.trim_end_matches('/') {

@@ -55,7 +55,7 @@ pub async fn not_found(Extension(ctx): Extension<ReqCtx>) -> Response {
     )
 }
 
-/// Prometheus text exposition of the node's metrics (no authentication: it carries tenant and
+/// OpenMetrics text exposition of the node's metrics (Prometheus scrapes it) (no authentication: it carries tenant and
 /// API names and counts, no secret; the admin listener is on a management address).
 pub async fn metrics(State(st): St) -> Response {
     (

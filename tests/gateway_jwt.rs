@@ -1,0 +1,268 @@
+//! The JWT bearer policy against forged tokens: a real signing key, a static JWKS (air-gapped
+//! sites), and every way a token can be wrong answered with the same 401.
+
+mod common;
+use base64::Engine as _;
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+struct Issuer {
+    key: jsonwebtoken::EncodingKey,
+    jwks: String,
+    x: Vec<u8>,
+}
+
+fn issuer() -> Issuer {
+    apim::pki::install_crypto_provider();
+    let pair = rcgen::KeyPair::generate().expect("P-256 key");
+    let point = pair.public_key_raw(); // 0x04 || X || Y
+    let (x, y) = (&point[1..33], &point[33..65]);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y), "kid": "k1", "alg": "ES256", "use": "sig"}]});
+    Issuer {
+        key: jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()),
+        jwks: jwks.to_string(),
+        x: x.to_vec(),
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn token(iss: &Issuer, kid: &str, claims: Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid.to_string());
+    jsonwebtoken::encode(&h, &claims, &iss.key).expect("sign")
+}
+
+fn claims(sub: &str, aud: &str, exp_in: i64, scope: &str) -> Value {
+    json!({"iss": "https://idp.bank.example", "aud": aud, "sub": sub, "exp": now() + exp_in, "nbf": now() - 10, "scope": scope})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_policy_accepts_good_tokens_and_refuses_forged_ones() {
+    let idp = issuer();
+    let n = Node::start().await;
+    let t = "/admin/v1/tenants/acme";
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "acme"}))
+        )
+        .await
+        .status,
+        201
+    );
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = upstream.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let api = json!({"name": "accounts", "version": "v1", "hosts": ["psd2.bank.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": format!("http://{up}")}]}, "lifecycle": "published",
+        "policies": [{"type": "jwt", "issuer": "https://idp.bank.example", "audience": "accounts",
+            "jwks": idp.jwks, "algorithms": ["ES256"], "required_scopes": ["accounts:read"], "consumer_claim": "sub"}]});
+    let r = n.admin(Method::POST, &format!("{t}/apis"), Some(api)).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/plans"),
+            Some(json!({"name": "p"}))
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/consumers"),
+            Some(json!({"name": "tpp-1"}))
+        )
+        .await
+        .status,
+        201
+    );
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            &format!("{t}/subscriptions"),
+            Some(json!({"consumer": "tpp-1", "api": "accounts", "plan": "p", "status": "active"}))
+        )
+        .await
+        .status,
+        201
+    );
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let gw = format!("http://127.0.0.1:{}/accounts", n.gateway_port);
+    let call = |auth: Option<String>| {
+        let mut r = http.get(&gw).header("host", "psd2.bank.example");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        async move {
+            let r = r.send().await.expect("answer");
+            let s = r.status().as_u16();
+            (s, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let good = token(
+        &idp,
+        "k1",
+        claims("tpp-1", "accounts", 300, "accounts:read payments:write"),
+    );
+    let mut ok = (0, Value::Null);
+    for _ in 0..100 {
+        ok = call(Some(format!("Bearer {good}"))).await;
+        if ok.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(ok.0, 200, "{:?}", ok.1);
+
+    // header and payload of the good token, for forgeries
+    let parts: Vec<&str> = good.split('.').collect();
+    let tampered = format!(
+        "{}.{}.{}A",
+        parts[0],
+        parts[1],
+        &parts[2][..parts[2].len() - 1]
+    );
+    let none = format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), parts[1]);
+    let hs256 = {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims("tpp-1", "accounts", 300, "accounts:read"),
+            &jsonwebtoken::EncodingKey::from_secret(&idp.x).expect("hmac key"),
+        )
+        .expect("hs256")
+    };
+    let other_idp = issuer();
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "expired",
+            token(
+                &idp,
+                "k1",
+                claims("tpp-1", "accounts", -3600, "accounts:read"),
+            ),
+        ),
+        (
+            "wrong audience",
+            token(
+                &idp,
+                "k1",
+                claims("tpp-1", "payments", 300, "accounts:read"),
+            ),
+        ),
+        ("tampered signature", tampered),
+        (
+            "unknown kid",
+            token(
+                &idp,
+                "k9",
+                claims("tpp-1", "accounts", 300, "accounts:read"),
+            ),
+        ),
+        ("alg none", none),
+        ("HMAC with the public key", hs256),
+        (
+            "other issuer's key",
+            token(
+                &other_idp,
+                "k1",
+                claims("tpp-1", "accounts", 300, "accounts:read"),
+            ),
+        ),
+        ("garbage", "not.a.jwt".into()),
+    ];
+    for (what, tok) in cases {
+        let (s, b) = call(Some(format!("Bearer {tok}"))).await;
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (401, Some("urn:apim:problem:gateway:invalid-credential")),
+            "{what}"
+        );
+        assert_eq!(
+            b["detail"], "the token is not valid for this API",
+            "{what}: no hint of which check failed"
+        );
+    }
+    let (s, b) = call(None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("urn:apim:problem:gateway:missing-credential"))
+    );
+    let (s, b) = call(Some(format!(
+        "Bearer {}",
+        token(
+            &idp,
+            "k1",
+            claims("tpp-1", "accounts", 300, "payments:write")
+        )
+    )))
+    .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (403, Some("urn:apim:problem:gateway:insufficient-scope"))
+    );
+    let (s, b) = call(Some(format!(
+        "Bearer {}",
+        token(
+            &idp,
+            "k1",
+            claims("tpp-2", "accounts", 300, "accounts:read")
+        )
+    )))
+    .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (403, Some("urn:apim:problem:gateway:not-subscribed"))
+    );
+
+    // a JWKS with a symmetric key is refused at configuration time
+    let bad = json!({"name": "sym", "version": "v1", "hosts": ["x.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
+        "policies": [{"type": "jwt", "issuer": "i", "audience": "a", "jwks": json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}).to_string()}]});
+    let r = n.admin(Method::POST, &format!("{t}/apis"), Some(bad)).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(
+        r.body["invalid-params"][0]["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("policies[0].jwks"),
+        "{:?}",
+        r.body
+    );
+}
