@@ -657,3 +657,105 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(e["headers"]["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
     assert_eq!(e["headers"]["x-forwarded-host"], "evil.example");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_and_answers() {
+    let up = echo_upstream().await;
+    let n = Node::start().await;
+    assert_eq!(
+        n.admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "t"}))
+        )
+        .await
+        .status,
+        201
+    );
+    publish(&n, "t", json!({"name": "portal", "version": "v1", "hosts": ["api.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": format!("http://{up}")}]},
+        "policies": [
+            {"type": "cors", "allow_origins": ["https://portal.bank.example"], "allow_methods": ["GET", "POST"],
+             "allow_headers": ["x-api-key", "content-type"], "max_age_seconds": 600},
+            {"type": "ip-filter", "allow": ["127.0.0.0/8"]}
+        ]})).await;
+    let gw = Gw::new(&n);
+    gw.until("api.example", "/x", None, 200).await;
+    let preflight = |origin: &'static str, method: &'static str| {
+        let r = gw
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/x", gw.base))
+            .header("host", "api.example")
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .send();
+        async move { r.await.expect("answer") }
+    };
+    let r = preflight("https://portal.bank.example", "POST").await;
+    assert_eq!(r.status().as_u16(), 204);
+    let h = r.headers();
+    assert_eq!(
+        h.get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://portal.bank.example")
+    );
+    assert_eq!(
+        h.get("access-control-allow-methods")
+            .and_then(|v| v.to_str().ok()),
+        Some("GET, POST")
+    );
+    assert_eq!(
+        h.get("access-control-allow-headers")
+            .and_then(|v| v.to_str().ok()),
+        Some("x-api-key, content-type")
+    );
+    assert_eq!(
+        h.get("access-control-max-age")
+            .and_then(|v| v.to_str().ok()),
+        Some("600")
+    );
+    assert_eq!(
+        preflight("https://evil.example", "POST")
+            .await
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        preflight("https://portal.bank.example", "DELETE")
+            .await
+            .status()
+            .as_u16(),
+        403
+    );
+
+    let get = |origin: &'static str| {
+        let r = gw
+            .http
+            .get(format!("{}/x", gw.base))
+            .header("host", "api.example")
+            .header("origin", origin)
+            .send();
+        async move { r.await.expect("answer") }
+    };
+    let r = get("https://portal.bank.example").await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://portal.bank.example")
+    );
+    assert!(r
+        .headers()
+        .get_all("vary")
+        .iter()
+        .any(|v| v.to_str().unwrap_or("").contains("origin")));
+    let r = get("https://evil.example").await;
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "CORS is the browser's check: the request passes"
+    );
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

@@ -144,6 +144,96 @@ fn strip_query_param(req: &mut Request<Incoming>, name: &str) {
     }
 }
 
+/// Whether a CORS policy admits `origin` (`*` admits every origin).
+fn cors_allows(allow_origins: &[String], origin: &str) -> bool {
+    allow_origins.iter().any(|o| o == "*" || o == origin)
+}
+
+/// `Access-Control-Allow-Origin` (the origin itself, or `*`) and `Vary: Origin`.
+fn cors_origin_headers(allow_origins: &[String], origin: &str) -> Vec<(HeaderName, HeaderValue)> {
+    let value = if allow_origins.iter().any(|o| o == origin) {
+        HeaderValue::from_str(origin).ok()
+    } else {
+        Some(HeaderValue::from_static("*"))
+    };
+    let mut out = vec![(header::VARY, HeaderValue::from_static("origin"))];
+    if let Some(v) = value {
+        out.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, v));
+    }
+    out
+}
+
+/// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) of
+/// an API with a CORS policy, before any credential check (browsers send none): 204 with the
+/// allowed methods and headers, or 403 when the origin or the method is not allowed.
+fn cors_preflight(
+    route: &Route,
+    req: &Request<Incoming>,
+    request_id: &str,
+) -> Option<Response<Body>> {
+    if req.method() != hyper::Method::OPTIONS {
+        return None;
+    }
+    let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
+    let wanted = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_METHOD)?
+        .to_str()
+        .ok()?;
+    let (allow_origins, allow_methods, allow_headers, max_age) =
+        route.policies.iter().find_map(|p| match p {
+            Policy::Cors {
+                allow_origins,
+                allow_methods,
+                allow_headers,
+                max_age_seconds,
+            } => Some((
+                allow_origins,
+                allow_methods,
+                allow_headers,
+                *max_age_seconds,
+            )),
+            _ => None,
+        })?;
+    let methods: Vec<String> = if allow_methods.is_empty() {
+        vec!["GET".into(), "HEAD".into(), "POST".into()]
+    } else {
+        allow_methods
+            .iter()
+            .map(|m| m.to_ascii_uppercase())
+            .collect()
+    };
+    if !cors_allows(allow_origins, origin) || !methods.iter().any(|m| m == wanted) {
+        return Some(problem(
+            StatusCode::FORBIDDEN,
+            "cors-refused",
+            "this origin or method is not allowed for this API",
+            request_id,
+        ));
+    }
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    for (k, v) in cors_origin_headers(allow_origins, origin) {
+        h.append(k, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&methods.join(", ")) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+    }
+    if !allow_headers.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&allow_headers.join(", ")) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
+        }
+    }
+    if max_age > 0 {
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(max_age));
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-request-id", v);
+    }
+    Some(r)
+}
+
 /// The checks of a JWT policy besides the signature.
 struct JwtRules<'a> {
     issuer: &'a str,
@@ -488,7 +578,18 @@ impl Gateway {
                         served.consumer = consumer.clone();
                     }
                 }
-                Policy::MutualTls { .. } | Policy::Cors { .. } => {
+                Policy::Cors { allow_origins, .. } => {
+                    // Preflights are answered before the chain (see `serve_one`); on a real
+                    // request an allowed origin gets the CORS answer headers.
+                    let origin = req
+                        .headers()
+                        .get(header::ORIGIN)
+                        .and_then(|v| v.to_str().ok());
+                    if let Some(origin) = origin.filter(|o| cors_allows(allow_origins, o)) {
+                        answer_headers.extend(cors_origin_headers(allow_origins, origin));
+                    }
+                }
+                Policy::MutualTls { .. } => {
                     return Err(refuse(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "policy-unavailable",
@@ -704,11 +805,14 @@ impl Gateway {
             .trusted_proxies
             .iter()
             .any(|c| policy::cidr_contains(c, peer.ip()));
-        let incoming_xff = req
+        // Every X-Forwarded-For line, joined: a proxy may add its own line rather than append.
+        let lines: Vec<&str> = req
             .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let incoming_xff = (!lines.is_empty()).then(|| lines.join(", "));
         let client =
             policy::client_address(peer.ip(), incoming_xff.as_deref(), &self.trusted_proxies);
         served.client = Some(client);
@@ -753,6 +857,9 @@ impl Gateway {
         };
         served.tenant = Some(route.tenant.clone());
         served.api = Some(route.api.clone());
+        if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
+            return preflight;
+        }
         let extra = match self.enforce(&table, &route, &mut req, client, served) {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
@@ -884,7 +991,11 @@ impl Gateway {
             parts.headers.insert("x-request-id", v);
         }
         for (k, v) in extra {
-            parts.headers.insert(k, v);
+            if k == header::VARY {
+                parts.headers.append(k, v);
+            } else {
+                parts.headers.insert(k, v);
+            }
         }
         Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
     }

@@ -61,7 +61,7 @@ pub async fn metrics(State(st): St) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         st.metrics.encode(),
     )
