@@ -608,54 +608,68 @@ fn references(
     Ok(Ok(()))
 }
 
-/// A published API must not claim a host and base path another served API already answers on
-/// (in any tenant): the gateway would route one tenant's traffic to the other.
-fn route_claim(
-    st: &Staged,
-    tenant: Option<&str>,
-    spec: &Spec,
-) -> Result<Result<(), Rejection>, StoreError> {
+/// The route-claim index keys of a served API: one per host (lower case) and base path.
+fn route_keys(spec: &Spec) -> Vec<String> {
     let Spec::Api(api) = spec else {
-        return Ok(Ok(()));
+        return Vec::new();
     };
-    let served = |l: crate::model::Lifecycle| {
-        matches!(
-            l,
-            crate::model::Lifecycle::Published | crate::model::Lifecycle::Deprecated
-        )
-    };
-    if !served(api.lifecycle) {
-        return Ok(Ok(()));
+    if !matches!(
+        api.lifecycle,
+        crate::model::Lifecycle::Published | crate::model::Lifecycle::Deprecated
+    ) {
+        return Vec::new();
     }
-    let base = |b: &str| match b.trim_end_matches('/') {
-        "" => "/".to_string(),
-        b => b.to_string(),
+    let base = match api.base_path.trim_end_matches('/') {
+        "" => "/",
+        b => b,
     };
-    for t in st.objects(Kind::Tenant, None)? {
-        let tn = t.spec.name();
-        for o in st.objects(Kind::Api, Some(&tn))? {
-            let Spec::Api(other) = &o.spec else { continue };
-            if (tenant == Some(tn.as_str()) && other.name == api.name) || !served(other.lifecycle) {
-                continue;
-            }
-            if base(&other.base_path) != base(&api.base_path) {
-                continue;
-            }
-            if let Some(h) = api
-                .hosts
-                .iter()
-                .find(|h| other.hosts.iter().any(|o| o.eq_ignore_ascii_case(h)))
-            {
+    api.hosts
+        .iter()
+        .map(|h| format!("i/route/{}|{base}", h.to_ascii_lowercase()))
+        .collect()
+}
+
+/// A served API must not claim a host and base path another served API already answers on (in
+/// any tenant): the gateway would route one tenant's traffic to the other. The `i/route/` index
+/// makes the check cost one read per host. On success the claims of `old` are released and
+/// those of `new` recorded.
+fn claim_routes(
+    st: &mut Staged,
+    tenant: Option<&str>,
+    old: Option<&Spec>,
+    new: Option<&Spec>,
+) -> Result<Result<(), Rejection>, StoreError> {
+    let owner = format!(
+        "{}/{}",
+        tenant.unwrap_or(PLATFORM),
+        new.or(old).map(Spec::name).unwrap_or_default()
+    );
+    let wanted = new.map(route_keys).unwrap_or_default();
+    for key in &wanted {
+        if let Some(holder) = st.get(key)? {
+            let holder: String = serde_json::from_slice(&holder).map_err(StoreError::msg)?;
+            if holder != owner {
+                let (host, base) = key
+                    .trim_start_matches("i/route/")
+                    .split_once('|')
+                    .unwrap_or_default();
                 return Ok(Err(Rejection {
                     code: RejectCode::Conflict,
                     message: format!(
-                        "host {h:?} with base path {:?} is already served by another API",
-                        api.base_path
+                        "host {host:?} with base path {base:?} is already served by another API"
                     ),
                     field: Some("hosts".into()),
                 }));
             }
         }
+    }
+    for key in old.map(route_keys).unwrap_or_default() {
+        if !wanted.contains(&key) {
+            st.delete(key);
+        }
+    }
+    for key in wanted {
+        st.put_json(key, &owner)?;
     }
     Ok(Ok(()))
 }
@@ -698,7 +712,7 @@ fn create(
     if let Err(r) = references(st, tenant, spec)? {
         return Ok(Err(r));
     }
-    if let Err(r) = route_claim(st, tenant, spec)? {
+    if let Err(r) = claim_routes(st, tenant, None, Some(spec))? {
         return Ok(Err(r));
     }
     let obj = Object {
@@ -830,7 +844,7 @@ fn update(
     if let Err(r) = references(st, tenant, spec)? {
         return Ok(Err(r));
     }
-    if let Err(r) = route_claim(st, tenant, spec)? {
+    if let Err(r) = claim_routes(st, tenant, Some(&current.spec), Some(spec))? {
         return Ok(Err(r));
     }
     let version = current.meta.version + 1;
@@ -958,6 +972,9 @@ fn delete(
         let cname = child.spec.name();
         if let Some(ix) = index_key(&child.spec) {
             st.delete(ix);
+        }
+        if let Err(r) = claim_routes(st, tenant, Some(&child.spec), None)? {
+            return Ok(Err(r));
         }
         st.delete(object_key(ckind, tenant, &cname));
         let action = format!("{ckind}.delete");
@@ -1351,6 +1368,117 @@ mod tests {
         assert!(!kv.0.keys().any(|k| k.starts_with("i/key/")));
         let r = kv.run(6, &mutate(None, vec![del_tenant]));
         assert!(matches!(r.response, Some(Response::Done { .. })));
+    }
+
+    #[test]
+    fn route_claims_are_exclusive_and_released() {
+        let api = |name: &str, lifecycle: Lifecycle| {
+            Spec::Api(ApiSpec {
+                name: name.into(),
+                version: "v1".into(),
+                display_name: None,
+                hosts: vec!["API.bank.example".into()],
+                base_path: "/pay/".into(),
+                upstream: Upstream {
+                    targets: vec![UpstreamTarget {
+                        url: "http://127.0.0.1:1".into(),
+                        weight: 1,
+                    }],
+                },
+                policies: vec![],
+                lifecycle,
+            })
+        };
+        let mut kv = Mem::default();
+        kv.run(1, &mutate(None, vec![Change::Create(tenant("a"))]));
+        kv.run(2, &mutate(None, vec![Change::Create(tenant("b"))]));
+        let r = kv.run(
+            3,
+            &mutate(
+                Some("a"),
+                vec![Change::Create(api("pay", Lifecycle::Published))],
+            ),
+        );
+        assert!(matches!(r.response, Some(Response::Done { .. })));
+        assert!(kv.0.contains_key("i/route/api.bank.example|/pay"));
+        // another tenant cannot claim it, a draft can exist
+        let r = kv.run(
+            4,
+            &mutate(
+                Some("b"),
+                vec![Change::Create(api("steal", Lifecycle::Published))],
+            ),
+        );
+        assert!(matches!(
+            r.response,
+            Some(Response::Rejected(Rejection {
+                code: RejectCode::Conflict,
+                ..
+            }))
+        ));
+        kv.run(
+            5,
+            &mutate(
+                Some("b"),
+                vec![Change::Create(api("steal", Lifecycle::Draft))],
+            ),
+        );
+        // the owner may update its API without conflicting with itself
+        let r = kv.run(
+            6,
+            &mutate(
+                Some("a"),
+                vec![Change::Update {
+                    spec: api("pay", Lifecycle::Deprecated),
+                    if_version: 1,
+                }],
+            ),
+        );
+        assert!(
+            matches!(r.response, Some(Response::Done { .. })),
+            "{:?}",
+            r.response
+        );
+        // retiring releases the claim; the other tenant may now publish
+        kv.run(
+            7,
+            &mutate(
+                Some("a"),
+                vec![Change::Update {
+                    spec: api("pay", Lifecycle::Retired),
+                    if_version: 2,
+                }],
+            ),
+        );
+        assert!(!kv.0.contains_key("i/route/api.bank.example|/pay"));
+        let r = kv.run(
+            8,
+            &mutate(
+                Some("b"),
+                vec![Change::Update {
+                    spec: api("steal", Lifecycle::Published),
+                    if_version: 1,
+                }],
+            ),
+        );
+        assert!(
+            matches!(r.response, Some(Response::Done { .. })),
+            "{:?}",
+            r.response
+        );
+        // deleting releases it too
+        kv.run(
+            9,
+            &mutate(
+                Some("b"),
+                vec![Change::Delete {
+                    kind: Kind::Api,
+                    name: "steal".into(),
+                    if_version: None,
+                }],
+            ),
+        );
+        assert!(!kv.0.keys().any(|k| k.starts_with("i/route/")));
     }
 
     #[test]
