@@ -129,5 +129,5 @@ fn main() {
         "| rebuild the routing table, {APIS} APIs in {TENANTS} tenants (median of 7) | {:.1} ms |",
         builds[3].as_secs_f64() * 1e3
     );
-    println!("| one lookup (host + path, incl. formatting the test key) | {per_lookup:.0} ns |");
+    println!("| one lookup, most falling through to a wildcard host holding 1,000 APIs (routes of a host are scanned linearly) | {per_lookup:.0} ns |");
 }
