@@ -4,71 +4,9 @@
 
 mod common;
 use common::*;
-use http_body_util::{BodyExt, Full};
 use reqwest::Method;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::time::Duration;
-
-/// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
-/// three seconds first.
-async fn echo_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        if req.uri().path().ends_with("/slow") {
-                            tokio::time::sleep(Duration::from_secs(3)).await;
-                        }
-                        let headers: serde_json::Map<String, Value> = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    k.to_string(),
-                                    Value::String(v.to_str().unwrap_or("").to_string()),
-                                )
-                            })
-                            .collect();
-                        let method = req.method().to_string();
-                        let uri = req.uri().to_string();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let echo = json!({
-                            "method": method,
-                            "uri": uri,
-                            "headers": headers,
-                            "body": String::from_utf8_lossy(&body),
-                        });
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "application/json")
-                                .header("connection", "keep-alive")
-                                .body(Full::new(bytes::Bytes::from(echo.to_string())))
-                                .expect("response"),
-                        )
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 struct Gw {
     http: reqwest::Client,
@@ -363,16 +301,12 @@ async fn limits_filters_specificity_and_upstream_failures() {
     )
     .await;
     // quotas come from the plan of the subscription
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/plans"),
-            Some(json!({"name": "tiny", "quota": {"per_day": 3}}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(
+        &n,
+        &format!("{t}/plans"),
+        json!({"name": "tiny", "quota": {"per_day": 3}}),
+    )
+    .await;
     publish(
         &n,
         "acme",
@@ -380,26 +314,13 @@ async fn limits_filters_specificity_and_upstream_failures() {
         "upstream": target, "policies": [{"type": "api-key"}]}),
     )
     .await;
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/consumers"),
-            Some(json!({"name": "app"}))
-        )
-        .await
-        .status,
-        201
-    );
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/subscriptions"),
-            Some(json!({"consumer": "app", "api": "metered", "plan": "tiny", "status": "active"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, &format!("{t}/consumers"), json!({"name": "app"})).await;
+    created(
+        &n,
+        &format!("{t}/subscriptions"),
+        json!({"consumer": "app", "api": "metered", "plan": "tiny", "status": "active"}),
+    )
+    .await;
     let (key, _) = key_for(&n, "acme", "app").await;
     let gw = Gw::new(&n);
 
@@ -489,36 +410,14 @@ async fn path_tricks_query_keys_and_host_claims() {
     publish(&n, "acme", json!({"name": "open", "version": "v1", "hosts": ["api.acme.example"], "base_path": "/open",
         "upstream": target, "policies": [{"type": "api-key", "header": "x-api-key", "query_param": "apikey"}]})).await;
     let t = "/admin/v1/tenants/acme";
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/plans"),
-            Some(json!({"name": "p"}))
-        )
-        .await
-        .status,
-        201
-    );
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/consumers"),
-            Some(json!({"name": "c"}))
-        )
-        .await
-        .status,
-        201
-    );
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/subscriptions"),
-            Some(json!({"consumer": "c", "api": "open", "plan": "p", "status": "active"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, &format!("{t}/plans"), json!({"name": "p"})).await;
+    created(&n, &format!("{t}/consumers"), json!({"name": "c"})).await;
+    created(
+        &n,
+        &format!("{t}/subscriptions"),
+        json!({"consumer": "c", "api": "open", "plan": "p", "status": "active"}),
+    )
+    .await;
     let (key, _) = key_for(&n, "acme", "c").await;
     let gw = Gw::new(&n);
 
@@ -617,16 +516,7 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
 
     // untrusted peer: its headers are replaced, the filter sees the peer
     let n = Node::start().await;
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"name": "t"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
     publish(&n, "t", api.clone()).await;
     let gw = Gw::new(&n);
     gw.until("api.example", "/x", None, 200).await;
@@ -637,16 +527,7 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
 
     // trusted proxy: the client named in its header is the one filtered and forwarded
     let n = Node::start_with("[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"name": "t"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
     publish(&n, "t", api).await;
     let gw = Gw::new(&n);
     gw.until("api.example", "/x", None, 200).await;
@@ -662,16 +543,7 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
 async fn cors_preflights_and_answers() {
     let up = echo_upstream().await;
     let n = Node::start().await;
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"name": "t"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
     publish(&n, "t", json!({"name": "portal", "version": "v1", "hosts": ["api.example"], "base_path": "/",
         "upstream": {"targets": [{"url": format!("http://{up}")}]},
         "policies": [

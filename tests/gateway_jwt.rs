@@ -50,73 +50,22 @@ async fn jwt_policy_accepts_good_tokens_and_refuses_forged_ones() {
     let idp = issuer();
     let n = Node::start().await;
     let t = "/admin/v1/tenants/acme";
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"name": "acme"}))
-        )
-        .await
-        .status,
-        201
-    );
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let up = upstream.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = upstream.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"{}")),
-                    ))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let up = echo_upstream().await;
     let api = json!({"name": "accounts", "version": "v1", "hosts": ["psd2.bank.example"], "base_path": "/",
         "upstream": {"targets": [{"url": format!("http://{up}")}]}, "lifecycle": "published",
         "policies": [{"type": "jwt", "issuer": "https://idp.bank.example", "audience": "accounts",
             "jwks": idp.jwks, "algorithms": ["ES256"], "required_scopes": ["accounts:read"], "consumer_claim": "sub"}]});
     let r = n.admin(Method::POST, &format!("{t}/apis"), Some(api)).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/plans"),
-            Some(json!({"name": "p"}))
-        )
-        .await
-        .status,
-        201
-    );
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/consumers"),
-            Some(json!({"name": "tpp-1"}))
-        )
-        .await
-        .status,
-        201
-    );
-    assert_eq!(
-        n.admin(
-            Method::POST,
-            &format!("{t}/subscriptions"),
-            Some(json!({"consumer": "tpp-1", "api": "accounts", "plan": "p", "status": "active"}))
-        )
-        .await
-        .status,
-        201
-    );
+    created(&n, &format!("{t}/plans"), json!({"name": "p"})).await;
+    created(&n, &format!("{t}/consumers"), json!({"name": "tpp-1"})).await;
+    created(
+        &n,
+        &format!("{t}/subscriptions"),
+        json!({"consumer": "tpp-1", "api": "accounts", "plan": "p", "status": "active"}),
+    )
+    .await;
 
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

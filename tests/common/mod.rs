@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -371,7 +371,6 @@ pub fn exists(p: &Path) -> bool {
 
 /// A tenant with a plan, an API, a consumer and a subscription.
 pub async fn seed_tenant(n: &Node, t: &str) {
-    use serde_json::json;
     let r = n
         .admin(Method::POST, "/admin/v1/tenants", Some(json!({"name": t})))
         .await;
@@ -419,4 +418,74 @@ pub fn api_json(name: &str) -> Value {
         "upstream": {"targets": [{"url": "http://127.0.0.1:9000"}]},
         "policies": [{"type": "api-key", "header": "x-api-key"}],
     })
+}
+
+/// POSTs `body` with the admin token and expects 201; returns the created object.
+pub async fn created(n: &Node, path: &str, body: Value) -> Value {
+    let r = n.admin(Method::POST, path, Some(body)).await;
+    assert_eq!(r.status, 201, "POST {path}: {:?}", r.body);
+    r.body
+}
+
+/// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
+/// three seconds first.
+pub async fn echo_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt;
+                        if req.uri().path().ends_with("/slow") {
+                            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                        }
+                        let headers: serde_json::Map<String, Value> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| {
+                                (
+                                    k.to_string(),
+                                    Value::String(v.to_str().unwrap_or("").to_string()),
+                                )
+                            })
+                            .collect();
+                        let method = req.method().to_string();
+                        let uri = req.uri().to_string();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let echo = json!({
+                            "method": method,
+                            "uri": uri,
+                            "headers": headers,
+                            "body": String::from_utf8_lossy(&body),
+                        });
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/json")
+                                .header("connection", "keep-alive")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(
+                                    echo.to_string(),
+                                )))
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
 }
