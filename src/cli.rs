@@ -86,6 +86,9 @@ pub enum Command {
     Plan(Scoped<TenantScope>),
     /// Subscriptions (consumer × API × plan) of a tenant; named <consumer>.<api>.
     Subscription(Scoped<TenantScope>),
+    /// TLS certificates the gateway serves by SNI; keys are sealed before they are stored.
+    /// e.g. `apim certificate --tenant t create www --set certificate=@www.pem --set private_key=@www.key`
+    Certificate(Scoped<TenantScope>),
     /// Users: platform admins (no --tenant) or users of a tenant.
     User(Scoped<OptionalTenant>),
     /// API keys of a consumer.
@@ -184,7 +187,8 @@ pub enum ObjectCmd {
         name: Option<String>,
         #[arg(long, short = 'f')]
         file: Option<PathBuf>,
-        /// `field=value` (value parsed as JSON when it is valid JSON); repeatable.
+        /// `field=value` (value parsed as JSON when it is valid JSON; `field=@file` reads a
+        /// file's text); repeatable.
         #[arg(long = "set")]
         sets: Vec<String>,
     },
@@ -578,6 +582,12 @@ fn columns(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("PLAN", "/plan"),
             ("STATUS", "/status"),
         ],
+        "certificate" => &[
+            ("NAME", "/name"),
+            ("HOSTS", "/hosts"),
+            ("NOT AFTER", "/not_after"),
+            ("FINGERPRINT", "/fingerprint"),
+        ],
         "user" => &[
             ("NAME", "/name"),
             ("ROLE", "/role"),
@@ -698,8 +708,15 @@ fn apply_sets(target: &mut Value, sets: &[String]) -> CResult<()> {
         let (k, v) = s
             .split_once('=')
             .ok_or_else(|| CliError::Usage(format!("--set {s:?}: expected field=value")))?;
-        let value =
-            serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        let value = match v.strip_prefix('@') {
+            // `field=@path`: the file's text (PEM certificates, keys, JWKS documents)
+            Some(path) => Value::String(std::fs::read_to_string(path).map_err(|e| {
+                CliError::Usage(format!("--set {k}=@{path}: cannot read the file: {e}"))
+            })?),
+            None => {
+                serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string()))
+            }
+        };
         let mut cur = &mut *target;
         let parts: Vec<&str> = k.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
@@ -727,6 +744,7 @@ fn collection_path(kind: &str, tenant: Option<&str>) -> CResult<String> {
         "consumer" => "consumers",
         "plan" => "plans",
         "subscription" => "subscriptions",
+        "certificate" => "certificates",
         "user" => match tenant {
             None => return Ok("/admin/v1/users".into()),
             Some(_) => "users",
@@ -1128,6 +1146,9 @@ pub async fn run(cli: Cli) -> CResult<()> {
             object_cmd(&client, out, "consumer", s.scope.tenant(), &s.action).await
         }
         Command::Plan(s) => object_cmd(&client, out, "plan", s.scope.tenant(), &s.action).await,
+        Command::Certificate(s) => {
+            object_cmd(&client, out, "certificate", s.scope.tenant(), &s.action).await
+        }
         Command::Subscription(s) => {
             object_cmd(&client, out, "subscription", s.scope.tenant(), &s.action).await
         }

@@ -22,6 +22,16 @@ pub struct Config {
     pub log: LogConfig,
     pub raft: RaftConfig,
     pub audit: AuditConfig,
+    pub secrets: SecretsConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// The cluster's age identity (`AGE-SECRET-KEY-1...`), which seals certificate keys in the
+    /// replicated state. Every node of a cluster needs the same file. When unset, the node uses
+    /// `<data_dir>/secrets.age` and creates it on first start; a file named here must exist.
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +65,11 @@ pub struct GatewayConfig {
     pub enabled: bool,
     /// Address of the gateway's plain-HTTP listener (port 0: any free port).
     pub http_listen: String,
+    /// Address of the gateway's HTTPS listener (certificates chosen by SNI among the
+    /// certificate resources); empty to serve no HTTPS.
+    pub https_listen: String,
+    /// Time allowed for a client's TLS handshake, in seconds.
+    pub tls_handshake_timeout_seconds: u64,
     /// Time allowed to connect to an upstream target, in milliseconds.
     pub upstream_connect_timeout_ms: u64,
     /// Time allowed for an upstream's response headers, in seconds.
@@ -73,6 +88,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             enabled: true,
             http_listen: "127.0.0.1:8080".into(),
+            https_listen: "127.0.0.1:8443".into(),
+            tls_handshake_timeout_seconds: 10,
             upstream_connect_timeout_ms: 2000,
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
@@ -130,6 +147,7 @@ impl Default for Config {
             log: LogConfig::default(),
             raft: RaftConfig::default(),
             audit: AuditConfig::default(),
+            secrets: SecretsConfig::default(),
         }
     }
 }
@@ -277,6 +295,19 @@ impl Config {
         if self.gateway.enabled {
             self.gateway_addr()
                 .map_err(|r| bad("gateway.http_listen", r))?;
+            self.gateway_tls_addr()
+                .map_err(|r| bad("gateway.https_listen", r))?;
+        }
+        if !(1..=300).contains(&self.gateway.tls_handshake_timeout_seconds) {
+            return Err(bad(
+                "gateway.tls_handshake_timeout_seconds",
+                "must be between 1 and 300".into(),
+            ));
+        }
+        if let Some(p) = &self.secrets.identity_file {
+            if p.as_os_str().is_empty() {
+                return Err(bad("secrets.identity_file", "must not be empty".into()));
+            }
         }
         if !(1..=60_000).contains(&self.gateway.upstream_connect_timeout_ms) {
             return Err(bad(
@@ -364,6 +395,27 @@ impl Config {
                 self.gateway.http_listen
             )
         })
+    }
+
+    /// The HTTPS listener's address, or `None` when HTTPS is off.
+    pub fn gateway_tls_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.gateway.https_listen.is_empty() {
+            return Ok(None);
+        }
+        self.gateway.https_listen.parse().map(Some).map_err(|_| {
+            format!(
+                "{:?} is not an address like 127.0.0.1:8443 (or \"\" for no HTTPS)",
+                self.gateway.https_listen
+            )
+        })
+    }
+
+    /// The age identity file, and whether the node may create it.
+    pub fn secrets_identity(&self) -> (PathBuf, bool) {
+        match &self.secrets.identity_file {
+            Some(p) => (p.clone(), false),
+            None => (self.data_dir.join("secrets.age"), true),
+        }
     }
 
     pub fn admin_addr(&self) -> Result<SocketAddr, String> {

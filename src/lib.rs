@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod model;
 pub mod node;
 pub mod pki;
+pub mod secrets;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -173,10 +173,11 @@ pub enum Kind {
     Subscription,
     User,
     Token,
+    Certificate,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Tenant,
         Kind::Api,
         Kind::Consumer,
@@ -185,6 +186,7 @@ impl Kind {
         Kind::Subscription,
         Kind::User,
         Kind::Token,
+        Kind::Certificate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -197,6 +199,7 @@ impl Kind {
             Kind::Subscription => "subscription",
             Kind::User => "user",
             Kind::Token => "token",
+            Kind::Certificate => "certificate",
         }
     }
 
@@ -211,6 +214,7 @@ impl Kind {
             Kind::Subscription => &["consumer", "api", "plan", "status"],
             Kind::User => &["role"],
             Kind::Token => &["user"],
+            Kind::Certificate => &[],
         }
     }
 }
@@ -569,6 +573,12 @@ impl Policy {
                 }
             }
             Policy::MutualTls { ca_bundle, .. } => {
+                crate::pki::root_store(ca_bundle).map_err(|e| {
+                    FieldError::new(
+                        format!("{at}.ca_bundle"),
+                        format!("must hold PEM CA certificates: {e}"),
+                    )
+                })?;
                 if !ca_bundle.contains("-----BEGIN CERTIFICATE-----") {
                     return Err(FieldError::new(
                         format!("{at}.ca_bundle"),
@@ -749,6 +759,20 @@ pub struct ConsumerSpec {
     pub contact_email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Client certificates that identify this consumer to `mutual-tls` policies: the leaf's
+    /// subject (`C=FR, O=Fintech, CN=tpp-one`, in certificate order) or `sha256:<hex>` of the
+    /// leaf. Each must be unique within the tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_certificates: Vec<String>,
+}
+
+/// A certificate identity in the form consumers and the gateway compare: `sha256:` followed by
+/// lowercase hex, or a subject whose components are separated by `,` without spaces.
+pub fn normalize_cert_identity(s: &str) -> String {
+    match s.strip_prefix("sha256:") {
+        Some(hex) => format!("sha256:{}", hex.to_ascii_lowercase()),
+        None => s.split(',').map(str::trim).collect::<Vec<_>>().join(","),
+    }
 }
 
 impl ConsumerSpec {
@@ -756,6 +780,38 @@ impl ConsumerSpec {
         check_name("name", &self.name)?;
         check_opt_text("display_name", &self.display_name, 200)?;
         check_opt_text("description", &self.description, 2000)?;
+        if self.client_certificates.len() > 100 {
+            return Err(FieldError::new(
+                "client_certificates",
+                "must list at most 100 certificates",
+            ));
+        }
+        for (i, c) in self.client_certificates.iter().enumerate() {
+            let field = format!("client_certificates[{i}]");
+            match c.strip_prefix("sha256:") {
+                Some(hex) => {
+                    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(FieldError::new(
+                            field,
+                            "a fingerprint is sha256: followed by 64 hex digits",
+                        ));
+                    }
+                }
+                None => {
+                    let ok = c.len() <= 1024
+                        && !c.chars().any(char::is_control)
+                        && c.split(',').all(|part| {
+                            matches!(part.split_once('='), Some((k, v)) if !k.trim().is_empty() && !v.is_empty())
+                        });
+                    if !ok {
+                        return Err(FieldError::new(
+                            field,
+                            format!("{c:?} is neither a subject like \"C=FR, O=Fintech, CN=tpp-one\" nor sha256:<hex>"),
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(mail) = &self.contact_email {
             let ok = mail.len() <= 254
                 && matches!(mail.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.'))
@@ -931,6 +987,89 @@ pub struct TokenSpec {
     pub description: Option<String>,
 }
 
+/// A TLS certificate the gateway serves for the host names of its leaf (SNI). The private key
+/// is sealed with the cluster's age identity before the change is proposed: the store, the Raft
+/// log, exports and API answers only ever hold its age ciphertext.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    pub name: String,
+    /// PEM chain, leaf first, then intermediates.
+    pub certificate: String,
+    /// On input, the leaf's private key in PEM (PKCS#8, SEC1 or PKCS#1), or that key already
+    /// sealed with `age -r <recipient> -a`. Stored and shown only as age ciphertext.
+    pub private_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Read-only: DNS names of the leaf (subjectAltName), which SNI selects on.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Read-only: subject and issuer of the leaf.
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub issuer: String,
+    /// Read-only: validity of the leaf (RFC 3339).
+    #[serde(default)]
+    pub not_before: String,
+    #[serde(default)]
+    pub not_after: String,
+    /// Read-only: lowercase hex SHA-256 of the leaf.
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+impl CertificateSpec {
+    /// Fills the read-only fields from the certificate itself (whatever the client sent).
+    pub fn describe(&mut self) -> Checked {
+        let info = crate::pki::describe_certificate(&self.certificate)
+            .map_err(|e| FieldError::new("certificate", e))?;
+        self.hosts = info.hosts;
+        self.subject = info.subject;
+        self.issuer = info.issuer;
+        self.not_before = format_time(info.not_before);
+        self.not_after = format_time(info.not_after);
+        self.fingerprint = info.fingerprint;
+        Ok(())
+    }
+
+    pub fn check(&self) -> Checked {
+        check_name("name", &self.name)?;
+        check_opt_text("description", &self.description, 500)?;
+        if self.certificate.len() > 64 * 1024 {
+            return Err(FieldError::new(
+                "certificate",
+                "must be at most 64 KiB of PEM",
+            ));
+        }
+        let mut described = self.clone();
+        described.describe()?;
+        if described != *self {
+            return Err(FieldError::new(
+                "certificate",
+                "hosts, subject, issuer, validity and fingerprint are read from the certificate",
+            ));
+        }
+        if self.hosts.is_empty() {
+            return Err(FieldError::new(
+                "certificate",
+                "the leaf certificate names no DNS host (subjectAltName) to serve it for",
+            ));
+        }
+        if !self
+            .private_key
+            .trim_start()
+            .starts_with(crate::secrets::ARMOR_BEGIN)
+        {
+            return Err(FieldError::new(
+                "private_key",
+                "must be sealed with the cluster's age identity",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Any object, as stored and as replicated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "spec", rename_all = "snake_case")]
@@ -943,6 +1082,7 @@ pub enum Spec {
     Subscription(SubscriptionSpec),
     User(UserSpec),
     Token(TokenSpec),
+    Certificate(CertificateSpec),
 }
 
 impl Spec {
@@ -956,6 +1096,7 @@ impl Spec {
             Spec::Subscription(_) => Kind::Subscription,
             Spec::User(_) => Kind::User,
             Spec::Token(_) => Kind::Token,
+            Spec::Certificate(_) => Kind::Certificate,
         }
     }
 
@@ -969,6 +1110,7 @@ impl Spec {
             Spec::Subscription(s) => s.name(),
             Spec::User(s) => s.name.clone(),
             Spec::Token(s) => s.name.clone(),
+            Spec::Certificate(s) => s.name.clone(),
         }
     }
 
@@ -991,6 +1133,7 @@ impl Spec {
                 check_name("user", &t.user)?;
                 check_opt_text("description", &t.description, 500)
             }
+            Spec::Certificate(c) => c.check(),
         }
     }
 
@@ -1006,6 +1149,7 @@ impl Spec {
             Spec::Subscription(s) => serde_json::to_value(s),
             Spec::User(s) => serde_json::to_value(s),
             Spec::Token(s) => serde_json::to_value(s),
+            Spec::Certificate(s) => serde_json::to_value(s),
         }
         .unwrap_or(serde_json::Value::Null);
         if let Some(map) = v.as_object_mut() {

@@ -196,6 +196,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     pki::create_private_dir(&pki_dir)?;
     let sm = StateMachine::open(&data_dir, audit_key_paths(&data_dir))?;
 
+    let (identity_path, may_create) = cfg.secrets_identity();
+    let sealer = Arc::new(
+        crate::secrets::Sealer::load_or_create(&identity_path, may_create)
+            .context("secrets.identity_file")?,
+    );
+
     let ca = pki::Ca::load_or_create(&pki_dir)?;
     let (cert, key) = pki::admin_certificate(&ca, &pki_dir, &cfg.admin.tls_names)?;
     let tls = pki::server_config(&cert, &key)?;
@@ -233,11 +239,23 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         started,
         openapi: admin::openapi::document(),
         metrics: metrics.clone(),
+        sealer: sealer.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let grace = Duration::from_secs(cfg.admin.shutdown_grace_seconds);
     let gateway_task = if cfg.gateway.enabled {
-        Some(start_gateway(&cfg, metrics.clone(), &sm, &reader, stop_rx.clone(), grace).await?)
+        Some(
+            start_gateway(
+                &cfg,
+                metrics.clone(),
+                &sm,
+                &reader,
+                sealer.clone(),
+                stop_rx.clone(),
+                grace,
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -353,24 +371,35 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the gateway listener, installs the first routing table, keeps the table in step with
-/// committed changes, and serves until `stop`.
+/// Binds the gateway listeners, installs the first routing and certificate tables, keeps them
+/// in step with committed changes, and serves until `stop`.
 async fn start_gateway(
     cfg: &Config,
     metrics: Arc<crate::telemetry::Metrics>,
     sm: &StateMachine,
     reader: &StateReader,
+    sealer: Arc<crate::secrets::Sealer>,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use crate::gateway::{routes::RouteTable, Gateway, UpstreamTimeouts};
+    use crate::gateway::{routes::RouteTable, tls::CertTable, Gateway, UpstreamTimeouts};
     let addr = cfg
         .gateway_addr()
         .map_err(|e| anyhow::anyhow!("gateway.http_listen: {e}"))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (gateway.http_listen)"))?;
-    let bound = listener.local_addr()?;
+    let tls_addr = cfg
+        .gateway_tls_addr()
+        .map_err(|e| anyhow::anyhow!("gateway.https_listen: {e}"))?;
+    let tls_listener = match tls_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (gateway.https_listen)"))?,
+        ),
+        None => None,
+    };
     let gateway = Arc::new(Gateway::new(
         UpstreamTimeouts {
             connect: Duration::from_millis(cfg.gateway.upstream_connect_timeout_ms),
@@ -378,51 +407,83 @@ async fn start_gateway(
         },
         metrics,
         cfg.gateway.trusted_proxies.clone(),
-    ));
+    )?);
     let mut changes = sm.gateway_changes();
+    let mut key_cache = crate::gateway::tls::KeyCache::new();
     gateway.swap(reader.read(RouteTable::build)?);
+    gateway.swap_certificates(reader.read(|kv| CertTable::build(kv, &sealer, &mut key_cache))?);
     {
         let gateway = gateway.clone();
         let reader = reader.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            let mut key_cache = Some(key_cache);
             loop {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = stop.changed() => return,
                 }
                 let reader = reader.clone();
+                let sealer = sealer.clone();
+                let mut cache = key_cache.take().unwrap_or_default();
                 let started = Instant::now();
-                match tokio::task::spawn_blocking(move || reader.read(RouteTable::build)).await {
-                    Ok(Ok(table)) => {
+                let built = tokio::task::spawn_blocking(move || {
+                    let routes = reader.read(RouteTable::build);
+                    let certs = reader.read(|kv| CertTable::build(kv, &sealer, &mut cache));
+                    (routes, certs, cache)
+                })
+                .await;
+                match built {
+                    Ok((Ok(table), Ok(certs), cache)) => {
+                        key_cache = Some(cache);
                         let routes = table.routes;
+                        // certificates first: a new API's host is served with its certificate
+                        gateway.swap_certificates(certs);
                         gateway.swap(table);
                         tracing::debug!(
                             routes,
                             build_ms = started.elapsed().as_millis() as u64,
-                            "gateway routing table swapped"
+                            "gateway routing and certificate tables swapped"
                         );
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "gateway routing table rebuild failed; serving the previous one")
+                    Ok((Err(e), _, cache)) | Ok((_, Err(e), cache)) => {
+                        key_cache = Some(cache);
+                        tracing::error!(error = %e, "gateway table rebuild failed; serving the previous one")
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "gateway routing table rebuild task failed")
+                        tracing::error!(error = %e, "gateway table rebuild task failed")
                     }
                 }
             }
         });
     }
-    tracing::info!(gateway = %bound, routes = gateway.routes(), "gateway listening");
-    let header_timeout = Duration::from_secs(cfg.gateway.header_timeout_seconds);
-    Ok(tokio::spawn(crate::gateway::serve(
-        listener,
-        gateway,
-        stop,
+    let limits = crate::gateway::ListenerLimits {
+        header_timeout: Duration::from_secs(cfg.gateway.header_timeout_seconds),
+        handshake_timeout: Duration::from_secs(cfg.gateway.tls_handshake_timeout_seconds),
+        max_connections: cfg.gateway.max_connections,
         grace,
-        header_timeout,
-        cfg.gateway.max_connections,
-    )))
+    };
+    tracing::info!(
+        gateway = %listener.local_addr()?,
+        https = %tls_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+        routes = gateway.routes(),
+        "gateway listening"
+    );
+    let tls_task = tls_listener.map(|l| {
+        tokio::spawn(crate::gateway::serve(
+            l,
+            gateway.clone(),
+            stop.clone(),
+            true,
+            limits,
+        ))
+    });
+    Ok(tokio::spawn(async move {
+        crate::gateway::serve(listener, gateway, stop, false, limits).await;
+        if let Some(t) = tls_task {
+            let _ = t.await;
+        }
+    }))
 }
 
 async fn flush_denials(cluster: &Cluster, denials: &Denials) {

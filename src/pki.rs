@@ -248,6 +248,89 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls
     Ok(Arc::new(cfg))
 }
 
+/// What the gateway and the admin API show of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// DNS names of the leaf's subjectAltName (wildcards kept as `*.example.com`), lowercase.
+    pub hosts: Vec<String>,
+    pub subject: String,
+    pub issuer: String,
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
+    /// Lowercase hex SHA-256 of the leaf's DER.
+    pub fingerprint: String,
+}
+
+/// Hex SHA-256 of a DER certificate: the fingerprint clients and consumers are matched by.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
+}
+
+/// The certificates of a PEM chain, leaf first.
+pub fn parse_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("is not PEM certificate data: {e}"))?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+/// The subject of a DER certificate, as `CN=..., O=..., C=...` in certificate order.
+pub fn subject_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.subject().to_string())
+}
+
+/// Parses a PEM chain (leaf first) and describes its leaf.
+pub fn describe_certificate(pem: &str) -> Result<CertInfo, String> {
+    let chain = parse_chain(pem)?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| format!("the first certificate cannot be parsed: {e}"))?;
+    for (i, der) in chain.iter().enumerate().skip(1) {
+        x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("certificate {} of the chain cannot be parsed: {e}", i + 1))?;
+    }
+    let mut hosts = Vec::new();
+    if let Ok(Some(san)) = leaf.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = name {
+                hosts.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    let time = |t: x509_parser::time::ASN1Time| {
+        time::OffsetDateTime::from_unix_timestamp(t.timestamp())
+            .map_err(|_| "has a validity date out of range".to_string())
+    };
+    Ok(CertInfo {
+        hosts,
+        subject: leaf.subject().to_string(),
+        issuer: leaf.issuer().to_string(),
+        not_before: time(leaf.validity().not_before)?,
+        not_after: time(leaf.validity().not_after)?,
+        fingerprint: fingerprint(&chain[0]),
+    })
+}
+
+/// A chain and its private key (PEM: PKCS#8, SEC1 or PKCS#1) as rustls serves them, after
+/// checking that the key is the one the leaf certifies.
+pub fn certified_key(
+    chain_pem: &str,
+    key_pem: &[u8],
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let chain = parse_chain(chain_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|_| "is not a PEM private key (PKCS#8, SEC1 or PKCS#1)".to_string())?;
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+        .map_err(|e| format!("is not a usable private key: {e}"))?;
+    let ck = rustls::sign::CertifiedKey::new(chain, signer);
+    ck.keys_match()
+        .map_err(|_| "does not match the certificate's public key".to_string())?;
+    Ok(ck)
+}
+
 /// Root store holding the given PEM CA certificates (for clients of the admin API).
 pub fn root_store(ca_pem: &str) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();

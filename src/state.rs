@@ -1218,6 +1218,7 @@ mod tests {
             display_name: None,
             contact_email: None,
             description: None,
+            client_certificates: Vec::new(),
         })
     }
 

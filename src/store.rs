@@ -411,7 +411,7 @@ impl StateMachine {
         &self.inner.audit_dir
     }
 
-    /// Changes whenever an applied change touches what the gateway serves (tenants, APIs,
+    /// Changes whenever an applied change touches what the gateway serves (tenants, APIs, consumers, certificates,
     /// plans, subscriptions, keys).
     pub fn gateway_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.gateway_changes.subscribe()
@@ -526,6 +526,8 @@ impl SmInner {
                                 "o/plan/",
                                 "o/subscription/",
                                 "o/key/",
+                                "o/consumer/",
+                                "o/certificate/",
                             ]
                             .iter()
                             .any(|p| k.starts_with(p))

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub gateway_refusals: Family<CauseLabels, Counter>,
     pub gateway_connections: Gauge,
     pub gateway_routes: Gauge,
+    /// TLS handshakes that failed or timed out, by reason.
+    pub gateway_tls_failures: Family<CauseLabels, Counter>,
+    pub gateway_certificates: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,6 +97,18 @@ impl Metrics {
         let gateway_refusals = Family::<CauseLabels, Counter>::default();
         let gateway_connections = Gauge::default();
         let gateway_routes = Gauge::default();
+        let gateway_tls_failures = Family::<CauseLabels, Counter>::default();
+        let gateway_certificates = Gauge::default();
+        registry.register(
+            "gateway_tls_handshake_failures",
+            "TLS handshakes on the gateway that failed, by cause",
+            gateway_tls_failures.clone(),
+        );
+        registry.register(
+            "gateway_certificates",
+            "Certificates the gateway serves by SNI",
+            gateway_certificates.clone(),
+        );
         registry.register(
             "gateway_requests",
             "Gateway requests by tenant, API and status class",
@@ -132,6 +147,8 @@ impl Metrics {
             gateway_refusals,
             gateway_connections,
             gateway_routes,
+            gateway_tls_failures,
+            gateway_certificates,
         }
     }
 

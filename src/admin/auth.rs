@@ -142,7 +142,7 @@ pub fn authorize(
         (Role::ApiPublisher, Kind::Api | Kind::Consumer | Kind::Key | Kind::Subscription, _) => {
             true
         }
-        (Role::ApiPublisher, Kind::Plan | Kind::Tenant, Op::Read) => true,
+        (Role::ApiPublisher, Kind::Plan | Kind::Tenant | Kind::Certificate, Op::Read) => true,
         (Role::Viewer, Kind::User | Kind::Token, _) => false,
         (Role::Viewer, _, Op::Read) => true,
         _ => false,

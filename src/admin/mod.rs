@@ -40,6 +40,8 @@ pub struct AppState {
     pub started: Instant,
     pub openapi: String,
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Seals secrets (certificate keys) before their change is proposed.
+    pub sealer: Arc<crate::secrets::Sealer>,
 }
 
 /// Per-request facts set by the outer middleware.

@@ -2,7 +2,8 @@
 //! derived from the model types (`utoipa::ToSchema`), so the document follows the code.
 
 use crate::model::{
-    ApiSpec, ConsumerSpec, KeySpec, PlanSpec, SubscriptionSpec, TenantSpec, TokenSpec, UserSpec,
+    ApiSpec, CertificateSpec, ConsumerSpec, KeySpec, PlanSpec, SubscriptionSpec, TenantSpec,
+    TokenSpec, UserSpec,
 };
 use std::borrow::Cow;
 use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
@@ -354,12 +355,13 @@ fn operations() -> Vec<Op> {
         ),
     ];
     // The tenant collections share one shape.
-    const COLLECTIONS: [(&str, &str, &str); 5] = [
+    const COLLECTIONS: [(&str, &str, &str); 6] = [
         ("apis", "ApiSpec", "api"),
         ("consumers", "ConsumerSpec", "consumer"),
         ("plans", "PlanSpec", "plan"),
         ("subscriptions", "SubscriptionSpec", "subscription"),
         ("users", "UserSpec", "user"),
+        ("certificates", "CertificateSpec", "certificate"),
     ];
     for (seg, schema, tag) in COLLECTIONS {
         let list = format!("/admin/v1/tenants/{{tenant}}/{seg}");
@@ -433,6 +435,7 @@ pub fn document() -> String {
     add::<UserSpec>(&mut schemas);
     add::<KeySpec>(&mut schemas);
     add::<TokenSpec>(&mut schemas);
+    add::<CertificateSpec>(&mut schemas);
     add::<super::handlers::NewCredential>(&mut schemas);
     add::<super::handlers::CredentialUpdate>(&mut schemas);
 

@@ -8,6 +8,7 @@
 
 pub mod policy;
 pub mod routes;
+pub mod tls;
 
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
@@ -38,6 +39,31 @@ pub struct UpstreamTimeouts {
     pub response: Duration,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a request knows of the connection it came on.
+#[derive(Debug)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    /// `None` on the plain-HTTP listener.
+    pub tls: Option<tls::TlsConn>,
+    /// Outcomes of `mutual-tls` chain checks on this connection, by verifier: a keep-alive
+    /// connection checks its chain once per CA bundle, not once per request.
+    mtls_checked: Mutex<Vec<(usize, bool)>>,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: Option<tls::TlsConn>) -> Conn {
+        Conn {
+            peer,
+            tls,
+            mtls_checked: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 /// The shared state of the data plane.
 pub struct Gateway {
     table: ArcSwap<RouteTable>,
@@ -54,6 +80,8 @@ pub struct Gateway {
     /// Request ids: a random per-process prefix and a counter (unique, cheap; not secret).
     id_prefix: u32,
     id_counter: std::sync::atomic::AtomicU64,
+    /// The HTTPS listener's configurations and certificate table.
+    pub tls: tls::TlsConfigs,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -356,7 +384,7 @@ impl Gateway {
         timeouts: UpstreamTimeouts,
         metrics: Arc<crate::telemetry::Metrics>,
         trusted_proxies: Vec<String>,
-    ) -> Gateway {
+    ) -> anyhow::Result<Gateway> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_nodelay(true);
@@ -364,7 +392,7 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Gateway {
+        Ok(Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             rate: Mutex::new(HashMap::new()),
             quota: Mutex::new(HashMap::new()),
@@ -377,7 +405,26 @@ impl Gateway {
                 .map(u32::from_le_bytes)
                 .unwrap_or_default(),
             id_counter: std::sync::atomic::AtomicU64::new(0),
-        }
+            tls: tls::TlsConfigs::new()?,
+        })
+    }
+
+    fn tls_failure(&self, cause: &'static str, peer: SocketAddr) {
+        tracing::debug!(peer = %peer, cause, "gateway TLS handshake failed");
+        self.metrics
+            .gateway_tls_failures
+            .get_or_create(&crate::telemetry::CauseLabels {
+                cause: cause.to_string(),
+            })
+            .inc();
+    }
+
+    /// Installs a new certificate table; handshakes in progress keep the one they started with.
+    pub fn swap_certificates(&self, table: tls::CertTable) {
+        self.metrics
+            .gateway_certificates
+            .set(i64::try_from(table.certificates).unwrap_or(i64::MAX));
+        self.tls.resolver.table.store(Arc::new(table));
     }
 
     fn next_request_id(&self) -> String {
@@ -411,6 +458,7 @@ impl Gateway {
         route: &Route,
         req: &mut Request<Incoming>,
         client: IpAddr,
+        conn: &Conn,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
         let mut consumer: Option<String> = None;
@@ -589,16 +637,84 @@ impl Gateway {
                         answer_headers.extend(cors_origin_headers(allow_origins, origin));
                     }
                 }
-                Policy::MutualTls { .. } => {
-                    return Err(refuse(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "policy-unavailable",
-                        "this API uses a policy this gateway does not enforce yet",
-                    ))
+                Policy::MutualTls { map_by, .. } => {
+                    let who = self.client_certificate(table, route, i, *map_by, conn)?;
+                    self.admit(route, &who, now, &mut answer_headers)?;
+                    consumer = Some(who);
+                    served.consumer = consumer.clone();
                 }
             }
         }
         Ok(answer_headers)
+    }
+
+    /// Checks the connection's client chain against the CA bundle of the route's `mutual-tls`
+    /// policy at `index`, and names the consumer the leaf maps to. Every failure gives the same
+    /// answer: which check failed is logged, not told.
+    fn client_certificate(
+        &self,
+        table: &RouteTable,
+        route: &Route,
+        index: usize,
+        map_by: crate::model::CertMapping,
+        conn: &Conn,
+    ) -> Result<String, Refusal> {
+        let denied = || {
+            refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid-client-certificate",
+                "this API requires a valid client certificate",
+            )
+        };
+        let Some(verifier) = route.mtls.get(&index) else {
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "policy-unavailable",
+                "the API's client-certificate policy cannot be enforced",
+            ));
+        };
+        let Some((leaf, intermediates)) =
+            conn.tls.as_ref().and_then(|t| t.client_chain.split_first())
+        else {
+            return Err(denied());
+        };
+        let id = Arc::as_ptr(verifier) as *const () as usize;
+        let known = lock(&conn.mtls_checked)
+            .iter()
+            .find(|(v, _)| *v == id)
+            .map(|(_, ok)| *ok);
+        let ok = known.unwrap_or_else(|| {
+            let r = verifier.verify_client_cert(
+                leaf,
+                intermediates,
+                rustls_pki_types::UnixTime::now(),
+            );
+            if let Err(e) = &r {
+                tracing::info!(tenant = %route.tenant, api = %route.api, error = %e, "client certificate refused");
+            }
+            lock(&conn.mtls_checked).push((id, r.is_ok()));
+            r.is_ok()
+        });
+        if !ok {
+            return Err(denied());
+        }
+        let identity = match map_by {
+            crate::model::CertMapping::Fingerprint => {
+                format!("sha256:{}", crate::pki::fingerprint(leaf))
+            }
+            crate::model::CertMapping::Subject => crate::model::normalize_cert_identity(
+                &crate::pki::subject_of(leaf).unwrap_or_default(),
+            ),
+        };
+        table
+            .cert_consumers
+            .get(&route.tenant)
+            .and_then(|m| m.get(&identity))
+            .cloned()
+            .ok_or_else(|| {
+                tracing::info!(tenant = %route.tenant, api = %route.api, "client certificate maps to no consumer");
+                denied()
+            })
     }
 
     /// The consumer must hold an active subscription to the route's API; its plan's rate limit
@@ -726,13 +842,14 @@ impl Gateway {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        client: SocketAddr,
+        conn: Arc<Conn>,
     ) -> Response<Body> {
+        let client = conn.peer;
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let mut served = Served::default();
-        let resp = self.serve_one(req, client, &mut served).await;
+        let resp = self.serve_one(req, &conn, &mut served).await;
         self.record(&served, resp.status(), started.elapsed());
         tracing::info!(
             target: "apim::gateway::access",
@@ -798,9 +915,10 @@ impl Gateway {
     async fn serve_one(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &Conn,
         served: &mut Served,
     ) -> Response<Body> {
+        let peer = conn.peer;
         let peer_trusted = self
             .trusted_proxies
             .iter()
@@ -836,6 +954,19 @@ impl Gateway {
             })
             .unwrap_or_default()
             .to_ascii_lowercase();
+        if let Some(t) = &conn.tls {
+            // The request must be for a host the presented certificate names (no fronting
+            // one TLS name to reach another host's APIs).
+            if !tls::covers(&t.served_hosts, &host) {
+                served.refusal = Some("misdirected");
+                return problem(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected-request",
+                    "this connection's certificate does not cover the requested host",
+                    &request_id,
+                );
+            }
+        }
         let path = req.uri().path().to_string();
         if !path_is_plain(&path) {
             served.refusal = Some("bad-path");
@@ -860,7 +991,7 @@ impl Gateway {
         if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
             return preflight;
         }
-        let extra = match self.enforce(&table, &route, &mut req, client, served) {
+        let extra = match self.enforce(&table, &route, &mut req, client, conn, served) {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);
@@ -925,7 +1056,8 @@ impl Gateway {
             h.insert("x-forwarded-for", v);
         }
         if !h.contains_key("x-forwarded-proto") {
-            h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            let proto = if conn.tls.is_some() { "https" } else { "http" };
+            h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
         }
         if let Some(host) = original_host.filter(|_| !h.contains_key("x-forwarded-host")) {
             h.insert("x-forwarded-host", host);
@@ -1001,22 +1133,83 @@ impl Gateway {
     }
 }
 
-/// Serves plain HTTP on `listener` until `shutdown`, then drains for up to `grace`.
+/// Limits of a gateway listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Time allowed for each request's headers (and for the TLS handshake, on HTTPS).
+    pub header_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub grace: Duration,
+}
+
+/// Completes the TLS handshake of an HTTPS connection: the certificate by SNI, a client
+/// certificate requested only for hosts that serve `mutual-tls` APIs.
+async fn handshake(
+    gateway: &Gateway,
+    tcp: tokio::net::TcpStream,
+) -> Result<
+    (
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        tls::TlsConn,
+    ),
+    &'static str,
+> {
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(|_| "bad-client-hello")?;
+    let Some(sni) = start
+        .client_hello()
+        .server_name()
+        .map(|s| s.to_ascii_lowercase())
+    else {
+        return Err("no-sni");
+    };
+    let served_hosts = match gateway.tls.resolver.table.load().lookup(&sni) {
+        Some(c) => c.hosts.clone(),
+        None => return Err("unknown-sni"),
+    };
+    let config = if gateway.table.load().requires_client_cert(&sni) {
+        gateway.tls.client_auth.clone()
+    } else {
+        gateway.tls.plain.clone()
+    };
+    let stream = start
+        .into_stream(config)
+        .await
+        .map_err(|_| "handshake-failed")?;
+    let client_chain = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+        .unwrap_or_default();
+    Ok((
+        stream,
+        tls::TlsConn {
+            sni: Some(sni),
+            served_hosts,
+            client_chain,
+        },
+    ))
+}
+
+/// Serves `listener` (plain HTTP, or HTTPS when `https`) until `shutdown`, then drains for up
+/// to the grace time.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-    header_timeout: Duration,
-    max_connections: usize,
+    https: bool,
+    limits: ListenerLimits,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(limits.header_timeout);
     builder.http2().timer(TokioTimer::new());
     loop {
         let (tcp, peer) = tokio::select! {
@@ -1031,7 +1224,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, max = max_connections, "gateway connection refused: too many open connections");
+            tracing::warn!(peer = %peer, max = limits.max_connections, "gateway connection refused: too many open connections");
             drop(tcp);
             continue;
         };
@@ -1043,12 +1236,36 @@ pub async fn serve(
         open.inc();
         tokio::spawn(async move {
             let _slot = slot;
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = |conn: Arc<Conn>| {
                 let gw = gw.clone();
-                async move { Ok::<_, std::convert::Infallible>(gw.handle(req, peer).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    let conn = conn.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gw.handle(req, conn).await) }
+                })
+            };
+            let result = if https {
+                match tokio::time::timeout(limits.handshake_timeout, handshake(&gw, tcp)).await {
+                    Ok(Ok((stream, info))) => {
+                        let conn = Arc::new(Conn::new(peer, Some(info)));
+                        let c = builder.serve_connection(TokioIo::new(stream), svc(conn));
+                        watcher.watch(c.into_owned()).await
+                    }
+                    Ok(Err(cause)) => {
+                        gw.tls_failure(cause, peer);
+                        Ok(())
+                    }
+                    Err(_) => {
+                        gw.tls_failure("timeout", peer);
+                        Ok(())
+                    }
+                }
+            } else {
+                let conn = Arc::new(Conn::new(peer, None));
+                let c = builder.serve_connection(TokioIo::new(tcp), svc(conn));
+                watcher.watch(c.into_owned()).await
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "gateway connection ended with an error");
             }
             open.dec();
@@ -1057,6 +1274,6 @@ pub async fn serve(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("gateway drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("gateway drain timed out"),
+        _ = tokio::time::sleep(limits.grace) => tracing::warn!("gateway drain timed out"),
     }
 }

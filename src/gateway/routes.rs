@@ -36,6 +36,20 @@ pub struct Route {
     pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
     /// Decoding keys of each JWT policy with a static JWKS, by the policy's position.
     pub jwt_keys: HashMap<usize, Vec<JwtKey>>,
+    /// Chain verifier of each `mutual-tls` policy (its CA bundle), by the policy's position.
+    /// A bundle that cannot be used has no verifier, and the policy then fails closed.
+    pub mtls: HashMap<usize, Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+/// A verifier of client chains against a PEM CA bundle.
+fn mtls_verifier(ca_bundle: &str) -> Option<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let roots = crate::pki::root_store(ca_bundle).ok()?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(super::tls::provider()),
+    )
+    .build()
+    .ok()
 }
 
 /// A public key of a JWT issuer.
@@ -102,6 +116,9 @@ pub struct RouteTable {
     wildcard: HashMap<String, HostRoutes>,
     /// API keys by the hex SHA-256 of the key.
     pub keys: HashMap<String, KeyEntry>,
+    /// Consumers by tenant and client-certificate identity (see
+    /// [`crate::model::normalize_cert_identity`]).
+    pub cert_consumers: HashMap<String, HashMap<String, String>>,
     pub routes: usize,
 }
 
@@ -132,6 +149,32 @@ impl RouteTable {
             rest = suffix;
         }
         None
+    }
+
+    /// Whether a connection for this SNI host may reach an API with a `mutual-tls` policy (then
+    /// the handshake asks for a client certificate).
+    pub fn requires_client_cert(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let has = |routes: Option<&HostRoutes>| {
+            routes.is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r.policies
+                        .iter()
+                        .any(|p| matches!(p, Policy::MutualTls { .. }))
+                })
+            })
+        };
+        if has(self.exact.get(&host)) {
+            return true;
+        }
+        let mut rest = host.as_str();
+        while let Some((_, suffix)) = rest.split_once('.') {
+            if has(self.wildcard.get(suffix)) {
+                return true;
+            }
+            rest = suffix;
+        }
+        false
     }
 
     /// Adds a route under each of its hosts.
@@ -188,6 +231,18 @@ impl RouteTable {
                     if matches!(api.lifecycle, Lifecycle::Published | Lifecycle::Deprecated) {
                         let subs = subs.remove(&api.name).unwrap_or_default();
                         table.insert(compile(&t, api, subs), &api.hosts);
+                    }
+                }
+            }
+            for o in state::list_objects(kv, Kind::Consumer, Some(&t))? {
+                if let Spec::Consumer(c) = o.spec {
+                    for id in &c.client_certificates {
+                        table
+                            .cert_consumers
+                            .entry(t.clone())
+                            .or_default()
+                            .entry(crate::model::normalize_cert_identity(id))
+                            .or_insert_with(|| c.name.clone());
                     }
                 }
             }
@@ -251,8 +306,18 @@ fn compile(
             _ => None,
         })
         .collect();
+    let mtls = api
+        .policies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Policy::MutualTls { ca_bundle, .. } => Some((i, mtls_verifier(ca_bundle)?)),
+            _ => None,
+        })
+        .collect();
     Route {
         jwt_keys,
+        mtls,
         tenant: tenant.to_string(),
         api: api.name.clone(),
         base_path: match api.base_path.trim_end_matches('/') {

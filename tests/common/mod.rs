@@ -16,6 +16,8 @@ pub struct Node {
     pub port: u16,
     /// Port of the gateway's HTTP listener.
     pub gateway_port: u16,
+    /// Port of the gateway's HTTPS listener.
+    pub gateway_tls_port: u16,
     pub url: String,
     pub token: String,
     pub client: reqwest::Client,
@@ -67,6 +69,7 @@ impl Node {
             _tmp: Some(tmp),
             port: 0,
             gateway_port: 0,
+            gateway_tls_port: 0,
             url: String::new(),
             token: String::new(),
             client: reqwest::Client::new(),
@@ -98,7 +101,11 @@ impl Node {
                 format!("[admin]\n{listen}")
             };
             self.gateway_port = free_port();
-            let gateway_listen = format!("http_listen = \"127.0.0.1:{}\"\n", self.gateway_port);
+            self.gateway_tls_port = free_port();
+            let gateway_listen = format!(
+                "http_listen = \"127.0.0.1:{}\"\nhttps_listen = \"127.0.0.1:{}\"\n",
+                self.gateway_port, self.gateway_tls_port
+            );
             let own_gateway = if sections.contains("[gateway]\n") {
                 sections =
                     sections.replacen("[gateway]\n", &format!("[gateway]\n{gateway_listen}"), 1);

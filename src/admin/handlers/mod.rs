@@ -7,8 +7,8 @@ use super::auth::{authorize, secret_prefix, Op, Principal, TOKEN_PREFIX};
 use super::problem::{InvalidParam, Problem};
 use super::{AppState, ReqCtx};
 use crate::model::{
-    self, ApiSpec, ConsumerSpec, KeySpec, Kind, Object, PlanSpec, Role, Spec, SubscriptionSpec,
-    TenantDocument, TenantSpec, TokenSpec, UserSpec,
+    self, ApiSpec, CertificateSpec, ConsumerSpec, KeySpec, Kind, Object, PlanSpec, Role, Spec,
+    SubscriptionSpec, TenantDocument, TenantSpec, TokenSpec, UserSpec,
 };
 use crate::state::{self, Change, Command, Context, RejectCode, Response as SmResponse};
 use axum::body::{Body, Bytes};

@@ -15,11 +15,18 @@ pub fn collection_kind(collection: &str) -> Option<Kind> {
         "plans" => Some(Kind::Plan),
         "subscriptions" => Some(Kind::Subscription),
         "users" => Some(Kind::User),
+        "certificates" => Some(Kind::Certificate),
         _ => None,
     }
 }
 
-fn parse_spec(kind: Kind, body: &[u8], tenant: Option<&str>) -> Result<Spec> {
+fn parse_spec(
+    st: &AppState,
+    ctx: &ReqCtx,
+    kind: Kind,
+    body: &[u8],
+    tenant: Option<&str>,
+) -> Result<Spec> {
     let spec = match kind {
         Kind::Tenant => Spec::Tenant(parse_json::<TenantSpec>(body)?),
         Kind::Api => Spec::Api(parse_json::<ApiSpec>(body)?),
@@ -35,6 +42,11 @@ fn parse_spec(kind: Kind, body: &[u8], tenant: Option<&str>) -> Result<Spec> {
             )?)
         }
         Kind::User => Spec::User(parse_json::<UserSpec>(body)?),
+        Kind::Certificate => {
+            let mut c = parse_json::<CertificateSpec>(body)?;
+            seal_certificate(st, ctx, &mut c)?;
+            Spec::Certificate(c)
+        }
         Kind::Key | Kind::Token => {
             return Err(Problem::not_found(
                 "credentials are created under their consumer or user",
@@ -43,6 +55,39 @@ fn parse_spec(kind: Kind, body: &[u8], tenant: Option<&str>) -> Result<Spec> {
     };
     checked(spec.check(tenant))?;
     Ok(spec)
+}
+
+/// Reads the certificate's facts from the certificate itself, checks that the private key is
+/// the leaf's, and seals the key with the cluster's identity (a key already sealed for this
+/// cluster is kept as it is): nothing after this point sees the key in clear.
+fn seal_certificate(st: &AppState, ctx: &ReqCtx, c: &mut CertificateSpec) -> Result<()> {
+    checked(c.describe())?;
+    if c.not_after <= crate::model::format_time(ctx.now) {
+        return Err(Problem::invalid(
+            "certificate",
+            &format!("the certificate expired at {}", c.not_after),
+        ));
+    }
+    let sealed = c
+        .private_key
+        .trim_start()
+        .starts_with(crate::secrets::ARMOR_BEGIN);
+    let plain = if sealed {
+        st.sealer.open(&c.private_key).map_err(|_| {
+            Problem::invalid(
+                "private_key",
+                "is age ciphertext this cluster's identity cannot open",
+            )
+        })?
+    } else {
+        c.private_key.as_bytes().to_vec()
+    };
+    crate::pki::certified_key(&c.certificate, &plain)
+        .map_err(|e| Problem::invalid("private_key", &e))?;
+    if !sealed {
+        c.private_key = st.sealer.seal(&plain).map_err(Problem::internal)?;
+    }
+    Ok(())
 }
 
 pub(super) fn scope_path(tenant: Option<&str>) -> String {
@@ -62,6 +107,7 @@ pub(super) fn kind_segment(kind: Kind) -> &'static str {
         Kind::Subscription => "subscriptions",
         Kind::User => "users",
         Kind::Token => "tokens",
+        Kind::Certificate => "certificates",
     }
 }
 
@@ -106,7 +152,7 @@ async fn create_in(
     let p = authn(st, ctx, headers)?;
     authz(st, ctx, &p, tenant, kind, Op::Write, false)?;
     require_json(headers)?;
-    let spec = parse_spec(kind, body, tenant)?;
+    let spec = parse_spec(st, ctx, kind, body, tenant)?;
     let name = spec.name();
     let (objs, _) = commit(
         st,
@@ -167,7 +213,7 @@ async fn put_in(
     require_json(headers)?;
     let current = read_object(st, kind, tenant, name)?;
     let version = required_if_match(headers, &current)?;
-    let spec = parse_spec(kind, body, tenant)?;
+    let spec = parse_spec(st, ctx, kind, body, tenant)?;
     if spec.name() != name {
         let field = if kind == Kind::Subscription {
             "consumer"

@@ -1,0 +1,517 @@
+//! The gateway's HTTPS listener end to end: certificate resources chosen by SNI (two names),
+//! private keys sealed at rest, HTTP/1.1 and HTTP/2 by ALPN, TLS 1.2 and 1.3, misdirected
+//! requests, and mutual TLS mapping client certificates to consumers.
+
+mod common;
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use reqwest::Method;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SEALED: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
+
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = p.self_signed(&key).expect("self-signed");
+    let pem = cert.pem();
+    Ca {
+        issuer: Issuer::from_ca_cert_pem(&pem, key).expect("issuer"),
+        pem,
+    }
+}
+
+/// A leaf for `names` (server) or a client certificate (no names), valid from an hour ago for
+/// `days`. Returns (chain PEM, key PEM).
+fn leaf(ca: &Ca, names: &[&str], subject: &[(DnType, &str)], days: i64) -> (String, String) {
+    let key = KeyPair::generate().expect("key");
+    let mut p =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut dn = DistinguishedName::new();
+    for (t, v) in subject {
+        dn.push(t.clone(), *v);
+    }
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![if names.is_empty() {
+        ExtendedKeyUsagePurpose::ClientAuth
+    } else {
+        ExtendedKeyUsagePurpose::ServerAuth
+    }];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(2);
+    p.not_after = now + time::Duration::days(days);
+    let cert = p.signed_by(&key, &ca.issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .expect("a certificate")
+        .expect("PEM")
+        .to_vec()
+}
+
+struct Client {
+    http: reqwest::Client,
+    port: u16,
+}
+
+/// A client that trusts `ca_pem`, resolves every `hosts` name to loopback, offers `alpn`, and
+/// presents `identity` (chain PEM, key PEM) when asked.
+fn client(
+    n: &Node,
+    ca_pem: &str,
+    hosts: &[&str],
+    alpn: &[&[u8]],
+    tls12_only: bool,
+    identity: Option<(&str, &str)>,
+) -> Client {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("PEM")).expect("root");
+    }
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((chain, key)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .map(|c| c.expect("PEM"))
+                    .collect(),
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
+            )
+            .expect("client auth"),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(cfg)
+        .tls_info(true)
+        .timeout(Duration::from_secs(20));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", n.gateway_tls_port).parse().unwrap();
+    for h in hosts {
+        builder = builder.resolve(h, addr);
+    }
+    Client {
+        http: builder.build().expect("client"),
+        port: n.gateway_tls_port,
+    }
+}
+
+impl Client {
+    async fn get(&self, host: &str, path: &str) -> Result<reqwest::Response, reqwest::Error> {
+        self.http
+            .get(format!("https://{host}:{}{path}", self.port))
+            .send()
+            .await
+    }
+}
+
+fn peer_cert(r: &reqwest::Response) -> Vec<u8> {
+    r.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .expect("peer certificate")
+        .to_vec()
+}
+
+async fn add_certificate(n: &Node, tenant: &str, name: &str, chain: &str, key: &str) -> Resp {
+    n.admin(
+        Method::POST,
+        &format!("/admin/v1/tenants/{tenant}/certificates"),
+        Some(json!({"name": name, "certificate": chain, "private_key": key})),
+    )
+    .await
+}
+
+async fn publish(n: &Node, tenant: &str, name: &str, hosts: &[&str], up: &str, policies: Value) {
+    created(
+        n,
+        &format!("/admin/v1/tenants/{tenant}/apis"),
+        json!({
+            "name": name, "version": "v1", "hosts": hosts, "base_path": "/",
+            "upstream": {"targets": [{"url": format!("http://{up}")}]},
+            "policies": policies, "lifecycle": "published",
+        }),
+    )
+    .await;
+}
+
+/// Retries until the gateway's tables reflect the last commit (they are swapped after it).
+async fn until_ok(c: &Client, host: &str, path: &str) -> reqwest::Response {
+    let mut last = None;
+    for _ in 0..100 {
+        match c.get(host, path).await {
+            Ok(r) if r.status() == 200 => return r,
+            other => last = Some(other),
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!("{host}{path} never answered 200: {last:?}");
+}
+
+fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
+    let mut n = Node::start().await;
+    let up = echo_upstream().await.to_string();
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let server_ca = ca("acme server CA");
+    let (a_chain, a_key) = leaf(&server_ca, &["a.example"], &[(DnType::CommonName, "a")], 90);
+    let (b_chain, b_key) = leaf(
+        &server_ca,
+        &["*.b.example"],
+        &[(DnType::CommonName, "b")],
+        90,
+    );
+
+    // Refusals name the field and store nothing.
+    let r = add_certificate(&n, "acme", "bad", &a_chain, &b_key).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "private_key");
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("does not match"));
+    let r = add_certificate(&n, "acme", "bad", "not a certificate", &a_key).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "certificate");
+    let (old_chain, old_key) = leaf(&server_ca, &["old.example"], &[], -1);
+    let r = add_certificate(&n, "acme", "bad", &old_chain, &old_key).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("expired"));
+    let r = add_certificate(
+        &n,
+        "acme",
+        "bad",
+        &a_chain,
+        "-----BEGIN AGE ENCRYPTED FILE-----\nx\n-----END AGE ENCRYPTED FILE-----\n",
+    )
+    .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "private_key");
+    let r = n
+        .admin(Method::GET, "/admin/v1/tenants/acme/certificates", None)
+        .await;
+    assert_eq!(
+        r.body["items"].as_array().map(Vec::len),
+        Some(0),
+        "{:?}",
+        r.body
+    );
+
+    // The API answers with the facts of the certificate and the key sealed.
+    let r = add_certificate(&n, "acme", "site-a", &a_chain, &a_key).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["hosts"], json!(["a.example"]));
+    assert_eq!(r.body["subject"], "CN=a");
+    assert_eq!(
+        r.body["fingerprint"],
+        apim::pki::fingerprint(&der(&a_chain))
+    );
+    let sealed = r.body["private_key"].as_str().unwrap();
+    assert!(sealed.starts_with(SEALED), "{sealed}");
+    assert!(!r.body.to_string().contains("PRIVATE KEY"));
+    let r = add_certificate(&n, "acme", "site-b", &b_chain, &b_key).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // A replace that sends the sealed key back (GET, edit, PUT) keeps it.
+    let mut edited = r.body.clone();
+    edited["description"] = json!("wildcard for b");
+    let r2 = n
+        .req(
+            Method::PUT,
+            "/admin/v1/tenants/acme/certificates/site-b",
+            Some(&n.token),
+            Some(edited),
+            &[("if-match", &r.etag())],
+        )
+        .await;
+    assert_eq!(r2.status, 200, "{:?}", r2.body);
+    assert_eq!(r2.body["private_key"], r.body["private_key"]);
+
+    publish(
+        &n,
+        "acme",
+        "web",
+        &["a.example", "x.b.example"],
+        &up,
+        json!([]),
+    )
+    .await;
+    let c = client(
+        &n,
+        &server_ca.pem,
+        &["a.example", "x.b.example", "c.example"],
+        &[b"h2", b"http/1.1"],
+        false,
+        None,
+    );
+    let r = until_ok(&c, "a.example", "/hello").await;
+    assert_eq!(peer_cert(&r), der(&a_chain));
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+    let r = until_ok(&c, "x.b.example", "/hello").await;
+    assert_eq!(peer_cert(&r), der(&b_chain));
+
+    // HTTP/1.1 by ALPN, and TLS 1.2
+    let c11 = client(
+        &n,
+        &server_ca.pem,
+        &["a.example"],
+        &[b"http/1.1"],
+        true,
+        None,
+    );
+    let r = c11.get("a.example", "/").await.expect("TLS 1.2 + HTTP/1.1");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+
+    // A name no certificate covers gets no handshake; the failure is counted.
+    assert!(c.get("c.example", "/").await.is_err());
+    let metrics = n
+        .client
+        .get(format!("{}/metrics", n.url))
+        .bearer_auth(&n.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("apim_gateway_tls_handshake_failures_total{cause=\"unknown-sni\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("apim_gateway_certificates 2"), "{metrics}");
+
+    // A request for a host the connection's certificate does not cover is misdirected.
+    let r = c11
+        .http
+        .get(format!("https://a.example:{}/", c11.port))
+        .header("host", "x.b.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+
+    // No file of the node holds the private key in clear.
+    let needle = a_key.lines().nth(1).expect("key body line").to_string();
+    let mut files = Vec::new();
+    files_under(&n.dir, &mut files);
+    assert!(files.len() > 3);
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{} holds the private key in clear",
+            f.display()
+        );
+    }
+
+    // After a restart the keys are opened again with the node's identity.
+    n.terminate();
+    n.boot().await;
+    let c = client(&n, &server_ca.pem, &["a.example"], &[b"h2"], false, None);
+    let r = until_ok(&c, "a.example", "/").await;
+    assert_eq!(peer_cert(&r), der(&a_chain));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_maps_client_certificates_to_consumers() {
+    let n = Node::start().await;
+    let up = echo_upstream().await.to_string();
+    let t = "/admin/v1/tenants/bank";
+    created(&n, "/admin/v1/tenants", json!({"name": "bank"})).await;
+    let server_ca = ca("bank server CA");
+    let (chain, key) = leaf(&server_ca, &["psd2.example", "open.example"], &[], 90);
+    assert_eq!(
+        add_certificate(&n, "bank", "psd2", &chain, &key)
+            .await
+            .status,
+        201
+    );
+
+    let tpp_ca = ca("QWAC issuing CA");
+    let rogue_ca = ca("rogue CA");
+    let subject = [
+        (DnType::CountryName, "FR"),
+        (DnType::OrganizationName, "Fintech"),
+        (DnType::CommonName, "tpp-one"),
+    ];
+    let (tpp_chain, tpp_key) = leaf(&tpp_ca, &[], &subject, 30);
+    let (rogue_chain, rogue_key) = leaf(&rogue_ca, &[], &subject, 30);
+    let (other_chain, other_key) = leaf(&tpp_ca, &[], &[(DnType::CommonName, "tpp-unknown")], 30);
+    let fp = apim::pki::fingerprint(&der(&tpp_chain));
+
+    created(&n, &format!("{t}/plans"), json!({"name": "p"})).await;
+    let r = n
+        .admin(
+            Method::POST,
+            &format!("{t}/consumers"),
+            Some(json!({"name": "bad", "client_certificates": ["sha256:xyz"]})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        r.body["invalid-params"][0]["name"],
+        "client_certificates[0]"
+    );
+    created(
+        &n,
+        &format!("{t}/consumers"),
+        json!({"name": "tpp-one", "client_certificates": ["C=FR, O=Fintech, CN=tpp-one"]}),
+    )
+    .await;
+    created(
+        &n,
+        &format!("{t}/consumers"),
+        json!({"name": "tpp-fp", "client_certificates": [format!("sha256:{fp}")]}),
+    )
+    .await;
+    let mtls =
+        |map_by: &str| json!([{"type": "mutual-tls", "ca_bundle": tpp_ca.pem, "map_by": map_by}]);
+    let r = n
+        .admin(
+            Method::POST,
+            &format!("{t}/apis"),
+            Some(json!({
+                "name": "broken", "version": "v1", "hosts": ["x.example"], "base_path": "/",
+                "upstream": {"targets": [{"url": "http://127.0.0.1:9"}]},
+                "policies": [{"type": "mutual-tls", "ca_bundle": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}],
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "policies[0].ca_bundle");
+    publish(
+        &n,
+        "bank",
+        "accounts",
+        &["psd2.example"],
+        &up,
+        mtls("subject"),
+    )
+    .await;
+    created(
+        &n,
+        &format!("{t}/apis"),
+        json!({
+            "name": "payments", "version": "v1", "hosts": ["psd2.example"],
+            "base_path": "/payments", "lifecycle": "published",
+            "upstream": {"targets": [{"url": format!("http://{up}")}]},
+            "policies": mtls("fingerprint"),
+        }),
+    )
+    .await;
+    publish(&n, "bank", "open", &["open.example"], &up, json!([])).await;
+    for (consumer, api) in [("tpp-one", "accounts"), ("tpp-fp", "payments")] {
+        created(
+            &n,
+            &format!("{t}/subscriptions"),
+            json!({"consumer": consumer, "api": api, "plan": "p", "status": "active"}),
+        )
+        .await;
+    }
+
+    let hosts = ["psd2.example", "open.example"];
+    let good = client(
+        &n,
+        &server_ca.pem,
+        &hosts,
+        &[b"http/1.1"],
+        false,
+        Some((&tpp_chain, &tpp_key)),
+    );
+    let r = until_ok(&good, "psd2.example", "/accounts/1").await;
+    let echo: Value = r.json().await.unwrap();
+    assert_eq!(echo["uri"], "/accounts/1");
+    // by fingerprint: the same certificate is consumer tpp-fp on the payments API
+    let r = good.get("psd2.example", "/payments/1").await.unwrap();
+    assert_eq!(r.status(), 200);
+    // an API without the policy does not need a certificate
+    let anon = client(&n, &server_ca.pem, &hosts, &[b"h2"], false, None);
+    assert_eq!(anon.get("open.example", "/").await.unwrap().status(), 200);
+
+    // no certificate, another CA, an unmapped certificate: the same 401
+    let rogue = client(
+        &n,
+        &server_ca.pem,
+        &hosts,
+        &[b"h2"],
+        false,
+        Some((&rogue_chain, &rogue_key)),
+    );
+    let other = client(
+        &n,
+        &server_ca.pem,
+        &hosts,
+        &[b"h2"],
+        false,
+        Some((&other_chain, &other_key)),
+    );
+    for (who, c) in [("none", &anon), ("rogue", &rogue), ("unmapped", &other)] {
+        let r = c.get("psd2.example", "/accounts/1").await.unwrap();
+        assert_eq!(r.status(), 401, "{who}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["type"] == "urn:apim:problem:gateway:invalid-client-certificate",
+            "{who}: {body}"
+        );
+        assert_eq!(
+            body["detail"], "this API requires a valid client certificate",
+            "{who}"
+        );
+    }
+    // tpp-one is not subscribed to payments by subject mapping, and tpp-fp has no subject entry
+    let r = other.get("psd2.example", "/payments/1").await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // the consumer is in the access log
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = n.log();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["target"] == "apim::gateway::access" && l["api"] == "accounts" && l["status"] == 200
+        })
+        .expect("an access line");
+    assert_eq!(line["consumer"], "tpp-one", "{line}");
+}
