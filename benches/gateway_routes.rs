@@ -87,6 +87,7 @@ fn main() {
                             url: "http://127.0.0.1:9000".into(),
                             weight: 1,
                         }],
+                        ..Default::default()
                     },
                     policies: vec![Policy::RateLimit {
                         requests: 100,

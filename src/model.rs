@@ -313,6 +313,168 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub targets: Vec<UpstreamTarget>,
+    /// How a target is chosen among the available ones.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Further attempts on another target, made only when safe: the request has no body and
+    /// either its method is idempotent or it never reached the upstream (connect failure).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Passive ejection (a per-target circuit breaker): after `consecutive_failures` failed
+    /// attempts (connect failure, reset, timeout, 502/503/504) the target is left out for
+    /// `ejection_seconds`, then one trial request decides whether it comes back.
+    #[serde(default)]
+    pub ejection: Ejection,
+    /// Active health checks; a target failing them is left out until it passes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+fn default_retries() -> u32 {
+    1
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            targets: Vec::new(),
+            balance: Balance::default(),
+            retries: default_retries(),
+            ejection: Ejection::default(),
+            health_check: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Weighted round-robin.
+    #[default]
+    RoundRobin,
+    /// The target with the fewest requests in flight (relative to its weight).
+    LeastRequests,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ejection {
+    pub consecutive_failures: u32,
+    pub ejection_seconds: u32,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Ejection {
+            consecutive_failures: 5,
+            ejection_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Path requested with GET on each target; a 2xx or 3xx answer is healthy.
+    pub path: String,
+    #[serde(default = "default_hc_interval")]
+    pub interval_seconds: u32,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout_ms: u32,
+    /// Consecutive passes that bring a target back.
+    #[serde(default = "default_hc_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a target out.
+    #[serde(default = "default_hc_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_hc_interval() -> u32 {
+    10
+}
+fn default_hc_timeout() -> u32 {
+    2000
+}
+fn default_hc_threshold() -> u32 {
+    2
+}
+
+impl Upstream {
+    fn check(&self) -> Checked {
+        if self.targets.is_empty() {
+            return Err(FieldError::new(
+                "upstream.targets",
+                "must list at least one target",
+            ));
+        }
+        if self.targets.len() > 64 {
+            return Err(FieldError::new(
+                "upstream.targets",
+                "must list at most 64 targets",
+            ));
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            check_url(
+                &format!("upstream.targets[{i}].url"),
+                &t.url,
+                &["http", "https"],
+            )?;
+            if t.weight == 0 || t.weight > 1000 {
+                return Err(FieldError::new(
+                    format!("upstream.targets[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+        }
+        if self.retries > 5 {
+            return Err(FieldError::new("upstream.retries", "must be at most 5"));
+        }
+        if !(1..=1000).contains(&self.ejection.consecutive_failures) {
+            return Err(FieldError::new(
+                "upstream.ejection.consecutive_failures",
+                "must be between 1 and 1000",
+            ));
+        }
+        if !(1..=3600).contains(&self.ejection.ejection_seconds) {
+            return Err(FieldError::new(
+                "upstream.ejection.ejection_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        if let Some(hc) = &self.health_check {
+            let p = &hc.path;
+            if !p.starts_with('/') || p.len() > 512 || p.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err(FieldError::new(
+                    "upstream.health_check.path",
+                    format!("{p:?} must be a path starting with '/' (no spaces)"),
+                ));
+            }
+            if !(1..=3600).contains(&hc.interval_seconds) {
+                return Err(FieldError::new(
+                    "upstream.health_check.interval_seconds",
+                    "must be between 1 and 3600",
+                ));
+            }
+            if !(10..=60_000).contains(&hc.timeout_ms) {
+                return Err(FieldError::new(
+                    "upstream.health_check.timeout_ms",
+                    "must be between 10 and 60000",
+                ));
+            }
+            for (f, v) in [
+                ("healthy_threshold", hc.healthy_threshold),
+                ("unhealthy_threshold", hc.unhealthy_threshold),
+            ] {
+                if !(1..=100).contains(&v) {
+                    return Err(FieldError::new(
+                        format!("upstream.health_check.{f}"),
+                        "must be between 1 and 100",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Policies are typed data here; the gateway gives them behaviour. Order matters.
@@ -723,25 +885,7 @@ impl ApiSpec {
                 ),
             ));
         }
-        if self.upstream.targets.is_empty() {
-            return Err(FieldError::new(
-                "upstream.targets",
-                "must list at least one target",
-            ));
-        }
-        for (i, t) in self.upstream.targets.iter().enumerate() {
-            check_url(
-                &format!("upstream.targets[{i}].url"),
-                &t.url,
-                &["http", "https"],
-            )?;
-            if t.weight == 0 || t.weight > 1000 {
-                return Err(FieldError::new(
-                    format!("upstream.targets[{i}].weight"),
-                    "must be between 1 and 1000",
-                ));
-            }
-        }
+        self.upstream.check()?;
         for (i, p) in self.policies.iter().enumerate() {
             p.check(&format!("policies[{i}]"))?;
         }
@@ -1345,6 +1489,7 @@ mod tests {
                     url: "http://127.0.0.1:9000".into(),
                     weight: 1,
                 }],
+                ..Default::default()
             },
             policies: vec![],
             lifecycle: Lifecycle::Draft,

@@ -469,6 +469,7 @@ async fn start_gateway(
         routes = gateway.routes(),
         "gateway listening"
     );
+    tokio::spawn(gateway.clone().run_health_checks(stop.clone()));
     let tls_task = tls_listener.map(|l| {
         tokio::spawn(crate::gateway::serve(
             l,

@@ -1385,6 +1385,7 @@ mod tests {
                         url: "http://127.0.0.1:1".into(),
                         weight: 1,
                     }],
+                    ..Default::default()
                 },
                 policies: vec![],
                 lifecycle,

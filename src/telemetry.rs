@@ -53,6 +53,13 @@ pub struct ApiLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub tenant: String,
+    pub api: String,
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub cause: String,
 }
@@ -71,6 +78,8 @@ pub struct Metrics {
     /// TLS handshakes that failed or timed out, by reason.
     pub gateway_tls_failures: Family<CauseLabels, Counter>,
     pub gateway_certificates: Gauge,
+    /// 1 when an upstream target takes traffic, 0 when ejected or failing health checks.
+    pub gateway_target_up: Family<TargetLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -99,6 +108,12 @@ impl Metrics {
         let gateway_routes = Gauge::default();
         let gateway_tls_failures = Family::<CauseLabels, Counter>::default();
         let gateway_certificates = Gauge::default();
+        let gateway_target_up = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "gateway_upstream_target_up",
+            "Whether an upstream target takes traffic (0: ejected or failing its health checks)",
+            gateway_target_up.clone(),
+        );
         registry.register(
             "gateway_tls_handshake_failures",
             "TLS handshakes on the gateway that failed, by cause",
@@ -149,6 +164,7 @@ impl Metrics {
             gateway_routes,
             gateway_tls_failures,
             gateway_certificates,
+            gateway_target_up,
         }
     }
 

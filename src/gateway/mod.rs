@@ -9,6 +9,7 @@
 pub mod policy;
 pub mod routes;
 pub mod tls;
+pub mod upstream;
 
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
@@ -82,6 +83,8 @@ pub struct Gateway {
     id_counter: std::sync::atomic::AtomicU64,
     /// The HTTPS listener's configurations and certificate table.
     pub tls: tls::TlsConfigs,
+    /// Lasting state of upstream targets across table swaps.
+    targets: upstream::Registry,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -406,7 +409,96 @@ impl Gateway {
                 .unwrap_or_default(),
             id_counter: std::sync::atomic::AtomicU64::new(0),
             tls: tls::TlsConfigs::new()?,
+            targets: upstream::Registry::default(),
         })
+    }
+
+    /// Runs the active health checks of every API that configures them, until `stop`: each
+    /// target is probed every interval; `unhealthy_threshold` failures in a row take it out,
+    /// `healthy_threshold` passes in a row bring it back.
+    pub async fn run_health_checks(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let table = self.table.load_full();
+            let now = self.now_ns();
+            for route in table.all() {
+                let Some(hc) = route.upstream.health_check.clone() else {
+                    continue;
+                };
+                for (i, target) in route.targets.iter().enumerate() {
+                    let state = target.state();
+                    if state.next_check.load(Relaxed) > now {
+                        continue;
+                    }
+                    state.next_check.store(
+                        now + u64::from(hc.interval_seconds) * 1_000_000_000,
+                        Relaxed,
+                    );
+                    let gw = self.clone();
+                    let route = route.clone();
+                    let hc = hc.clone();
+                    tokio::spawn(async move {
+                        let target = &route.targets[i];
+                        let ok = gw.probe(target, &hc).await;
+                        let state = target.state();
+                        let was = state.healthy.load(Relaxed);
+                        if ok {
+                            state.hc_failures.store(0, Relaxed);
+                            let n = state.hc_passes.fetch_add(1, Relaxed) + 1;
+                            if !was && n >= hc.healthy_threshold {
+                                state.healthy.store(true, Relaxed);
+                                tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target passes its health checks");
+                                gw.target_health(&route, target, true);
+                            }
+                        } else {
+                            state.hc_passes.store(0, Relaxed);
+                            let n = state.hc_failures.fetch_add(1, Relaxed) + 1;
+                            if was && n >= hc.unhealthy_threshold {
+                                state.healthy.store(false, Relaxed);
+                                tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target fails its health checks");
+                                gw.target_health(&route, target, false);
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// One health-check request: GET `<target><path>`, healthy on 2xx or 3xx within the timeout.
+    async fn probe(&self, target: &routes::Target, hc: &crate::model::HealthCheck) -> bool {
+        let Ok(uri) = format!("{}{}{}", target.origin, target.path, hc.path).parse::<hyper::Uri>()
+        else {
+            return false;
+        };
+        let mut req = Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("apim-health-check"),
+        );
+        let timeout = Duration::from_millis(u64::from(hc.timeout_ms));
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(r)) => r.status().is_success() || r.status().is_redirection(),
+            _ => false,
+        }
+    }
+
+    /// Publishes whether a target takes traffic.
+    fn target_health(&self, route: &Route, target: &routes::Target, up: bool) {
+        self.metrics
+            .gateway_target_up
+            .get_or_create(&crate::telemetry::TargetLabels {
+                tenant: route.tenant.clone(),
+                api: route.api.clone(),
+                target: format!("{}{}", target.origin, target.path),
+            })
+            .set(i64::from(up));
     }
 
     fn tls_failure(&self, cause: &'static str, peer: SocketAddr) {
@@ -439,6 +531,7 @@ impl Gateway {
         self.metrics
             .gateway_routes
             .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
+        self.targets.bind(&table);
         self.table.store(Arc::new(table));
     }
 
@@ -1002,42 +1095,19 @@ impl Gateway {
                 return r;
             }
         };
-        let target = route.next_target();
-        if !target.origin.starts_with("http://") {
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "policy-unavailable",
-                "HTTPS upstreams are not supported by this gateway yet",
-                &request_id,
-            );
-        }
         let rest = &path[if route.base_path == "/" {
             0
         } else {
             route.base_path.len()
         }..];
+        let rest = if rest.is_empty() { "/" } else { rest };
         let query = req
             .uri()
             .query()
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
-        let uri = format!(
-            "{}{}{}{query}",
-            target.origin,
-            target.path,
-            if rest.is_empty() { "/" } else { rest }
-        );
-        let Ok(uri) = uri.parse::<hyper::Uri>() else {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "bad-path",
-                "the request path cannot be forwarded",
-                &request_id,
-            );
-        };
         let original_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
-        parts.uri = uri;
         parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
@@ -1066,39 +1136,141 @@ impl Gateway {
             h.insert("x-request-id", v);
         }
         h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
-        let upstream_req =
-            Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
-        let upstream_started = Instant::now();
-        let result =
-            tokio::time::timeout(self.timeouts.response, self.client.request(upstream_req)).await;
-        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
-        let resp = match result {
-            Err(_) => {
-                return problem(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-timeout",
-                    "the upstream did not answer in time",
-                    &request_id,
-                )
-            }
-            Ok(Err(e)) if e.is_connect() => {
-                return problem(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    "the upstream could not be reached",
-                    &request_id,
-                )
-            }
-            Ok(Err(_)) => {
-                return problem(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-failed",
-                    "the upstream connection failed",
-                    &request_id,
-                )
-            }
-            Ok(Ok(r)) => r,
+
+        // Attempts: a retry goes to another target, and only when it is safe: the request has
+        // no body, and its method is idempotent or it never reached the upstream.
+        let bodyless = hyper::body::Body::is_end_stream(&body);
+        let idempotent = matches!(
+            parts.method,
+            hyper::Method::GET
+                | hyper::Method::HEAD
+                | hyper::Method::OPTIONS
+                | hyper::Method::TRACE
+                | hyper::Method::PUT
+                | hyper::Method::DELETE
+        );
+        let max_attempts = if bodyless {
+            1 + route.upstream.retries as usize
+        } else {
+            1
         };
+        let mut body = Some(body);
+        let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+        let deadline = Instant::now() + self.timeouts.response;
+        let upstream_started = Instant::now();
+        let mut last_error = None;
+        let resp = loop {
+            let Some(idx) = upstream::pick(&route, &tried, self.now_ns()) else {
+                if let Some((status, slug, detail)) = last_error {
+                    // every target was tried: the last failure is the answer
+                    served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+                    return problem(status, slug, detail, &request_id);
+                }
+                served.refusal = Some("no-healthy-target");
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream-unavailable",
+                    "no upstream target is available",
+                    &request_id,
+                );
+            };
+            tried.push(idx);
+            let target = &route.targets[idx];
+            if !target.origin.starts_with("http://") {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "policy-unavailable",
+                    "HTTPS upstreams are not supported by this gateway yet",
+                    &request_id,
+                );
+            }
+            let Ok(uri) =
+                format!("{}{}{rest}{query}", target.origin, target.path).parse::<hyper::Uri>()
+            else {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "bad-path",
+                    "the request path cannot be forwarded",
+                    &request_id,
+                );
+            };
+            let last = tried.len() >= max_attempts;
+            let mut attempt = Request::new(match body.take() {
+                Some(b) if last || !bodyless => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+                other => {
+                    body = other;
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+                }
+            });
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = uri;
+            *attempt.version_mut() = hyper::Version::HTTP_11;
+            *attempt.headers_mut() = parts.headers.clone();
+            let state = target.state();
+            state
+                .in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = tokio::time::timeout(left, self.client.request(attempt)).await;
+            state
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let (failed, retryable, answer) = match result {
+                Ok(Ok(r)) => {
+                    let bad = matches!(r.status().as_u16(), 502..=504);
+                    (bad, false, Ok(r))
+                }
+                Err(_) => (
+                    true,
+                    false,
+                    Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-timeout",
+                        "the upstream did not answer in time",
+                    )),
+                ),
+                Ok(Err(e)) if e.is_connect() => (
+                    true,
+                    true,
+                    Err((
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unavailable",
+                        "the upstream could not be reached",
+                    )),
+                ),
+                Ok(Err(_)) => (
+                    true,
+                    idempotent,
+                    Err((
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-failed",
+                        "the upstream connection failed",
+                    )),
+                ),
+            };
+            let now = self.now_ns();
+            if failed {
+                if state.failure(now, &route.upstream.ejection) {
+                    tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
+                    self.target_health(&route, target, false);
+                }
+            } else if state.success() {
+                tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target back in service");
+                self.target_health(&route, target, true);
+            }
+            match answer {
+                Ok(r) => break r,
+                Err(e) if retryable && !last && Instant::now() < deadline => {
+                    last_error = Some(e);
+                    continue;
+                }
+                Err((status, slug, detail)) => {
+                    served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+                    return problem(status, slug, detail, &request_id);
+                }
+            }
+        };
+        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         for p in &route.policies {

@@ -18,6 +18,14 @@ pub struct Target {
     /// Path prefix of the target URL, without a trailing `/` (may be empty).
     pub path: String,
     pub weight: u32,
+    /// Lasting state (in flight, ejection, health), bound when the table is installed.
+    pub state: std::sync::OnceLock<Arc<super::upstream::TargetState>>,
+}
+
+impl Target {
+    pub fn state(&self) -> &super::upstream::TargetState {
+        self.state.get_or_init(Default::default)
+    }
 }
 
 /// A published API as the gateway serves it.
@@ -29,6 +37,8 @@ pub struct Route {
     pub base_path: String,
     pub policies: Vec<Policy>,
     pub targets: Vec<Target>,
+    /// Balancing, retries, ejection and health-check settings of the API's upstream.
+    pub upstream: crate::model::Upstream,
     /// Weighted round-robin over `targets`: each index appears `weight` times.
     schedule: Vec<usize>,
     cursor: AtomicUsize,
@@ -88,11 +98,14 @@ fn jwks_keys(doc: &str) -> Vec<JwtKey> {
 }
 
 impl Route {
-    /// The next target in weighted round-robin order.
-    pub fn next_target(&self) -> &Target {
-        let n = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let idx = self.schedule[n % self.schedule.len()];
-        &self.targets[idx]
+    /// The next position of the round-robin cursor.
+    pub fn next_slot(&self) -> usize {
+        self.cursor.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Target indexes in weighted round-robin order (each appears `weight` times).
+    pub fn schedule(&self) -> &[usize] {
+        &self.schedule
     }
 }
 
@@ -114,6 +127,8 @@ pub struct RouteTable {
     exact: HashMap<String, HostRoutes>,
     /// Wildcard hosts (`*.bank.example`) by their suffix (`bank.example`).
     wildcard: HashMap<String, HostRoutes>,
+    /// Every route once (a route is listed under each of its hosts above).
+    all: Vec<Arc<Route>>,
     /// API keys by the hex SHA-256 of the key.
     pub keys: HashMap<String, KeyEntry>,
     /// Consumers by tenant and client-certificate identity (see
@@ -151,6 +166,11 @@ impl RouteTable {
         None
     }
 
+    /// Every route of the table, once each.
+    pub fn all(&self) -> &[Arc<Route>] {
+        &self.all
+    }
+
     /// Whether a connection for this SNI host may reach an API with a `mutual-tls` policy (then
     /// the handshake asks for a client certificate).
     pub fn requires_client_cert(&self, host: &str) -> bool {
@@ -181,6 +201,7 @@ impl RouteTable {
     fn insert(&mut self, route: Route, hosts: &[String]) {
         let route = Arc::new(route);
         self.routes += 1;
+        self.all.push(route.clone());
         for host in hosts {
             let host = host.to_ascii_lowercase();
             match host.strip_prefix("*.") {
@@ -287,6 +308,7 @@ fn compile(
                 origin: format!("{scheme}://{authority}"),
                 path: path.to_string(),
                 weight: t.weight.max(1),
+                state: Default::default(),
             }
         })
         .collect();
@@ -326,6 +348,7 @@ fn compile(
         },
         policies: api.policies.clone(),
         targets,
+        upstream: api.upstream.clone(),
         schedule,
         cursor: AtomicUsize::new(0),
         subscriptions,
@@ -352,6 +375,7 @@ mod tests {
                         weight: *w,
                     })
                     .collect(),
+                ..Default::default()
             },
             policies: vec![],
             lifecycle: Lifecycle::Published,
@@ -405,7 +429,12 @@ mod tests {
         );
         assert_eq!(r.targets[0].origin, "http://a:1");
         assert_eq!(r.targets[0].path, "/x");
-        let picks: Vec<&str> = (0..8).map(|_| r.next_target().origin.as_str()).collect();
+        let picks: Vec<&str> = (0..8)
+            .map(|_| {
+                let i = super::super::upstream::pick(&r, &[], 0).expect("a target");
+                r.targets[i].origin.as_str()
+            })
+            .collect();
         assert_eq!(picks.iter().filter(|o| **o == "http://a:1").count(), 6);
         assert_eq!(picks.iter().filter(|o| **o == "http://b:2").count(), 2);
     }

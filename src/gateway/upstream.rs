@@ -1,0 +1,184 @@
+//! Upstream target state and choice: requests in flight (least-requests), passive ejection (a
+//! per-target circuit breaker: closed, open for a while, then one half-open trial), and the
+//! verdict of active health checks.
+//!
+//! Architecture invariant: the state of a target outlives routing-table swaps. It lives in a
+//! registry keyed by tenant, API and target URL, and each new table's targets are bound to it
+//! when the table is installed, so a configuration change neither forgets an ejection nor
+//! resets a health verdict.
+
+use super::routes::{Route, RouteTable, Target};
+use crate::model::{Balance, Ejection};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What the gateway knows of one target of one API.
+#[derive(Debug)]
+pub struct TargetState {
+    pub in_flight: AtomicU32,
+    failures: AtomicU32,
+    /// Gateway clock (ns) until which the target is ejected; 0 when it is not.
+    open_until: AtomicU64,
+    /// A half-open trial request is in flight.
+    trial: AtomicBool,
+    /// Verdict of the active health checks (true when none are configured).
+    pub healthy: AtomicBool,
+    pub hc_passes: AtomicU32,
+    pub hc_failures: AtomicU32,
+    /// Gateway clock (ns) of the next active health check.
+    pub next_check: AtomicU64,
+}
+
+impl Default for TargetState {
+    fn default() -> Self {
+        TargetState {
+            in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            trial: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            hc_passes: AtomicU32::new(0),
+            hc_failures: AtomicU32::new(0),
+            next_check: AtomicU64::new(0),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Availability {
+    Yes,
+    /// Ejected, and the ejection has run out: one trial request may go.
+    Trial,
+    No,
+}
+
+impl TargetState {
+    fn availability(&self, now: u64) -> Availability {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Availability::No;
+        }
+        match self.open_until.load(Ordering::Relaxed) {
+            0 => Availability::Yes,
+            until if now < until => Availability::No,
+            _ => Availability::Trial,
+        }
+    }
+
+    /// Whether the target takes traffic now (healthy and not ejected).
+    pub fn serving(&self, now: u64) -> bool {
+        self.availability(now) == Availability::Yes
+    }
+
+    /// Records a good answer; returns true when this closes an ejection.
+    pub fn success(&self) -> bool {
+        self.failures.store(0, Ordering::Relaxed);
+        self.trial.store(false, Ordering::Relaxed);
+        self.open_until.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// Records a failed attempt; returns true when this ejects the target.
+    pub fn failure(&self, now: u64, rule: &Ejection) -> bool {
+        let trial = self.trial.swap(false, Ordering::Relaxed);
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if trial || n >= rule.consecutive_failures {
+            self.failures.store(0, Ordering::Relaxed);
+            let until = now.saturating_add(u64::from(rule.ejection_seconds) * 1_000_000_000);
+            self.open_until.store(until.max(1), Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// Target states by `tenant/api/url`.
+#[derive(Debug, Default)]
+pub struct Registry {
+    states: Mutex<HashMap<String, Arc<TargetState>>>,
+}
+
+impl Registry {
+    /// Binds every target of `table` to its lasting state, and forgets the states of targets
+    /// the table no longer has.
+    pub fn bind(&self, table: &RouteTable) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = HashMap::with_capacity(states.len());
+        for route in table.all() {
+            for t in &route.targets {
+                let key = format!("{}/{}/{}{}", route.tenant, route.api, t.origin, t.path);
+                let state = states
+                    .remove(&key)
+                    .or_else(|| kept.get(&key).cloned())
+                    .unwrap_or_default();
+                let _ = t.state.set(state.clone());
+                kept.insert(key, state);
+            }
+        }
+        *states = kept;
+    }
+}
+
+/// Chooses a target among those not yet `tried`: healthy and not ejected, or due for a
+/// half-open trial. `None` when every target is out (the circuit is open).
+pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
+    let targets = &route.targets;
+    let candidates = |want: Availability| {
+        (0..targets.len())
+            .filter(move |i| !tried.contains(i) && targets[*i].state().availability(now) == want)
+    };
+    let chosen = match route.upstream.balance {
+        Balance::RoundRobin => {
+            let start = route.next_slot();
+            let schedule = route.schedule();
+            (0..schedule.len())
+                .map(|k| schedule[(start + k) % schedule.len()])
+                .find(|i| !tried.contains(i) && targets[*i].state().serving(now))
+        }
+        Balance::LeastRequests => {
+            let load = |t: &Target| {
+                u64::from(t.state().in_flight.load(Ordering::Relaxed)) * 1000
+                    / u64::from(t.weight.max(1))
+            };
+            let offset = route.next_slot();
+            candidates(Availability::Yes)
+                .map(|i| {
+                    (
+                        i,
+                        (i + targets.len() - offset % targets.len()) % targets.len(),
+                    )
+                })
+                .min_by_key(|(i, rot)| (load(&targets[*i]), *rot))
+                .map(|(i, _)| i)
+        }
+    };
+    chosen.or_else(|| {
+        candidates(Availability::Trial)
+            .find(|i| !targets[*i].state().trial.swap(true, Ordering::Relaxed))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_opens_then_allows_one_trial() {
+        let s = TargetState::default();
+        let rule = Ejection {
+            consecutive_failures: 2,
+            ejection_seconds: 1,
+        };
+        assert!(!s.failure(0, &rule));
+        assert!(s.failure(0, &rule), "second failure ejects");
+        assert_eq!(s.availability(500_000_000), Availability::No);
+        assert_eq!(s.availability(1_000_000_001), Availability::Trial);
+        // a failed trial ejects again at once
+        s.trial.store(true, Ordering::Relaxed);
+        assert!(s.failure(1_000_000_001, &rule));
+        assert_eq!(s.availability(1_500_000_000), Availability::No);
+        assert!(s.success(), "a good trial closes the circuit");
+        assert_eq!(s.availability(1_500_000_000), Availability::Yes);
+        s.healthy.store(false, Ordering::Relaxed);
+        assert_eq!(s.availability(0), Availability::No);
+    }
+}

@@ -1,0 +1,428 @@
+//! Upstream resilience end to end, with real upstreams on loopback: refused, reset and slow
+//! upstreams mapped to 502 / 504, retries only when safe, passive ejection (circuit breaker)
+//! and the 503 once every target is out, active health checks, least-requests balancing.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An upstream that echoes its own address; `/health` answers 200 or 503 as `healthy` says;
+/// `/slow` waits two seconds.
+async fn upstream(healthy: Arc<AtomicBool>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let healthy = healthy.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let healthy = healthy.clone();
+                        async move {
+                            let status = match req.uri().path() {
+                                "/health" if !healthy.load(Ordering::SeqCst) => 503,
+                                "/slow" => {
+                                    tokio::time::sleep(Duration::from_secs(2)).await;
+                                    200
+                                }
+                                _ => 200,
+                            };
+                            let body = json!({"served_by": addr.to_string(), "method": req.method().as_str()});
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                                        body.to_string(),
+                                    )))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that reads the request head and closes the connection without answering.
+async fn resetting_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 1024];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp.set_zero_linger(); // close with a TCP reset
+                drop(tcp);
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback address nothing listens on.
+fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn publish(n: &Node, name: &str, upstream: Value) {
+    created(
+        n,
+        "/admin/v1/tenants/acme/apis",
+        json!({
+            "name": name, "version": "v1", "hosts": [format!("{name}.example")],
+            "base_path": "/", "lifecycle": "published", "upstream": upstream,
+        }),
+    )
+    .await;
+}
+
+fn targets(addrs: &[SocketAddr]) -> Value {
+    Value::Array(
+        addrs
+            .iter()
+            .map(|a| json!({"url": format!("http://{a}")}))
+            .collect(),
+    )
+}
+
+struct Gw {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Gw {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        host: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("host", host);
+        if let Some(b) = body {
+            r = r.body(b.to_string());
+        }
+        let resp = r.send().await.expect("gateway answered");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, host: &str, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, host, path, None).await
+    }
+
+    /// Waits until the routing table serves `host` (tables swap after the commit).
+    async fn ready(&self, host: &str) {
+        for _ in 0..200 {
+            let (s, b) = self.get(host, "/").await;
+            if s != 404 || b["type"] != "urn:apim:problem:gateway:no-route" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("{host} never routed");
+    }
+}
+
+async fn node() -> (Node, Gw) {
+    let n = Node::start_with("[gateway]\nupstream_response_timeout_seconds = 1\n").await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let gw = Gw {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap(),
+        base: format!("http://127.0.0.1:{}", n.gateway_port),
+    };
+    (n, gw)
+}
+
+async fn metrics(n: &Node) -> String {
+    n.client
+        .get(format!("{}/metrics", n.url))
+        .bearer_auth(&n.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_map_to_502_504_and_safe_retries_hide_a_dead_target() {
+    let (n, gw) = node().await;
+    let up = Arc::new(AtomicBool::new(true));
+    let live = upstream(up.clone()).await;
+    let dead = closed_port();
+    let reset = resetting_upstream().await;
+
+    // refused, reset and slow upstreams, no retries
+    publish(
+        &n,
+        "refused",
+        json!({"targets": targets(&[dead]), "retries": 0}),
+    )
+    .await;
+    publish(
+        &n,
+        "reset",
+        json!({"targets": targets(&[reset]), "retries": 0}),
+    )
+    .await;
+    publish(&n, "slow", json!({"targets": targets(&[live])})).await;
+    gw.ready("slow.example").await;
+    let (s, b) = gw.get("refused.example", "/").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (502, Some("urn:apim:problem:gateway:upstream-unavailable"))
+    );
+    let (s, b) = gw.get("reset.example", "/").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (502, Some("urn:apim:problem:gateway:upstream-failed"))
+    );
+    let (s, b) = gw.get("slow.example", "/slow").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (504, Some("urn:apim:problem:gateway:upstream-timeout"))
+    );
+    assert!(
+        !b.to_string().contains("127.0.0.1"),
+        "no upstream internals: {b}"
+    );
+
+    // [dead, reset, live] with two retries: every bodyless GET is answered by the live target
+    publish(
+        &n,
+        "retry",
+        json!({"targets": targets(&[dead, reset, live]), "retries": 2,
+               "ejection": {"consecutive_failures": 1000, "ejection_seconds": 1}}),
+    )
+    .await;
+    gw.ready("retry.example").await;
+    for _ in 0..9 {
+        let (s, b) = gw.get("retry.example", "/x").await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["served_by"], live.to_string());
+    }
+    // a POST with a body is never replayed: it fails where it lands
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        outcomes.push(
+            gw.call(
+                reqwest::Method::POST,
+                "retry.example",
+                "/x",
+                Some("payload"),
+            )
+            .await
+            .0,
+        );
+    }
+    assert!(
+        outcomes.contains(&200) && outcomes.contains(&502),
+        "{outcomes:?}"
+    );
+    // a bodyless POST is retried only past a target it never reached (the dead one), not past
+    // the one that reset it
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        outcomes.push(
+            gw.call(reqwest::Method::POST, "retry.example", "/x", None)
+                .await
+                .0,
+        );
+    }
+    assert!(
+        outcomes.contains(&200) && outcomes.contains(&502),
+        "{outcomes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ejection_opens_the_circuit_and_a_trial_closes_it() {
+    let (n, gw) = node().await;
+    let live = upstream(Arc::new(AtomicBool::new(true))).await;
+    let dead = closed_port();
+    publish(
+        &n,
+        "eject",
+        json!({"targets": targets(&[dead, live]), "retries": 0,
+               "ejection": {"consecutive_failures": 2, "ejection_seconds": 2}}),
+    )
+    .await;
+    gw.ready("eject.example").await;
+    // round-robin sends every other POST to the dead target until it is ejected
+    let mut failures = 0;
+    for _ in 0..8 {
+        if gw
+            .call(reqwest::Method::POST, "eject.example", "/", Some("x"))
+            .await
+            .0
+            == 502
+        {
+            failures += 1;
+        }
+    }
+    assert!(
+        (1..=2).contains(&failures),
+        "ejected after 2 failures, saw {failures}"
+    );
+    for _ in 0..6 {
+        let (s, b) = gw
+            .call(reqwest::Method::POST, "eject.example", "/", Some("x"))
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let m = metrics(&n).await;
+    let line = format!("apim_gateway_upstream_target_up{{tenant=\"acme\",api=\"eject\",target=\"http://{dead}\"}} 0");
+    assert!(m.contains(&line), "{line} in {m}");
+
+    // with every target out the circuit is open: 503 at once, without trying
+    publish(
+        &n,
+        "alldead",
+        json!({"targets": targets(&[dead]), "retries": 0,
+               "ejection": {"consecutive_failures": 1, "ejection_seconds": 2}}),
+    )
+    .await;
+    gw.ready("alldead.example").await;
+    let (s, _) = gw.get("alldead.example", "/").await;
+    assert_eq!(s, 503, "the readiness probe already ejected it");
+    let (s, b) = gw.get("alldead.example", "/").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (503, Some("urn:apim:problem:gateway:upstream-unavailable"))
+    );
+    // after the ejection time one trial goes through; it fails, and the circuit opens again
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        gw.get("alldead.example", "/").await.0,
+        502,
+        "the trial reached the target"
+    );
+    assert_eq!(gw.get("alldead.example", "/").await.0, 503, "open again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_targets_out_and_bring_them_back() {
+    let (n, gw) = node().await;
+    let a_ok = Arc::new(AtomicBool::new(true));
+    let a = upstream(a_ok.clone()).await;
+    let b = upstream(Arc::new(AtomicBool::new(true))).await;
+    publish(
+        &n,
+        "hc",
+        json!({"targets": targets(&[a, b]),
+               "health_check": {"path": "/health", "interval_seconds": 1, "timeout_ms": 500,
+                                "healthy_threshold": 1, "unhealthy_threshold": 1}}),
+    )
+    .await;
+    gw.ready("hc.example").await;
+    let served = |b: &Value| b["served_by"].as_str().unwrap_or_default().to_string();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(served(&gw.get("hc.example", "/").await.1));
+    }
+    assert_eq!(seen.len(), 2, "both targets serve: {seen:?}");
+
+    a_ok.store(false, Ordering::SeqCst);
+    let mut only_b = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let picks: Vec<String> = {
+            let mut v = Vec::new();
+            for _ in 0..4 {
+                v.push(served(&gw.get("hc.example", "/").await.1));
+            }
+            v
+        };
+        if picks.iter().all(|p| *p == b.to_string()) {
+            only_b = true;
+            break;
+        }
+    }
+    assert!(only_b, "the failing target was taken out");
+    a_ok.store(true, Ordering::SeqCst);
+    let mut back = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if served(&gw.get("hc.example", "/").await.1) == a.to_string() {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the target came back after passing its check");
+
+    // a bad health-check setting is refused with its field
+    let r = n
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/acme/apis",
+            Some(json!({"name": "badhc", "version": "v1", "hosts": ["x.example"], "base_path": "/",
+                        "upstream": {"targets": targets(&[a]), "health_check": {"path": "health"}}})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        r.body["invalid-params"][0]["name"],
+        "upstream.health_check.path"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_requests_avoids_the_busy_target() {
+    let (n, gw) = node().await;
+    let a = upstream(Arc::new(AtomicBool::new(true))).await;
+    let b = upstream(Arc::new(AtomicBool::new(true))).await;
+    publish(
+        &n,
+        "lr",
+        json!({"targets": targets(&[a, b]), "balance": "least-requests"}),
+    )
+    .await;
+    gw.ready("lr.example").await;
+    let gw = Arc::new(gw);
+    // hold one request on one target (the upstream is slower than the gateway's 1 s timeout,
+    // so it ends in a 504 after a second)
+    let busy = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.get("lr.example", "/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut picks = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let (s, b) = gw.get("lr.example", "/").await;
+        assert_eq!(s, 200);
+        picks.insert(b["served_by"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        picks.len(),
+        1,
+        "every request went to the idle target: {picks:?}"
+    );
+    assert_eq!(busy.await.unwrap().0, 504);
+}
