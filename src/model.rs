@@ -328,6 +328,24 @@ pub struct Upstream {
     /// Active health checks; a target failing them is left out until it passes again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// TLS to `https://` targets: required when any target is `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the gateway verifies and authenticates to HTTPS targets (HTTP/2 or HTTP/1.1 by ALPN).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM CA certificates that issue the targets' certificates (no system roots are used).
+    pub ca_bundle: String,
+    /// Name of a certificate resource of the tenant presented as the gateway's client
+    /// certificate (mutual TLS to the upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    /// Name verified in the targets' certificates (and sent as SNI) instead of the URL's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 fn default_retries() -> u32 {
@@ -342,6 +360,7 @@ impl Default for Upstream {
             retries: default_retries(),
             ejection: Ejection::default(),
             health_check: None,
+            tls: None,
         }
     }
 }
@@ -424,6 +443,41 @@ impl Upstream {
                     format!("upstream.targets[{i}].weight"),
                     "must be between 1 and 1000",
                 ));
+            }
+        }
+        let https = self.targets.iter().any(|t| t.url.starts_with("https://"));
+        match &self.tls {
+            None if https => {
+                return Err(FieldError::new(
+                    "upstream.tls",
+                    "is required for https:// targets (ca_bundle: the PEM CAs that issue their certificates)",
+                ))
+            }
+            None => {}
+            Some(tls) => {
+                crate::pki::root_store(&tls.ca_bundle).map_err(|e| {
+                    FieldError::new(
+                        "upstream.tls.ca_bundle",
+                        format!("must hold PEM CA certificates: {e}"),
+                    )
+                })?;
+                if !tls.ca_bundle.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(FieldError::new(
+                        "upstream.tls.ca_bundle",
+                        "must hold at least one PEM certificate",
+                    ));
+                }
+                if let Some(c) = &tls.client_certificate {
+                    check_name("upstream.tls.client_certificate", c)?;
+                }
+                if let Some(n) = &tls.server_name {
+                    if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+                        return Err(FieldError::new(
+                            "upstream.tls.server_name",
+                            format!("{n:?} is not a DNS name or IP address"),
+                        ));
+                    }
+                }
             }
         }
         if self.retries > 5 {
@@ -1192,12 +1246,6 @@ impl CertificateSpec {
             return Err(FieldError::new(
                 "certificate",
                 "hosts, subject, issuer, validity and fingerprint are read from the certificate",
-            ));
-        }
-        if self.hosts.is_empty() {
-            return Err(FieldError::new(
-                "certificate",
-                "the leaf certificate names no DNS host (subjectAltName) to serve it for",
             ));
         }
         if !self

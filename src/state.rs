@@ -594,6 +594,16 @@ fn references(
         }
         Spec::Key(k) => need.push((Kind::Consumer, &k.consumer, "consumer")),
         Spec::Token(t) => need.push((Kind::User, &t.user, "user")),
+        Spec::Api(a) => {
+            if let Some(c) = a
+                .upstream
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_certificate.as_deref())
+            {
+                need.push((Kind::Certificate, c, "upstream.tls.client_certificate"));
+            }
+        }
         _ => {}
     }
     for (kind, name, field) in need {
@@ -928,6 +938,22 @@ fn delete(
         Kind::Consumer => subscriptions(st, |s| &s.consumer)?,
         Kind::Api => subscriptions(st, |s| &s.api)?,
         Kind::Plan => subscriptions(st, |s| &s.plan)?,
+        Kind::Certificate => st
+            .objects(Kind::Api, tenant)?
+            .into_iter()
+            .filter_map(|o| match &o.spec {
+                Spec::Api(a)
+                    if a.upstream
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.client_certificate.as_deref())
+                        == Some(name) =>
+                {
+                    Some(format!("api {}", a.name))
+                }
+                _ => None,
+            })
+            .collect(),
         Kind::User if tenant.is_none() => {
             if enabled_platform_admins(st)? == [name.to_string()] {
                 return Ok(Err(reject(
@@ -940,10 +966,10 @@ fn delete(
         _ => Vec::new(),
     };
     if !blockers.is_empty() {
-        let what = if kind == Kind::Tenant {
-            "objects"
-        } else {
-            "subscriptions"
+        let what = match kind {
+            Kind::Tenant => "objects",
+            Kind::Certificate => "APIs (upstream.tls.client_certificate)",
+            _ => "subscriptions",
         };
         return Ok(Err(reject(
             RejectCode::Conflict,

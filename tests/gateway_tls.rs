@@ -515,3 +515,169 @@ async fn mutual_tls_maps_client_certificates_to_consumers() {
         .expect("an access line");
     assert_eq!(line["consumer"], "tpp-one", "{line}");
 }
+
+/// An HTTPS upstream (HTTP/2 or HTTP/1.1 by ALPN) that requires a client certificate from
+/// `client_ca` and echoes the protocol version and the client's subject.
+async fn tls_upstream(server: (&str, &str), client_ca: &str) -> std::net::SocketAddr {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(client_ca.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            CertificateDer::pem_slice_iter(server.0.as_bytes())
+                .map(|c| c.unwrap())
+                .collect(),
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let subject = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| apim::pki::subject_of(c))
+                    .unwrap_or_default();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let body = json!({"version": format!("{:?}", req.version()), "client": subject, "uri": req.uri().path()});
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body.to_string())),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_with_a_private_ca_and_a_client_certificate() {
+    let n = Node::start().await;
+    let t = "/admin/v1/tenants/corp";
+    created(&n, "/admin/v1/tenants", json!({"name": "corp"})).await;
+    let upstream_ca = ca("internal services CA");
+    let gateway_ca = ca("gateway clients CA");
+    let server = leaf(
+        &upstream_ca,
+        &["upstream.internal"],
+        &[(DnType::CommonName, "svc")],
+        30,
+    );
+    let (client_chain, client_key) = leaf(
+        &gateway_ca,
+        &[],
+        &[(DnType::CommonName, "apim gateway")],
+        30,
+    );
+    let up = tls_upstream((&server.0, &server.1), &gateway_ca.pem).await;
+    let r = add_certificate(&n, "corp", "gw-client", &client_chain, &client_key).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+
+    let api = |name: &str, tls: Value| {
+        json!({
+            "name": name, "version": "v1", "hosts": [format!("{name}.example")], "base_path": "/",
+            "lifecycle": "published",
+            "upstream": {"targets": [{"url": format!("https://{up}/base")}], "tls": tls},
+        })
+    };
+    // refusals name the field
+    for (tls, field) in [
+        (Value::Null, "upstream.tls"),
+        (json!({"ca_bundle": "nope"}), "upstream.tls.ca_bundle"),
+        (
+            json!({"ca_bundle": upstream_ca.pem, "client_certificate": "missing"}),
+            "upstream.tls.client_certificate",
+        ),
+        (
+            json!({"ca_bundle": upstream_ca.pem, "server_name": "bad name"}),
+            "upstream.tls.server_name",
+        ),
+    ] {
+        let mut body = api("x", tls);
+        if body["upstream"]["tls"].is_null() {
+            body["upstream"].as_object_mut().unwrap().remove("tls");
+        }
+        let r = n
+            .admin(Method::POST, &format!("{t}/apis"), Some(body))
+            .await;
+        assert_eq!(r.status, 422, "{field}: {:?}", r.body);
+        assert_eq!(r.body["invalid-params"][0]["name"], field, "{:?}", r.body);
+    }
+
+    let good = json!({"ca_bundle": upstream_ca.pem, "client_certificate": "gw-client",
+                      "server_name": "upstream.internal"});
+    created(&n, &format!("{t}/apis"), api("svc", good)).await;
+    let wrong_ca = json!({"ca_bundle": gateway_ca.pem, "client_certificate": "gw-client",
+                          "server_name": "upstream.internal"});
+    created(&n, &format!("{t}/apis"), api("wrongca", wrong_ca)).await;
+    let no_client = json!({"ca_bundle": upstream_ca.pem, "server_name": "upstream.internal"});
+    created(&n, &format!("{t}/apis"), api("anon", no_client)).await;
+
+    let http = reqwest::Client::new();
+    let get = |host: &'static str| {
+        let http = http.clone();
+        let url = format!("http://127.0.0.1:{}/v", n.gateway_port);
+        async move {
+            let r = http.get(url).header("host", host).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let mut last = (0, Value::Null);
+    for _ in 0..100 {
+        last = get("svc.example").await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(last.0, 200, "{:?}", last.1);
+    assert_eq!(
+        last.1["version"], "HTTP/2.0",
+        "HTTP/2 to the upstream by ALPN"
+    );
+    assert_eq!(last.1["client"], "CN=apim gateway");
+    assert_eq!(last.1["uri"], "/base/v");
+    // an upstream certificate from another CA, or no client certificate: the handshake fails
+    assert_eq!(get("wrongca.example").await.0, 502);
+    assert_eq!(get("anon.example").await.0, 502);
+
+    // a certificate an API presents cannot be deleted from under it
+    let r = n
+        .admin(Method::DELETE, &format!("{t}/certificates/gw-client"), None)
+        .await;
+    assert_eq!(r.status, 409, "{:?}", r.body);
+}

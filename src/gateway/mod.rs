@@ -31,6 +31,8 @@ use tokio::sync::watch;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
+/// A pooled client for `https://` targets (HTTP/2 or HTTP/1.1 by ALPN).
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Limits of the gateway's upstream calls.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +87,8 @@ pub struct Gateway {
     pub tls: tls::TlsConfigs,
     /// Lasting state of upstream targets across table swaps.
     targets: upstream::Registry,
+    /// Clients for HTTPS upstreams by TLS settings, kept across table swaps (and their pools).
+    https_clients: Mutex<HashMap<String, HttpsClient>>,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -410,7 +414,91 @@ impl Gateway {
             id_counter: std::sync::atomic::AtomicU64::new(0),
             tls: tls::TlsConfigs::new()?,
             targets: upstream::Registry::default(),
+            https_clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Gives each route with HTTPS settings its client: one per distinct CA bundle, client
+    /// certificate and server name, reused across swaps.
+    fn bind_https(&self, table: &RouteTable) {
+        let certs = self.tls.resolver.table.load();
+        let mut cache = lock(&self.https_clients);
+        let mut kept: HashMap<String, HttpsClient> = HashMap::new();
+        for route in table.all() {
+            let Some(tls) = &route.upstream.tls else {
+                continue;
+            };
+            let key = match &tls.client_certificate {
+                Some(name) => match certs.by_name.get(&format!("{}/{name}", route.tenant)) {
+                    Some(k) => Some(k.clone()),
+                    None => {
+                        tracing::error!(tenant = %route.tenant, api = %route.api, certificate = %name, "upstream client certificate not available; HTTPS targets fail closed");
+                        let _ = route.tls_client.set(Err("client-certificate-unavailable"));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let id = format!(
+                "{}|{}|{}",
+                crate::pki::secret_hash(&tls.ca_bundle),
+                key.as_ref()
+                    .and_then(|k| k.cert.first())
+                    .map(|c| crate::pki::fingerprint(c))
+                    .unwrap_or_default(),
+                tls.server_name.as_deref().unwrap_or_default()
+            );
+            let client = match cache.remove(&id).or_else(|| kept.get(&id).cloned()) {
+                Some(c) => Ok(c),
+                None => self.https_client(tls, key),
+            };
+            match client {
+                Ok(c) => {
+                    let _ = route.tls_client.set(Ok(c.clone()));
+                    kept.insert(id, c);
+                }
+                Err(e) => {
+                    tracing::error!(tenant = %route.tenant, api = %route.api, error = %e, "upstream TLS settings unusable; HTTPS targets fail closed");
+                    let _ = route.tls_client.set(Err("tls-settings-unusable"));
+                }
+            }
+        }
+        *cache = kept;
+    }
+
+    fn https_client(
+        &self,
+        tls: &crate::model::UpstreamTls,
+        key: Option<Arc<rustls::sign::CertifiedKey>>,
+    ) -> anyhow::Result<HttpsClient> {
+        let roots = crate::pki::root_store(&tls.ca_bundle)?;
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(tls::provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots);
+        let cfg = match key {
+            Some(k) => b.with_client_cert_resolver(Arc::new(tls::FixedClientCert(k))),
+            None => b.with_no_client_auth(),
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(self.timeouts.connect));
+        http.set_nodelay(true);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(cfg)
+            .https_only();
+        let builder = match &tls.server_name {
+            Some(n) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                    rustls_pki_types::ServerName::try_from(n.clone())?,
+                ))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_all_versions().wrap_connector(http);
+        Ok(Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector))
     }
 
     /// Runs the active health checks of every API that configures them, until `stop`: each
@@ -532,6 +620,7 @@ impl Gateway {
             .gateway_routes
             .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
         self.targets.bind(&table);
+        self.bind_https(&table);
         self.table.store(Arc::new(table));
     }
 
@@ -1176,14 +1265,19 @@ impl Gateway {
             };
             tried.push(idx);
             let target = &route.targets[idx];
-            if !target.origin.starts_with("http://") {
-                return problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "policy-unavailable",
-                    "HTTPS upstreams are not supported by this gateway yet",
-                    &request_id,
-                );
-            }
+            let https = target.origin.starts_with("https://");
+            let tls_client = match (https, route.tls_client.get()) {
+                (false, _) => None,
+                (true, Some(Ok(c))) => Some(c),
+                (true, _) => {
+                    return problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "policy-unavailable",
+                        "the upstream's TLS settings cannot be used",
+                        &request_id,
+                    )
+                }
+            };
             let Ok(uri) =
                 format!("{}{}{rest}{query}", target.origin, target.path).parse::<hyper::Uri>()
             else {
@@ -1211,7 +1305,11 @@ impl Gateway {
                 .in_flight
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let left = deadline.saturating_duration_since(Instant::now());
-            let result = tokio::time::timeout(left, self.client.request(attempt)).await;
+            let sent = match tls_client {
+                Some(c) => c.request(attempt),
+                None => self.client.request(attempt),
+            };
+            let result = tokio::time::timeout(left, sent).await;
             state
                 .in_flight
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

@@ -39,6 +39,9 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// Balancing, retries, ejection and health-check settings of the API's upstream.
     pub upstream: crate::model::Upstream,
+    /// The client for `https://` targets, bound when the table is installed (an error names
+    /// why the upstream's TLS cannot be used; such targets then fail closed).
+    pub tls_client: std::sync::OnceLock<Result<super::HttpsClient, &'static str>>,
     /// Weighted round-robin over `targets`: each index appears `weight` times.
     schedule: Vec<usize>,
     cursor: AtomicUsize,
@@ -349,6 +352,7 @@ fn compile(
         policies: api.policies.clone(),
         targets,
         upstream: api.upstream.clone(),
+        tls_client: Default::default(),
         schedule,
         cursor: AtomicUsize::new(0),
         subscriptions,

@@ -65,6 +65,8 @@ pub struct CertTable {
     exact: HashMap<String, Arc<Served>>,
     /// Wildcard certificates (`*.bank.example`) by their suffix (`bank.example`).
     wildcard: HashMap<String, Arc<Served>>,
+    /// Every certificate by `tenant/name` (client certificates to upstreams).
+    pub by_name: HashMap<String, Arc<CertifiedKey>>,
     pub certificates: usize,
 }
 
@@ -113,6 +115,7 @@ impl CertTable {
                     }
                 };
                 fresh.insert(c.private_key.clone(), key.clone());
+                table.by_name.insert(format!("{t}/{}", c.name), key.clone());
                 let served = Arc::new(Served {
                     key,
                     hosts: c.hosts.clone(),
@@ -257,6 +260,24 @@ impl TlsConfigs {
             client_auth: make(Some(Arc::new(AnyClientCert::new(&provider))))?,
             resolver,
         })
+    }
+}
+
+/// Presents one fixed certificate when an upstream asks for a client certificate.
+#[derive(Debug)]
+pub struct FixedClientCert(pub Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
