@@ -70,6 +70,11 @@ pub struct GatewayConfig {
     pub https_listen: String,
     /// Time allowed for a client's TLS handshake, in seconds.
     pub tls_handshake_timeout_seconds: u64,
+    /// Largest request head (HTTP/1.1 request line and headers) or HTTP/2 header list, in
+    /// bytes; a larger one answers 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request; more answers 431.
+    pub max_headers: usize,
     /// Time allowed to connect to an upstream target, in milliseconds.
     pub upstream_connect_timeout_ms: u64,
     /// Time allowed for an upstream's response headers, in seconds.
@@ -90,6 +95,8 @@ impl Default for GatewayConfig {
             http_listen: "127.0.0.1:8080".into(),
             https_listen: "127.0.0.1:8443".into(),
             tls_handshake_timeout_seconds: 10,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
             upstream_connect_timeout_ms: 2000,
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
@@ -302,6 +309,18 @@ impl Config {
             return Err(bad(
                 "gateway.tls_handshake_timeout_seconds",
                 "must be between 1 and 300".into(),
+            ));
+        }
+        if !(8192..=1024 * 1024).contains(&self.gateway.max_header_bytes) {
+            return Err(bad(
+                "gateway.max_header_bytes",
+                "must be between 8192 and 1048576".into(),
+            ));
+        }
+        if !(16..=1000).contains(&self.gateway.max_headers) {
+            return Err(bad(
+                "gateway.max_headers",
+                "must be between 16 and 1000".into(),
             ));
         }
         if let Some(p) = &self.secrets.identity_file {

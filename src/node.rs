@@ -461,6 +461,8 @@ async fn start_gateway(
         header_timeout: Duration::from_secs(cfg.gateway.header_timeout_seconds),
         handshake_timeout: Duration::from_secs(cfg.gateway.tls_handshake_timeout_seconds),
         max_connections: cfg.gateway.max_connections,
+        max_header_bytes: cfg.gateway.max_header_bytes,
+        max_headers: cfg.gateway.max_headers,
         grace,
     };
     tracing::info!(

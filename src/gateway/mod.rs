@@ -144,6 +144,44 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::UPGRADE);
 }
 
+/// Whether a host name from `Host` or the request target is plausible: DNS characters (letters,
+/// digits, `-`, `_`, `.`) or a bracketed IPv6 literal, at most 253 characters.
+fn host_is_valid(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('.')
+        && !host.contains("..")
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with an
+/// `Upgrade` token such as `websocket`).
+fn upgrade_token(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != hyper::Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let token = req.headers().get(header::UPGRADE)?;
+    let valid = token
+        .to_str()
+        .is_ok_and(|t| !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()));
+    (asks && valid).then(|| token.clone())
+}
+
 /// Whether a request path is safe to route and forward as is: no empty, `.` or `..` segment,
 /// no backslash, no `;` parameters, and no percent-encoded dot, slash or backslash (which
 /// upstreams may decode differently than the router matched).
@@ -1136,6 +1174,15 @@ impl Gateway {
             })
             .unwrap_or_default()
             .to_ascii_lowercase();
+        if req.headers().get_all(header::HOST).iter().count() > 1 || !host_is_valid(&host) {
+            served.refusal = Some("bad-host");
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "bad-host",
+                "the request has no valid Host",
+                &request_id,
+            );
+        }
         if let Some(t) = &conn.tls {
             // The request must be for a host the presented certificate names (no fronting
             // one TLS name to reach another host's APIs).
@@ -1196,10 +1243,19 @@ impl Gateway {
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
         let original_host = req.headers().get(header::HOST).cloned();
+        // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
+        let upgrade = upgrade_token(&req);
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
+        if let Some(token) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token.clone());
+        }
         let h = &mut parts.headers;
         // Client-supplied forwarding headers are believed only from trusted proxies.
         let xff = match (&incoming_xff, peer_trusted) {
@@ -1369,8 +1425,48 @@ impl Gateway {
             }
         };
         served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+        let mut resp = resp;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let spliced = match (switching, client_upgrade) {
+            (true, Some(client)) => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (tenant, api) = (route.tenant.clone(), route.api.clone());
+                tokio::spawn(async move {
+                    match tokio::try_join!(client, upstream) {
+                        Ok((c, u)) => {
+                            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                                tracing::debug!(tenant = %tenant, api = %api, error = %e, "upgraded connection ended with an error");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(tenant = %tenant, api = %api, error = %e, "protocol switch failed")
+                        }
+                    }
+                });
+                true
+            }
+            _ => false,
+        };
+        let upgrade_answer = resp.headers().get(header::UPGRADE).cloned();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if spliced {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(token) = upgrade_answer.or(upgrade) {
+                parts.headers.insert(header::UPGRADE, token);
+            }
+        } else if switching {
+            // a 101 the client did not ask for cannot be relayed
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "upstream-failed",
+                "the upstream switched protocols unasked",
+                &request_id,
+            );
+        }
         for p in &route.policies {
             if let Policy::ResponseHeaders { add, remove } = p {
                 for h in remove {
@@ -1410,6 +1506,10 @@ pub struct ListenerLimits {
     pub header_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), in bytes; more answers 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request; more answers 431.
+    pub max_headers: usize,
     pub grace: Duration,
 }
 
@@ -1479,8 +1579,13 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -1518,7 +1623,8 @@ pub async fn serve(
                 match tokio::time::timeout(limits.handshake_timeout, handshake(&gw, tcp)).await {
                     Ok(Ok((stream, info))) => {
                         let conn = Arc::new(Conn::new(peer, Some(info)));
-                        let c = builder.serve_connection(TokioIo::new(stream), svc(conn));
+                        let c =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc(conn));
                         watcher.watch(c.into_owned()).await
                     }
                     Ok(Err(cause)) => {
@@ -1532,7 +1638,7 @@ pub async fn serve(
                 }
             } else {
                 let conn = Arc::new(Conn::new(peer, None));
-                let c = builder.serve_connection(TokioIo::new(tcp), svc(conn));
+                let c = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc(conn));
                 watcher.watch(c.into_owned()).await
             };
             if let Err(e) = result {

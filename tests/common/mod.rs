@@ -200,6 +200,11 @@ impl Node {
                     .await
                 {
                     if r.status().is_success() {
+                        // the token as it is once the node serves (a health check may wait in
+                        // the listen backlog while the node still writes a new token)
+                        if let Ok(t) = std::fs::read_to_string(self.dir.join("admin.token")) {
+                            self.token = t.trim().to_string();
+                        }
                         return true;
                     }
                 }

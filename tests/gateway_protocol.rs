@@ -1,0 +1,327 @@
+//! The gateway's HTTP handling under hostile and unusual input, spoken over raw TCP: request
+//! smuggling shapes, oversize heads, slowloris, bad Host, path tricks; and the protocol
+//! features a proxy must get right: a WebSocket echo through the gateway, `Expect:
+//! 100-continue`, 1 GiB bodies streamed both ways with the gateway's memory bounded.
+
+mod common;
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `request` on a new connection and reads until the server closes it or goes quiet.
+async fn exchange(port: u16, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(request).await.unwrap();
+    read_some(&mut s, Duration::from_millis(1500)).await
+}
+
+async fn read_some(s: &mut TcpStream, quiet: Duration) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn publish(n: &Node, name: &str, up: SocketAddr, policies: serde_json::Value) {
+    created(
+        n,
+        "/admin/v1/tenants/acme/apis",
+        json!({
+            "name": name, "version": "v1", "hosts": [format!("{name}.example")], "base_path": "/",
+            "lifecycle": "published", "upstream": {"targets": [{"url": format!("http://{up}")}]},
+            "policies": policies,
+        }),
+    )
+    .await;
+}
+
+async fn wait_routed(port: u16, host: &str) {
+    for _ in 0..200 {
+        let a = exchange(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        if status_of(&a) != 404 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{host} never routed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_and_the_gateway_stays_up() {
+    let n = Node::start_with("[gateway]\nheader_timeout_seconds = 1\n").await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let up = echo_upstream().await;
+    publish(&n, "h", up, json!([])).await;
+    let port = n.gateway_port;
+    wait_routed(port, "h.example").await;
+
+    let cases: Vec<(&str, String, &[u16])> = vec![
+        (
+            // RFC 9112 §6.3: chunked wins, Content-Length is dropped, and the connection is
+            // closed after the answer, so the bytes after the chunked body are never a request
+            "Content-Length with Transfer-Encoding",
+            "POST / HTTP/1.1\r\nHost: h.example\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: h.example\r\n\r\n".into(),
+            &[200, 400],
+        ),
+        (
+            "two different Content-Length",
+            "POST / HTTP/1.1\r\nHost: h.example\r\nContent-Length: 3\r\nContent-Length: 30\r\n\r\nabc".into(),
+            &[400],
+        ),
+        (
+            "obs-fold",
+            "GET / HTTP/1.1\r\nHost: h.example\r\nX-A: a\r\n folded\r\n\r\n".into(),
+            &[400],
+        ),
+        (
+            "bad chunk size",
+            "POST / HTTP/1.1\r\nHost: h.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".into(),
+            // the head is fine; the body then fails: either a 400 or the connection dropped,
+            // never an upstream answer with a partial body
+            &[400, 502, 0],
+        ),
+        (
+            "Transfer-Encoding other than chunked",
+            "POST / HTTP/1.1\r\nHost: h.example\r\nTransfer-Encoding: gzip\r\n\r\nabc".into(),
+            &[400, 501],
+        ),
+        (
+            "oversize header",
+            format!("GET / HTTP/1.1\r\nHost: h.example\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000)),
+            &[431],
+        ),
+        (
+            "too many headers",
+            format!(
+                "GET / HTTP/1.1\r\nHost: h.example\r\n{}\r\n",
+                (0..150).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+            ),
+            &[431],
+        ),
+        ("no Host", "GET / HTTP/1.1\r\n\r\n".into(), &[400]),
+        ("Host with a space", "GET / HTTP/1.1\r\nHost: h .example\r\n\r\n".into(), &[400]),
+        ("Host with empty label", "GET / HTTP/1.1\r\nHost: h..example\r\n\r\n".into(), &[400]),
+        (
+            "two Host headers",
+            "GET / HTTP/1.1\r\nHost: h.example\r\nHost: evil.example\r\n\r\n".into(),
+            &[400],
+        ),
+        ("encoded dot-dot", "GET /a/%2e%2e/admin HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("mixed-case encoded dot", "GET /a/%2E./admin HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("double slash", "GET //admin HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("path parameter", "GET /a;jsessionid=1/b HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("encoded slash", "GET /a%2Fb HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("NUL byte", "GET /a%00b HTTP/1.1\r\nHost: h.example\r\n\r\n".into(), &[400]),
+        ("bad request line", "GET\r\n\r\n".into(), &[400]),
+    ];
+    for (what, request, expected) in &cases {
+        let answer = exchange(port, request.as_bytes()).await;
+        let status = status_of(&answer);
+        assert!(expected.contains(&status), "{what}: got {status}: {answer}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "{what}: exactly one answer, nothing smuggled behind it: {answer}"
+        );
+        assert!(
+            !answer.contains("/smuggled"),
+            "{what}: a second request was smuggled: {answer}"
+        );
+    }
+
+    // slowloris: a head that never completes is cut off after the header timeout
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: h.exa")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = read_some(&mut slow, Duration::from_secs(10)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the slow connection was closed by the gateway, not by the test's patience"
+    );
+    assert!(answer.is_empty() || status_of(&answer) == 408, "{answer}");
+
+    // still serving, same process
+    let answer = exchange(
+        port,
+        b"GET /ok HTTP/1.1\r\nHost: h.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(std::path::Path::new(&format!("/proc/{}", n.pid())).exists());
+    let log = n.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+/// An upstream that accepts WebSocket handshakes (RFC 6455) and echoes every frame it receives.
+async fn websocket_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .starts_with("sec-websocket-key:")
+                            .then(|| l[18..].trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let digest = aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+                    format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+                );
+                use base64::Engine;
+                let accept = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+                let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                // frames: FIN|opcode, MASK|len (< 126), mask, payload
+                loop {
+                    let mut h = [0u8; 2];
+                    if s.read_exact(&mut h).await.is_err() {
+                        return;
+                    }
+                    let len = (h[1] & 0x7f) as usize;
+                    let mut mask = [0u8; 4];
+                    let mut payload = vec![0u8; len];
+                    if s.read_exact(&mut mask).await.is_err()
+                        || s.read_exact(&mut payload).await.is_err()
+                    {
+                        return;
+                    }
+                    for (i, byte) in payload.iter_mut().enumerate() {
+                        *byte ^= mask[i % 4];
+                    }
+                    let mut frame = vec![h[0], len as u8];
+                    frame.extend_from_slice(&payload);
+                    if s.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_and_expect_continue_through_the_gateway() {
+    let n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let ws = websocket_echo().await;
+    let up = echo_upstream().await;
+    publish(&n, "ws", ws, json!([])).await;
+    publish(
+        &n,
+        "keyed",
+        up,
+        json!([{"type": "api-key", "header": "x-api-key"}]),
+    )
+    .await;
+    created(&n, "/admin/v1/tenants/acme/plans", json!({"name": "p"})).await;
+    created(&n, "/admin/v1/tenants/acme/consumers", json!({"name": "c"})).await;
+    created(
+        &n,
+        "/admin/v1/tenants/acme/subscriptions",
+        json!({"consumer": "c", "api": "keyed", "plan": "p", "status": "active"}),
+    )
+    .await;
+    let key = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/acme/consumers/c/keys",
+            Some(json!({})),
+        )
+        .await
+        .body["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = n.gateway_port;
+    wait_routed(port, "keyed.example").await;
+
+    // WebSocket: handshake through the gateway, then frames both ways
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "head so far: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for text in ["hello", "through apim"] {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | text.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(text.bytes().enumerate().map(|(i, c)| c ^ mask[i % 4]));
+        s.write_all(&frame).await.unwrap();
+        let mut back = vec![0u8; 2 + text.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back[0], 0x81);
+        assert_eq!(&back[2..], text.as_bytes());
+    }
+
+    // Expect: 100-continue: a refused request is answered before the body is sent...
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: keyed.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    let answer = read_some(&mut s, Duration::from_millis(800)).await;
+    assert_eq!(status_of(&answer), 401, "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    // ...an admitted one gets 100 Continue, then the upstream's answer to the body
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("POST /up HTTP/1.1\r\nHost: keyed.example\r\nx-api-key: {key}\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut first = [0u8; 25];
+    s.read_exact(&mut first).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("HTTP/1.1 100 Continue"),
+        "{first:?}"
+    );
+    s.write_all(b"hello").await.unwrap();
+    let answer = read_some(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.contains(" 200 "), "{answer}");
+    assert!(answer.contains("\"body\":\"hello\""), "{answer}");
+}
