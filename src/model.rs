@@ -691,6 +691,19 @@ fn check_url(field: &str, url: &str, schemes: &[&str]) -> Checked {
     if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(FieldError::new(field, format!("{url:?} has no valid host")));
     }
+    if host.contains('@') {
+        // credentials would end up in logs and metric labels; upstream auth is a policy matter
+        return Err(FieldError::new(
+            field,
+            "must not carry credentials (user:password@)",
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(FieldError::new(
+            field,
+            "must not carry a query or a fragment",
+        ));
+    }
     Ok(())
 }
 
@@ -1555,6 +1568,15 @@ mod tests {
                 Box::new(|a| a.upstream.targets[0].url = "ftp://x".into()),
                 "upstream.targets[0].url",
             ),
+            (
+                Box::new(|a| a.upstream.targets[0].url = "http://user:pw@h:1".into()),
+                "upstream.targets[0].url",
+            ),
+            (
+                Box::new(|a| a.upstream.targets[0].url = "https://h:1".into()),
+                "upstream.tls",
+            ),
+            (Box::new(|a| a.upstream.retries = 6), "upstream.retries"),
             (
                 Box::new(|a| {
                     a.policies = vec![Policy::IpFilter {

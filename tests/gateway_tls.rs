@@ -639,7 +639,11 @@ async fn https_upstreams_with_a_private_ca_and_a_client_certificate() {
 
     let good = json!({"ca_bundle": upstream_ca.pem, "client_certificate": "gw-client",
                       "server_name": "upstream.internal"});
-    created(&n, &format!("{t}/apis"), api("svc", good)).await;
+    let mut svc = api("svc", good);
+    // health checks go over the same TLS settings
+    svc["upstream"]["health_check"] = json!({"path": "/health", "interval_seconds": 1,
+                                             "unhealthy_threshold": 1, "healthy_threshold": 1});
+    created(&n, &format!("{t}/apis"), svc).await;
     let wrong_ca = json!({"ca_bundle": gateway_ca.pem, "client_certificate": "gw-client",
                           "server_name": "upstream.internal"});
     created(&n, &format!("{t}/apis"), api("wrongca", wrong_ca)).await;
@@ -671,6 +675,12 @@ async fn https_upstreams_with_a_private_ca_and_a_client_certificate() {
     );
     assert_eq!(last.1["client"], "CN=apim gateway");
     assert_eq!(last.1["uri"], "/base/v");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        get("svc.example").await.0,
+        200,
+        "the HTTPS health checks pass"
+    );
     // an upstream certificate from another CA, or no client certificate: the handshake fails
     assert_eq!(get("wrongca.example").await.0, 502);
     assert_eq!(get("anon.example").await.0, 502);

@@ -297,6 +297,18 @@ async fn ejection_opens_the_circuit_and_a_trial_closes_it() {
             .await;
         assert_eq!(s, 200, "{b}");
     }
+    // once the ejection time is up, the next request is the ejected target's trial, even though
+    // the other target serves; it fails, and the target is out again
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..4 {
+        outcomes.push(
+            gw.call(reqwest::Method::POST, "eject.example", "/", Some("x"))
+                .await
+                .0,
+        );
+    }
+    assert_eq!(outcomes, [502, 200, 200, 200], "one trial, then out again");
     let m = metrics(&n).await;
     let line = format!("apim_gateway_upstream_target_up{{tenant=\"acme\",api=\"eject\",target=\"http://{dead}\"}} 0");
     assert!(m.contains(&line), "{line} in {m}");

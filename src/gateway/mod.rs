@@ -570,7 +570,7 @@ impl Gateway {
                     let hc = hc.clone();
                     tokio::spawn(async move {
                         let target = &route.targets[i];
-                        let ok = gw.probe(target, &hc).await;
+                        let ok = gw.probe(&route, target, &hc).await;
                         let state = target.state();
                         let was = state.healthy.load(Relaxed);
                         if ok {
@@ -596,8 +596,14 @@ impl Gateway {
         }
     }
 
-    /// One health-check request: GET `<target><path>`, healthy on 2xx or 3xx within the timeout.
-    async fn probe(&self, target: &routes::Target, hc: &crate::model::HealthCheck) -> bool {
+    /// One health-check request: GET `<target><path>`, healthy on 2xx or 3xx within the timeout
+    /// (over the route's TLS settings for an `https://` target).
+    async fn probe(
+        &self,
+        route: &Route,
+        target: &routes::Target,
+        hc: &crate::model::HealthCheck,
+    ) -> bool {
         let Ok(uri) = format!("{}{}{}", target.origin, target.path, hc.path).parse::<hyper::Uri>()
         else {
             return false;
@@ -609,7 +615,15 @@ impl Gateway {
             HeaderValue::from_static("apim-health-check"),
         );
         let timeout = Duration::from_millis(u64::from(hc.timeout_ms));
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        let sent = if target.origin.starts_with("https://") {
+            match route.tls_client.get() {
+                Some(Ok(c)) => c.request(req),
+                _ => return false,
+            }
+        } else {
+            self.client.request(req)
+        };
+        match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(r)) => r.status().is_success() || r.status().is_redirection(),
             _ => false,
         }

@@ -126,6 +126,13 @@ pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
         (0..targets.len())
             .filter(move |i| !tried.contains(i) && targets[*i].state().availability(now) == want)
     };
+    // An ejected target whose time is up gets one trial request first, even while others
+    // serve: its answer decides whether it comes back.
+    if let Some(i) = candidates(Availability::Trial)
+        .find(|i| !targets[*i].state().trial.swap(true, Ordering::Relaxed))
+    {
+        return Some(i);
+    }
     let chosen = match route.upstream.balance {
         Balance::RoundRobin => {
             let start = route.next_slot();
@@ -151,10 +158,7 @@ pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
                 .map(|(i, _)| i)
         }
     };
-    chosen.or_else(|| {
-        candidates(Availability::Trial)
-            .find(|i| !targets[*i].state().trial.swap(true, Ordering::Relaxed))
-    })
+    chosen
 }
 
 #[cfg(test)]
