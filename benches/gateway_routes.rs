@@ -92,6 +92,7 @@ fn main() {
                     policies: vec![Policy::RateLimit {
                         requests: 100,
                         per_seconds: 1,
+                        per: Default::default(),
                     }],
                     lifecycle: Lifecycle::Published,
                 }))

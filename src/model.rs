@@ -367,6 +367,15 @@ impl Default for Upstream {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
+pub enum RateScope {
+    #[default]
+    Consumer,
+    Api,
+    Tenant,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
 pub enum Balance {
     /// Weighted round-robin.
     #[default]
@@ -577,10 +586,13 @@ pub enum Policy {
         #[serde(default)]
         deny: Vec<String>,
     },
-    /// Rate limit applied per consumer on top of the plan's.
+    /// Rate limit (GCRA) on top of the plan's: per consumer (the client address when no
+    /// consumer is identified), or shared by the whole API, or by every API of the tenant.
     RateLimit {
         requests: u32,
         per_seconds: u32,
+        #[serde(default)]
+        per: RateScope,
     },
     Cors {
         allow_origins: Vec<String>,
@@ -826,6 +838,7 @@ impl Policy {
             Policy::RateLimit {
                 requests,
                 per_seconds,
+                ..
             } => {
                 if *requests == 0 {
                     return Err(FieldError::new(

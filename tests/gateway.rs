@@ -631,3 +631,42 @@ async fn cors_preflights_and_answers() {
     );
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_shared_by_an_api_or_a_whole_tenant() {
+    let up = echo_upstream().await;
+    let n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let target = json!({"targets": [{"url": format!("http://{up}")}]});
+    for name in ["ta", "tb"] {
+        publish(&n, "acme", json!({"name": name, "version": "v1", "hosts": [format!("{name}.example")], "base_path": "/",
+            "upstream": target, "policies": [{"type": "rate-limit", "requests": 3, "per_seconds": 60, "per": "tenant"}]})).await;
+    }
+    publish(&n, "acme", json!({"name": "one", "version": "v1", "hosts": ["one.example"], "base_path": "/",
+        "upstream": target, "policies": [{"type": "rate-limit", "requests": 2, "per_seconds": 60, "per": "api"}]})).await;
+    let gw = Gw::new(&n);
+    gw.until("tb.example", "/", None, 200).await;
+    gw.until("one.example", "/", None, 200).await;
+    // tenant-wide: tb has used one of the three; ta takes two more, then both APIs are limited
+    assert_eq!(gw.get("ta.example", "/", None).await.0, 200);
+    assert_eq!(gw.get("ta.example", "/", None).await.0, 200);
+    let (s, h, b) = gw.get("tb.example", "/", None).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (429, Some("urn:apim:problem:gateway:rate-limited"))
+    );
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(gw.get("ta.example", "/", None).await.0, 429);
+    // API-wide: two in all
+    assert_eq!(gw.get("one.example", "/", None).await.0, 200);
+    assert_eq!(gw.get("one.example", "/", None).await.0, 429);
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/acme/apis",
+            Some(json!({"name": "bad", "version": "v1", "hosts": ["bad.example"], "base_path": "/",
+                "upstream": target, "policies": [{"type": "rate-limit", "requests": 1, "per_seconds": 1, "per": "planet"}]})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+}

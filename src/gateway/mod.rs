@@ -750,9 +750,21 @@ impl Gateway {
                 Policy::RateLimit {
                     requests,
                     per_seconds,
+                    per,
                 } => {
-                    let who = consumer.clone().unwrap_or_else(|| client.to_string());
-                    let key = format!("{}/{}/{who}/{i}", route.tenant, route.api);
+                    // a tenant-wide limit is one bucket per (requests, window), whichever API
+                    let key = match per {
+                        crate::model::RateScope::Consumer => {
+                            let who = consumer.clone().unwrap_or_else(|| client.to_string());
+                            format!("{}/{}/{who}/{i}", route.tenant, route.api)
+                        }
+                        crate::model::RateScope::Api => {
+                            format!("{}/{}//{i}", route.tenant, route.api)
+                        }
+                        crate::model::RateScope::Tenant => {
+                            format!("{}///{requests}/{per_seconds}", route.tenant)
+                        }
+                    };
                     self.rate_limit(
                         &key,
                         Gcra::new(*requests, *per_seconds),
