@@ -94,6 +94,7 @@ fn main() {
                         per_seconds: 1,
                         per: Default::default(),
                     }],
+                    routes: vec![],
                     lifecycle: Lifecycle::Published,
                 }))
             })

@@ -909,8 +909,82 @@ pub struct ApiSpec {
     pub upstream: Upstream,
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// Operations under the base path (empty: every request under it). When set, a request
+    /// must match one of them; the most specific match wins (see [`ApiRoute`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ApiRoute>,
     #[serde(default)]
     pub lifecycle: Lifecycle,
+}
+
+/// One operation of an API: a path under the base path (exact or prefix), optionally methods
+/// and header values. Among the routes a request matches, the most specific wins: an exact path
+/// before a prefix, a longer path before a shorter one, a route naming methods before one that
+/// does not, more header conditions before fewer, then the first declared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRoute {
+    /// Path under the API's base path, starting with `/` (`/` is the base path itself).
+    pub path: String,
+    #[serde(default)]
+    pub path_match: PathMatch,
+    /// Methods this route answers (empty: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Request headers that must have exactly these values (names case-insensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderValue>,
+    /// Scopes a JWT must carry for this route, on top of the JWT policy's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required_scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathMatch {
+    /// The path and everything under it (whole segments).
+    #[default]
+    Prefix,
+    /// The path only.
+    Exact,
+}
+
+impl ApiRoute {
+    fn check(&self, at: &str) -> Checked {
+        let p = &self.path;
+        if !p.starts_with('/')
+            || p.len() > 512
+            || p.contains("//")
+            || p.split('/').any(|s| s == ".." || s == ".")
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b))
+        {
+            return Err(FieldError::new(
+                format!("{at}.path"),
+                format!("{p:?} must start with '/' and use only letters, digits and -._~"),
+            ));
+        }
+        const METHODS: [&str; 8] = [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+        ];
+        for (i, m) in self.methods.iter().enumerate() {
+            if !METHODS.contains(&m.as_str()) {
+                return Err(FieldError::new(
+                    format!("{at}.methods[{i}]"),
+                    format!("{m:?} is not one of {}", METHODS.join(", ")),
+                ));
+            }
+        }
+        for (i, h) in self.headers.iter().enumerate() {
+            check_header_name(&format!("{at}.headers[{i}].name"), &h.name)?;
+            check_text(&format!("{at}.headers[{i}].value"), &h.value, 1024)?;
+        }
+        for (i, s) in self.required_scopes.iter().enumerate() {
+            check_text(&format!("{at}.required_scopes[{i}]"), s, 200)?;
+        }
+        Ok(())
+    }
 }
 
 impl ApiSpec {
@@ -968,6 +1042,12 @@ impl ApiSpec {
         self.upstream.check()?;
         for (i, p) in self.policies.iter().enumerate() {
             p.check(&format!("policies[{i}]"))?;
+        }
+        if self.routes.len() > 200 {
+            return Err(FieldError::new("routes", "must list at most 200 routes"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            r.check(&format!("routes[{i}]"))?;
         }
         Ok(())
     }
@@ -1566,6 +1646,7 @@ mod tests {
                 ..Default::default()
             },
             policies: vec![],
+            routes: vec![],
             lifecycle: Lifecycle::Draft,
         }
     }

@@ -1414,6 +1414,7 @@ mod tests {
                     ..Default::default()
                 },
                 policies: vec![],
+                routes: vec![],
                 lifecycle,
             })
         };

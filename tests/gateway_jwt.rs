@@ -222,3 +222,100 @@ async fn jwt_policy_accepts_good_tokens_and_refuses_forged_ones() {
         r.body
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_match_by_path_method_and_header_with_scopes_per_route() {
+    let idp = issuer();
+    let n = Node::start().await;
+    let t = "/admin/v1/tenants/acme";
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let up = echo_upstream().await;
+    let api = json!({"name": "pay", "version": "v1", "hosts": ["pay.example"], "base_path": "/pay",
+    "upstream": {"targets": [{"url": format!("http://{up}")}]}, "lifecycle": "published",
+    "policies": [{"type": "jwt", "issuer": "https://idp.bank.example", "audience": "pay", "jwks": idp.jwks}],
+    "routes": [
+        {"path": "/orders", "methods": ["GET"], "required_scopes": ["orders:read"]},
+        {"path": "/orders", "methods": ["POST"], "required_scopes": ["orders:write"]},
+        {"path": "/orders/export", "path_match": "exact", "methods": ["GET"],
+         "headers": [{"name": "X-Export", "value": "csv"}], "required_scopes": ["orders:export"]},
+    ]});
+    created(&n, &format!("{t}/apis"), api).await;
+    let http = reqwest::Client::new();
+    let call = |method: Method, path: &str, scope: &str, export: bool| {
+        let tok = token(&idp, "k1", claims("app", "pay", 300, scope));
+        let mut r = http
+            .request(method, format!("http://127.0.0.1:{}{path}", n.gateway_port))
+            .header("host", "pay.example")
+            .header("authorization", format!("Bearer {tok}"));
+        if export {
+            r = r.header("x-export", "csv");
+        }
+        async move {
+            let r = r.send().await.expect("answer");
+            let allow = r
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let s = r.status().as_u16();
+            (s, allow, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let mut first = (0, String::new(), Value::Null);
+    for _ in 0..100 {
+        first = call(Method::GET, "/pay/orders/1", "orders:read", false).await;
+        if first.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(first.0, 200, "{:?}", first.2);
+    // the scope belongs to the operation
+    let (s, _, b) = call(Method::POST, "/pay/orders", "orders:read", false).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (403, Some("urn:apim:problem:gateway:insufficient-scope"))
+    );
+    assert_eq!(
+        call(Method::POST, "/pay/orders", "orders:write", false)
+            .await
+            .0,
+        200
+    );
+    // the exact route with its header is more specific than the /orders prefix
+    let (s, _, _) = call(Method::GET, "/pay/orders/export", "orders:read", true).await;
+    assert_eq!(s, 403, "needs orders:export");
+    assert_eq!(
+        call(Method::GET, "/pay/orders/export", "orders:export", true)
+            .await
+            .0,
+        200
+    );
+    // without the header the /orders prefix route applies
+    assert_eq!(
+        call(Method::GET, "/pay/orders/export", "orders:read", false)
+            .await
+            .0,
+        200
+    );
+    // a path no operation has, and a method none allows
+    let (s, _, b) = call(Method::GET, "/pay/refunds", "orders:read", false).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (404, Some("urn:apim:problem:gateway:no-route"))
+    );
+    let (s, allow, b) = call(Method::DELETE, "/pay/orders/1", "orders:read", false).await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (405, Some("urn:apim:problem:gateway:method-not-allowed"))
+    );
+    assert_eq!(allow, "GET, POST");
+    // bad operations are refused with their field
+    let bad = json!({"name": "bad", "version": "v1", "hosts": ["b.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
+        "routes": [{"path": "/x", "methods": ["FETCH"]}]});
+    let r = n.admin(Method::POST, &format!("{t}/apis"), Some(bad)).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.body["invalid-params"][0]["name"], "routes[0].methods[0]");
+}

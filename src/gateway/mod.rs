@@ -690,11 +690,12 @@ impl Gateway {
         &self,
         table: &RouteTable,
         route: &Route,
+        op_scopes: &[String],
         req: &mut Request<Incoming>,
-        client: IpAddr,
         conn: &Conn,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+        let client = served.client.unwrap_or(conn.peer.ip());
         let mut consumer: Option<String> = None;
         let mut answer_headers = Vec::new();
         let now = time::OffsetDateTime::now_utc();
@@ -851,6 +852,7 @@ impl Gateway {
                     };
                     if let Some(missing) = required_scopes
                         .iter()
+                        .chain(op_scopes)
                         .find(|r| !scopes.contains(&r.as_str()))
                     {
                         return Err(refuse(
@@ -1246,7 +1248,34 @@ impl Gateway {
         if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
             return preflight;
         }
-        let extra = match self.enforce(&table, &route, &mut req, client, conn, served) {
+        let op_scopes: &[String] =
+            match route.operation(req.method().as_str(), &path, req.headers()) {
+                routes::OperationMatch::Any => &[],
+                routes::OperationMatch::Matched(op) => &op.required_scopes,
+                routes::OperationMatch::NoMatch => {
+                    served.refusal = Some("no-route");
+                    return problem(
+                        StatusCode::NOT_FOUND,
+                        "no-route",
+                        "no operation of this API matches the request",
+                        &request_id,
+                    );
+                }
+                routes::OperationMatch::MethodNotAllowed(allowed) => {
+                    served.refusal = Some("method-not-allowed");
+                    let mut r = problem(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method-not-allowed",
+                        "this operation does not accept the request's method",
+                        &request_id,
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                        r.headers_mut().insert(header::ALLOW, v);
+                    }
+                    return r;
+                }
+            };
+        let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);

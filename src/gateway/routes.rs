@@ -49,6 +49,8 @@ pub struct Route {
     pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
     /// Decoding keys of each JWT policy with a static JWKS, by the policy's position.
     pub jwt_keys: HashMap<usize, Vec<JwtKey>>,
+    /// The API's operations, most specific first (empty: every request under the base path).
+    pub operations: Vec<Operation>,
     /// Chain verifier of each `mutual-tls` policy (its CA bundle), by the policy's position.
     /// A bundle that cannot be used has no verifier, and the policy then fails closed.
     pub mtls: HashMap<usize, Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -63,6 +65,119 @@ fn mtls_verifier(ca_bundle: &str) -> Option<Arc<dyn rustls::server::danger::Clie
     )
     .build()
     .ok()
+}
+
+/// One operation of an API as the gateway matches it.
+#[derive(Debug)]
+pub struct Operation {
+    /// Base path and route path joined, without a trailing `/` (`/` for the root).
+    pub path: String,
+    pub exact: bool,
+    /// Upper-case methods (empty: all).
+    pub methods: Vec<String>,
+    /// Lower-case header names and the exact values they must have.
+    pub headers: Vec<(String, String)>,
+    pub required_scopes: Vec<String>,
+}
+
+/// What the operations of an API say of a request.
+#[derive(Debug)]
+pub enum OperationMatch<'a> {
+    /// The API declares no operations: every request under the base path.
+    Any,
+    Matched(&'a Operation),
+    /// Some operation has the path but none the method: the methods it allows.
+    MethodNotAllowed(Vec<String>),
+    NoMatch,
+}
+
+impl Route {
+    /// The most specific operation for a request (the first of the sorted list that matches).
+    pub fn operation(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &hyper::HeaderMap,
+    ) -> OperationMatch<'_> {
+        if self.operations.is_empty() {
+            return OperationMatch::Any;
+        }
+        let mut allowed: Vec<String> = Vec::new();
+        for op in &self.operations {
+            let path_ok = if op.exact {
+                path == op.path || (op.path == "/" && path.is_empty())
+            } else {
+                path_matches(&op.path, path)
+            };
+            let headers_ok = op.headers.iter().all(|(n, v)| {
+                headers
+                    .get_all(n.as_str())
+                    .iter()
+                    .any(|h| h.as_bytes() == v.as_bytes())
+            });
+            if !(path_ok && headers_ok) {
+                continue;
+            }
+            if op.methods.is_empty() || op.methods.iter().any(|m| m == method) {
+                return OperationMatch::Matched(op);
+            }
+            for m in &op.methods {
+                if !allowed.contains(m) {
+                    allowed.push(m.clone());
+                }
+            }
+        }
+        if allowed.is_empty() {
+            OperationMatch::NoMatch
+        } else {
+            OperationMatch::MethodNotAllowed(allowed)
+        }
+    }
+}
+
+impl OperationMatch<'_> {
+    /// Header conditions of the matched operation (0 when none matched).
+    #[cfg(test)]
+    pub fn matched_headers(&self) -> usize {
+        match self {
+            OperationMatch::Matched(op) => op.headers.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// An API's operations, most specific first: exact before prefix, longer path first, with
+/// methods before without, more header conditions first, then declaration order.
+fn operations(base_path: &str, routes: &[crate::model::ApiRoute]) -> Vec<Operation> {
+    let mut ops: Vec<Operation> = routes
+        .iter()
+        .map(|r| {
+            let joined = format!("{}{}", base_path.trim_end_matches('/'), r.path);
+            let path = match joined.trim_end_matches('/') {
+                "" => "/".to_string(),
+                p => p.to_string(),
+            };
+            Operation {
+                path,
+                exact: r.path_match == crate::model::PathMatch::Exact,
+                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                    .collect(),
+                required_scopes: r.required_scopes.clone(),
+            }
+        })
+        .collect();
+    ops.sort_by(|a, b| {
+        b.exact
+            .cmp(&a.exact)
+            .then(b.path.len().cmp(&a.path.len()))
+            .then((!b.methods.is_empty()).cmp(&!a.methods.is_empty()))
+            .then(b.headers.len().cmp(&a.headers.len()))
+    });
+    ops
 }
 
 /// A public key of a JWT issuer.
@@ -343,6 +458,7 @@ fn compile(
     Route {
         jwt_keys,
         mtls,
+        operations: operations(&api.base_path, &api.routes),
         tenant: tenant.to_string(),
         api: api.name.clone(),
         base_path: match api.base_path.trim_end_matches('/') {
@@ -382,6 +498,7 @@ mod tests {
                 ..Default::default()
             },
             policies: vec![],
+            routes: vec![],
             lifecycle: Lifecycle::Published,
         }
     }
@@ -422,6 +539,73 @@ mod tests {
         check(&t, "bank.example", "/", None);
         check(&t, "api.bank.example.", "/payments", Some("pay"));
         check(&t, "evil.example", "/", None);
+    }
+
+    #[test]
+    fn the_most_specific_operation_wins() {
+        use crate::model::{ApiRoute, HeaderValue, PathMatch};
+        let route =
+            |path: &str, exact: bool, methods: &[&str], headers: &[(&str, &str)]| ApiRoute {
+                path: path.into(),
+                path_match: if exact {
+                    PathMatch::Exact
+                } else {
+                    PathMatch::Prefix
+                },
+                methods: methods.iter().map(|m| m.to_string()).collect(),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| HeaderValue {
+                        name: n.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                required_scopes: vec![path.to_string()],
+            };
+        let mut a = api("a", &["h"], "/pay", &[("http://a:1", 1)]);
+        a.routes = vec![
+            route("/", false, &[], &[]),
+            route("/orders", false, &["GET"], &[]),
+            route("/orders", false, &["GET"], &[("x-beta", "1")]),
+            route("/orders/export", true, &["POST"], &[]),
+        ];
+        let r = compile("t", &a, HashMap::new());
+        let mut h = hyper::HeaderMap::new();
+        let scope = |m: OperationMatch<'_>| match m {
+            OperationMatch::Matched(op) => op.required_scopes[0].clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(scope(r.operation("GET", "/pay/orders/1", &h)), "/orders");
+        assert_eq!(
+            scope(r.operation("POST", "/pay/orders/1", &h)),
+            "/",
+            "prefix / catches it"
+        );
+        assert_eq!(
+            scope(r.operation("POST", "/pay/orders/export", &h)),
+            "/orders/export"
+        );
+        assert_eq!(
+            scope(r.operation("GET", "/pay/orders/export/x", &h)),
+            "/orders"
+        );
+        h.insert("x-beta", "1".parse().unwrap());
+        assert_eq!(r.operation("GET", "/pay/orders", &h).matched_headers(), 1);
+        let mut b = api("b", &["h"], "/", &[("http://a:1", 1)]);
+        b.routes = vec![route("/items", true, &["GET", "HEAD"], &[])];
+        let r = compile("t", &b, HashMap::new());
+        assert!(matches!(
+            r.operation("GET", "/items", &h),
+            OperationMatch::Matched(_)
+        ));
+        assert!(matches!(
+            r.operation("GET", "/items/1", &h),
+            OperationMatch::NoMatch
+        ));
+        match r.operation("DELETE", "/items", &h) {
+            OperationMatch::MethodNotAllowed(m) => assert_eq!(m, ["GET", "HEAD"]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
