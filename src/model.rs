@@ -348,6 +348,10 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
 }
 
+fn default_jwks_refresh() -> u32 {
+    300
+}
+
 fn default_retries() -> u32 {
     1
 }
@@ -555,9 +559,17 @@ pub enum Policy {
     Jwt {
         issuer: String,
         audience: String,
-        /// Where to fetch the issuer's keys (refreshed and cached).
+        /// Where to fetch the issuer's keys (`https://`; refreshed and cached). A static
+        /// `jwks`, when also given, is used instead.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         jwks_url: Option<String>,
+        /// PEM CA certificates that issue the `jwks_url` server's certificate (required with
+        /// `jwks_url`; no system roots are used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jwks_ca_bundle: Option<String>,
+        /// How often the keys at `jwks_url` are fetched again, in seconds (30 to 86400).
+        #[serde(default = "default_jwks_refresh")]
+        jwks_refresh_seconds: u32,
         /// The issuer's keys as a JWKS document, for sites that cannot reach the issuer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         jwks: Option<String>,
@@ -741,6 +753,8 @@ impl Policy {
                 audience,
                 jwks_url,
                 jwks,
+                jwks_ca_bundle,
+                jwks_refresh_seconds,
                 algorithms,
                 required_scopes,
                 consumer_claim,
@@ -797,9 +811,6 @@ impl Policy {
                         "must not be empty",
                     ));
                 }
-                if let Some(u) = jwks_url {
-                    check_url(&format!("{at}.jwks_url"), u, &["https", "http"])?;
-                }
                 const ALLOWED: [&str; 4] = ["RS256", "PS256", "ES256", "EdDSA"];
                 for (i, alg) in algorithms.iter().enumerate() {
                     if !ALLOWED.contains(&alg.as_str()) {
@@ -811,6 +822,33 @@ impl Policy {
                 }
                 for (i, s) in required_scopes.iter().enumerate() {
                     check_text(&format!("{at}.required_scopes[{i}]"), s, 200)?;
+                }
+                if let Some(url) = jwks_url {
+                    check_url(&format!("{at}.jwks_url"), url, &["https"])?;
+                    let Some(ca) = jwks_ca_bundle else {
+                        return Err(FieldError::new(
+                            format!("{at}.jwks_ca_bundle"),
+                            "is required with jwks_url (the PEM CAs that issue the key server's certificate)",
+                        ));
+                    };
+                    crate::pki::root_store(ca).map_err(|e| {
+                        FieldError::new(
+                            format!("{at}.jwks_ca_bundle"),
+                            format!("must hold PEM CA certificates: {e}"),
+                        )
+                    })?;
+                    if !ca.contains("-----BEGIN CERTIFICATE-----") {
+                        return Err(FieldError::new(
+                            format!("{at}.jwks_ca_bundle"),
+                            "must hold at least one PEM certificate",
+                        ));
+                    }
+                }
+                if !(30..=86_400).contains(jwks_refresh_seconds) {
+                    return Err(FieldError::new(
+                        format!("{at}.jwks_refresh_seconds"),
+                        "must be between 30 and 86400",
+                    ));
                 }
             }
             Policy::MutualTls { ca_bundle, .. } => {
@@ -1687,6 +1725,8 @@ mod tests {
                         audience: "a".into(),
                         jwks_url: Some("https://idp.example/jwks".into()),
                         jwks: None,
+                        jwks_ca_bundle: None,
+                        jwks_refresh_seconds: 300,
                         algorithms: vec!["HS256".into()],
                         required_scopes: vec![],
                         consumer_claim: None,

@@ -472,6 +472,7 @@ async fn start_gateway(
         "gateway listening"
     );
     tokio::spawn(gateway.clone().run_health_checks(stop.clone()));
+    tokio::spawn(gateway.clone().run_jwks_refresh(stop.clone()));
     let tls_task = tls_listener.map(|l| {
         tokio::spawn(crate::gateway::serve(
             l,

@@ -290,7 +290,8 @@ async fn limits_filters_specificity_and_upstream_failures() {
         &n,
         "acme",
         json!({"name": "jwt", "version": "v1", "hosts": ["jwt.example"], "base_path": "/",
-        "upstream": target, "policies": [{"type": "jwt", "issuer": "i", "audience": "a", "jwks_url": "https://idp.example/jwks"}]}),
+        "upstream": target, "policies": [{"type": "jwt", "issuer": "i", "audience": "a", "jwks_url": "https://127.0.0.1:1/jwks",
+            "jwks_ca_bundle": std::fs::read_to_string(n.dir.join("pki/ca.crt")).expect("CA")}]}),
     )
     .await;
     publish(

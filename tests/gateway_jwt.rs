@@ -319,3 +319,144 @@ async fn operations_match_by_path_method_and_header_with_scopes_per_route() {
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert_eq!(r.body["invalid-params"][0]["name"], "routes[0].methods[0]");
 }
+
+/// An HTTPS key server on loopback answering `GET /jwks` with the current document; returns
+/// its address and the PEM of the CA that issued its certificate.
+async fn key_server(
+    doc: std::sync::Arc<std::sync::Mutex<String>>,
+) -> (std::net::SocketAddr, String) {
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_pem = ca_cert.pem();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, doc) = (acceptor.clone(), doc.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = doc.lock().unwrap().clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, ca_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_keys_are_fetched_cached_and_follow_a_rotation() {
+    let first = issuer();
+    let second = issuer();
+    let second_jwks = second.jwks.replace("\"k1\"", "\"k2\"");
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(first.jwks.clone()));
+    let (idp, idp_ca) = key_server(doc.clone()).await;
+    let n = Node::start().await;
+    let t = "/admin/v1/tenants/acme";
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let up = echo_upstream().await;
+    let policy = |url: String, ca: Option<&str>| {
+        json!([{"type": "jwt", "issuer": "https://idp.bank.example", "audience": "accounts",
+                "jwks_url": url, "jwks_ca_bundle": ca}])
+    };
+    let api = |policies: Value| {
+        json!({"name": "remote", "version": "v1", "hosts": ["remote.example"], "base_path": "/",
+            "upstream": {"targets": [{"url": format!("http://{up}")}]}, "lifecycle": "published",
+            "policies": policies})
+    };
+    // the key server's CA is required, and only https is accepted
+    for (policies, field) in [
+        (
+            policy(format!("https://{idp}/jwks"), None),
+            "policies[0].jwks_ca_bundle",
+        ),
+        (
+            policy(format!("http://{idp}/jwks"), Some(&idp_ca)),
+            "policies[0].jwks_url",
+        ),
+    ] {
+        let r = n
+            .admin(Method::POST, &format!("{t}/apis"), Some(api(policies)))
+            .await;
+        assert_eq!(r.status, 422, "{:?}", r.body);
+        assert_eq!(r.body["invalid-params"][0]["name"], field);
+    }
+    created(
+        &n,
+        &format!("{t}/apis"),
+        api(policy(format!("https://{idp}/jwks"), Some(&idp_ca))),
+    )
+    .await;
+
+    let http = reqwest::Client::new();
+    let call = |tok: String| {
+        let r = http
+            .get(format!("http://127.0.0.1:{}/x", n.gateway_port))
+            .header("host", "remote.example")
+            .header("authorization", format!("Bearer {tok}"));
+        async move { r.send().await.expect("answer").status().as_u16() }
+    };
+    let t1 = token(&first, "k1", claims("app", "accounts", 300, ""));
+    let mut s = 0;
+    for _ in 0..200 {
+        s = call(t1.clone()).await;
+        if s == 200 {
+            break;
+        }
+        assert!(
+            s == 503 || s == 404,
+            "before the first fetch the policy fails closed, got {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s, 200, "keys fetched from the URL");
+
+    // the issuer rotates to k2: a token with the unknown kid asks for an early refresh
+    *doc.lock().unwrap() = second_jwks;
+    let t2 = token(&second, "k2", claims("app", "accounts", 300, ""));
+    assert_eq!(call(t2.clone()).await, 401);
+    let mut s = 0;
+    for _ in 0..100 {
+        s = call(t2.clone()).await;
+        if s == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s, 200, "the rotated key was fetched early");
+    assert_eq!(call(t1).await, 401, "the retired key is gone");
+}

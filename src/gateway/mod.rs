@@ -6,6 +6,7 @@
 //! store or Raft, and it never panics on client input. Policies it does not enforce yet make the
 //! API answer 503 (fail closed), never pass traffic unchecked.
 
+pub mod jwks;
 pub mod policy;
 pub mod routes;
 pub mod tls;
@@ -89,6 +90,8 @@ pub struct Gateway {
     targets: upstream::Registry,
     /// Clients for HTTPS upstreams by TLS settings, kept across table swaps (and their pools).
     https_clients: Mutex<HashMap<String, HttpsClient>>,
+    /// Keys fetched from the JWT policies' `jwks_url`s.
+    jwks: jwks::JwksCache,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -375,6 +378,21 @@ fn verify_jwt(
         .map_err(|_| invalid())
 }
 
+/// The `kid` of a request's bearer JWT, if it has one (nothing is verified here).
+fn token_kid(headers: &HeaderMap) -> Option<String> {
+    let token = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .split_once(' ')?
+        .1
+        .trim();
+    if token.len() > 16 * 1024 {
+        return None;
+    }
+    jsonwebtoken::decode_header(token).ok()?.kid
+}
+
 /// What the access log says of a request beyond its line and status.
 #[derive(Default)]
 struct Served {
@@ -453,7 +471,13 @@ impl Gateway {
             tls: tls::TlsConfigs::new()?,
             targets: upstream::Registry::default(),
             https_clients: Mutex::new(HashMap::new()),
+            jwks: jwks::JwksCache::default(),
         })
+    }
+
+    /// Keeps the keys of `jwks_url`s fetched and fresh, until `stop`.
+    pub async fn run_jwks_refresh(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        jwks::run(&self.jwks, &self.table, stop).await;
     }
 
     /// Gives each route with HTTPS settings its client: one per distinct CA bundle, client
@@ -823,16 +847,42 @@ impl Gateway {
                     required_scopes,
                     consumer_claim,
                     clock_skew_seconds,
+                    jwks_url,
                     ..
                 } => {
-                    let Some(keys) = route.jwt_keys.get(&i) else {
-                        // keys from jwks_url: fetching is not implemented yet
-                        return Err(refuse(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "policy-unavailable",
-                            "this API uses a policy this gateway does not enforce yet",
-                        ));
+                    let fetched;
+                    let keys: &[routes::JwtKey] = match (route.jwt_keys.get(&i), jwks_url) {
+                        (Some(k), _) => k,
+                        (None, Some(url)) => match self.jwks.get(url) {
+                            Some(k) => {
+                                fetched = k;
+                                &fetched
+                            }
+                            None => {
+                                // no good fetch yet: fail closed
+                                return Err(refuse(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "policy-unavailable",
+                                    "the issuer's keys are not available yet",
+                                ));
+                            }
+                        },
+                        (None, None) => {
+                            return Err(refuse(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "policy-unavailable",
+                                "the issuer's keys are not available",
+                            ))
+                        }
                     };
+                    if let (Some(url), Some(kid)) = (jwks_url, token_kid(req.headers())) {
+                        if !route.jwt_keys.contains_key(&i)
+                            && !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str()))
+                        {
+                            // maybe a rotation at the issuer: ask for an early refresh
+                            self.jwks.want(url);
+                        }
+                    }
                     let claims = verify_jwt(
                         req.headers(),
                         keys,

@@ -194,7 +194,7 @@ impl std::fmt::Debug for JwtKey {
 
 /// The keys of a static JWKS document (keys that do not decode are skipped; the model refuses
 /// such documents anyway).
-fn jwks_keys(doc: &str) -> Vec<JwtKey> {
+pub fn jwks_keys(doc: &str) -> Vec<JwtKey> {
     let Ok(set) = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(doc) else {
         return Vec::new();
     };
