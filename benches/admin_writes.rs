@@ -128,7 +128,7 @@ fn main() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n{}",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\nhttps_listen = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n{}",
             dir.display().to_string(),
             std::env::var("APIM_BENCH_CONFIG").unwrap_or_default()
         ),

@@ -2,22 +2,32 @@
 # Runs apim as the candidate gateway of the shared gateway benchmark (gateway-bench.sh):
 # a fresh node whose gateway listens on $GW_LISTEN and routes every path of host 127.0.0.1
 # to $GW_UPSTREAM, with no policy ("plain proxying") or, with APIM_BENCH_POLICIES=1, with a
-# rate limit that never trips (the shared benchmark sends no API key). Stays in the foreground; the benchmark stops it
-# by process group. Usage (from the repository root, after `cargo build --release`):
-#   ../shared/bench/gateway-bench.sh --candidate-name apim \
-#     --candidate 'scripts/gateway-candidate.sh' 18090
+# rate limit that never trips (the shared benchmark sends no API key). With GW_TLS=1 it
+# listens for HTTPS on $GW_LISTEN with the benchmark's certificate ($GW_TLS_CERT, $GW_TLS_KEY)
+# uploaded as a certificate resource. Stays in the foreground; the benchmark stops it by
+# process group. Usage (from the repository root, after `cargo build --release`):
+#   ../shared/bench/gateway-bench.sh --tls --candidate-name apim \
+#     --candidate scripts/gateway-candidate.sh --candidate-tls scripts/gateway-candidate.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${APIM_BIN:-$here/target/release/apim}"
 work="$(mktemp -d)"
 trap 'kill 0 2>/dev/null; rm -rf "$work"' EXIT
 admin_port=$(( ${GW_PORT:-18090} + 1000 ))
+if [ "${GW_TLS:-0}" = 1 ]; then
+  http_listen="127.0.0.1:$(( ${GW_PORT:-18446} + 2000 ))"
+  https_listen="${GW_LISTEN:-127.0.0.1:18446}"
+else
+  http_listen="${GW_LISTEN:-127.0.0.1:18090}"
+  https_listen="127.0.0.1:$(( ${GW_PORT:-18090} + 2000 ))"
+fi
 cat > "$work/apim.toml" <<TOML
 data_dir = "$work/data"
 [admin]
 listen = "127.0.0.1:$admin_port"
 [gateway]
-http_listen = "${GW_LISTEN:-127.0.0.1:18090}"
+http_listen = "$http_listen"
+https_listen = "$https_listen"
 [log]
 level = "warn"
 TOML
@@ -52,4 +62,8 @@ subscriptions:
   - {consumer: wrk, api: bench, plan: open, status: active}
 YAML
 "${cli[@]}" apply -f "$work/doc.yaml" >/dev/null
+if [ "${GW_TLS:-0}" = 1 ]; then
+  "${cli[@]}" certificate --tenant bench create bench \
+    --set "certificate=@$GW_TLS_CERT" --set "private_key=@$GW_TLS_KEY" >/dev/null
+fi
 wait "$node"

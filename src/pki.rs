@@ -251,7 +251,8 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls
 /// What the gateway and the admin API show of a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
-    /// DNS names of the leaf's subjectAltName (wildcards kept as `*.example.com`), lowercase.
+    /// DNS names (wildcards kept as `*.example.com`, lowercase) and IP addresses of the leaf's
+    /// subjectAltName.
     pub hosts: Vec<String>,
     pub subject: String,
     pub issuer: String,
@@ -295,8 +296,21 @@ pub fn describe_certificate(pem: &str) -> Result<CertInfo, String> {
     let mut hosts = Vec::new();
     if let Ok(Some(san)) = leaf.subject_alternative_name() {
         for name in &san.value.general_names {
-            if let x509_parser::extensions::GeneralName::DNSName(d) = name {
-                hosts.push(d.to_ascii_lowercase());
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => {
+                    hosts.push(d.to_ascii_lowercase())
+                }
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    let addr = match ip.len() {
+                        4 => <[u8; 4]>::try_from(*ip).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*ip).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    if let Some(a) = addr {
+                        hosts.push(a.to_string());
+                    }
+                }
+                _ => {}
             }
         }
     }

@@ -64,6 +64,39 @@ pub struct CauseLabels {
     pub cause: String,
 }
 
+/// The series of one API, resolved once per routing table rather than looked up by label on
+/// every request.
+#[derive(Debug, Clone)]
+pub struct ApiSeries {
+    /// Requests by status class: 2xx, 3xx, 4xx, 5xx.
+    pub requests: [Counter; 4],
+    pub added: Histogram,
+    pub upstream: Histogram,
+}
+
+impl ApiSeries {
+    pub fn new(m: &Metrics, tenant: &str, api: &str) -> ApiSeries {
+        let class = |c: &str| {
+            m.gateway_requests
+                .get_or_create(&RequestLabels {
+                    tenant: tenant.to_string(),
+                    api: api.to_string(),
+                    class: c.to_string(),
+                })
+                .clone()
+        };
+        let labels = ApiLabels {
+            tenant: tenant.to_string(),
+            api: api.to_string(),
+        };
+        ApiSeries {
+            requests: [class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            added: m.gateway_added.get_or_create(&labels).clone(),
+            upstream: m.gateway_upstream.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 /// The node's metrics, served at `/metrics` on the admin listener.
 pub struct Metrics {
     registry: Registry,

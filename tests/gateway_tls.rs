@@ -331,6 +331,35 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
         .unwrap();
     assert_eq!(r.status(), 421);
 
+    // A client without SNI (it connects to an IP address) gets the certificate naming that
+    // address.
+    let (ip_chain, ip_key) = leaf(
+        &server_ca,
+        &["127.0.0.1"],
+        &[(DnType::CommonName, "ip")],
+        90,
+    );
+    let r = add_certificate(&n, "acme", "by-address", &ip_chain, &ip_key).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["hosts"], json!(["127.0.0.1"]));
+    publish(&n, "acme", "by-ip", &["127.0.0.1"], &up, json!([])).await;
+    let mut served = None;
+    for _ in 0..100 {
+        if let Ok(r) = c11
+            .http
+            .get(format!("https://127.0.0.1:{}/", c11.port))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                served = Some(peer_cert(&r));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(served, Some(der(&ip_chain)));
+
     // No file of the node holds the private key in clear.
     let needle = a_key.lines().nth(1).expect("key body line").to_string();
     let mut files = Vec::new();

@@ -21,7 +21,7 @@ fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\nhttps_listen = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n",
             dir.join("data").display().to_string()
         ),
     )
@@ -142,7 +142,7 @@ async fn a_second_process_on_the_same_data_dir_is_refused() {
     std::fs::write(
         &cfg,
         format!(
-            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\n",
+            "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[gateway]\nhttp_listen = \"127.0.0.1:0\"\nhttps_listen = \"127.0.0.1:0\"\n",
             n.dir.display().to_string(),
             free_port()
         ),

@@ -130,7 +130,23 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // most messages carry none: one pass over the names instead of nine removals
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -189,14 +205,18 @@ fn upgrade_token(req: &Request<Incoming>) -> Option<HeaderValue> {
 /// no backslash, no `;` parameters, and no percent-encoded dot, slash or backslash (which
 /// upstreams may decode differently than the router matched).
 fn path_is_plain(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
+    let encoded_trick = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'e') | (b'2', b'f') | (b'5', b'c') | (b'0', b'0')
+            )
+    });
     path.starts_with('/')
         && !path.contains("//")
         && !path.contains('\\')
         && !path.contains(';')
-        && !["%2e", "%2f", "%5c", "%00"]
-            .iter()
-            .any(|e| lower.contains(e))
+        && !encoded_trick
         && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
@@ -396,8 +416,8 @@ fn token_kid(headers: &HeaderMap) -> Option<String> {
 /// What the access log says of a request beyond its line and status.
 #[derive(Default)]
 struct Served {
-    tenant: Option<String>,
-    api: Option<String>,
+    /// The API the request was routed to.
+    route: Option<Arc<Route>>,
     consumer: Option<String>,
     upstream_us: Option<u64>,
     /// The client's address (the peer, or what a trusted proxy says).
@@ -1156,8 +1176,8 @@ impl Gateway {
             status = resp.status().as_u16(),
             duration_us = started.elapsed().as_micros() as u64,
             upstream_us = served.upstream_us,
-            tenant = served.tenant.as_deref().unwrap_or(""),
-            api = served.api.as_deref().unwrap_or(""),
+            tenant = served.route.as_ref().map_or("", |r| r.tenant.as_str()),
+            api = served.route.as_ref().map_or("", |r| r.api.as_str()),
             consumer = served.consumer.as_deref().unwrap_or(""),
             client = %served.client.unwrap_or(client.ip()),
             request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
@@ -1167,7 +1187,7 @@ impl Gateway {
     }
 
     fn record(&self, served: &Served, status: StatusCode, total: Duration) {
-        use crate::telemetry::{ApiLabels, CauseLabels, RequestLabels};
+        use crate::telemetry::CauseLabels;
         if let Some(cause) = served.refusal {
             self.metrics
                 .gateway_refusals
@@ -1176,37 +1196,25 @@ impl Gateway {
                 })
                 .inc();
         }
-        let (Some(tenant), Some(api)) = (&served.tenant, &served.api) else {
+        let Some(route) = &served.route else {
             return;
         };
+        let series = route.series.get_or_init(|| {
+            crate::telemetry::ApiSeries::new(&self.metrics, &route.tenant, &route.api)
+        });
         let class = match status.as_u16() {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
         };
-        self.metrics
-            .gateway_requests
-            .get_or_create(&RequestLabels {
-                tenant: tenant.clone(),
-                api: api.clone(),
-                class: class.to_string(),
-            })
-            .inc();
-        let labels = ApiLabels {
-            tenant: tenant.clone(),
-            api: api.clone(),
-        };
+        series.requests[class].inc();
         let upstream = Duration::from_micros(served.upstream_us.unwrap_or(0));
-        self.metrics
-            .gateway_added
-            .get_or_create(&labels)
+        series
+            .added
             .observe(total.saturating_sub(upstream).as_secs_f64());
         if served.upstream_us.is_some() {
-            self.metrics
-                .gateway_upstream
-                .get_or_create(&labels)
-                .observe(upstream.as_secs_f64());
+            series.upstream.observe(upstream.as_secs_f64());
         }
     }
 
@@ -1243,12 +1251,11 @@ impl Gateway {
         let host = req
             .uri()
             .host()
-            .map(str::to_string)
             .or_else(|| {
                 req.headers()
                     .get(header::HOST)
                     .and_then(|v| v.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h))
             })
             .unwrap_or_default()
             .to_ascii_lowercase();
@@ -1293,8 +1300,7 @@ impl Gateway {
                 &request_id,
             );
         };
-        served.tenant = Some(route.tenant.clone());
-        served.api = Some(route.api.clone());
+        served.route = Some(route.clone());
         if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
             return preflight;
         }
@@ -1348,6 +1354,8 @@ impl Gateway {
             .map(|q| format!("?{q}"))
             .unwrap_or_default();
         let original_host = req.headers().get(header::HOST).cloned();
+        // one shared value for the upstream request and the answer
+        let request_id_value = HeaderValue::from_maybe_shared(Bytes::from(request_id.clone())).ok();
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
         let upgrade = upgrade_token(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -1382,7 +1390,7 @@ impl Gateway {
         if let Some(host) = original_host.filter(|_| !h.contains_key("x-forwarded-host")) {
             h.insert("x-forwarded-host", host);
         }
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if let Some(v) = request_id_value.clone() {
             h.insert("x-request-id", v);
         }
         h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
@@ -1399,18 +1407,22 @@ impl Gateway {
                 | hyper::Method::PUT
                 | hyper::Method::DELETE
         );
+        // a retry goes to another target: never more attempts than targets
         let max_attempts = if bodyless {
-            1 + route.upstream.retries as usize
+            (1 + route.upstream.retries as usize).min(route.targets.len())
         } else {
             1
         };
         let mut body = Some(body);
-        let mut tried: Vec<usize> = Vec::with_capacity(max_attempts);
+        let mut headers = Some(std::mem::take(&mut parts.headers));
+        // targets tried so far (at most 6 attempts: retries are capped at 5)
+        let mut tried = [0usize; 6];
+        let mut n_tried = 0;
         let deadline = Instant::now() + self.timeouts.response;
         let upstream_started = Instant::now();
         let mut last_error = None;
         let resp = loop {
-            let Some(idx) = upstream::pick(&route, &tried, self.now_ns()) else {
+            let Some(idx) = upstream::pick(&route, &tried[..n_tried], self.now_ns()) else {
                 if let Some((status, slug, detail)) = last_error {
                     // every target was tried: the last failure is the answer
                     served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
@@ -1424,7 +1436,8 @@ impl Gateway {
                     &request_id,
                 );
             };
-            tried.push(idx);
+            tried[n_tried] = idx;
+            n_tried += 1;
             let target = &route.targets[idx];
             let https = target.origin.starts_with("https://");
             let tls_client = match (https, route.tls_client.get()) {
@@ -1449,7 +1462,7 @@ impl Gateway {
                     &request_id,
                 );
             };
-            let last = tried.len() >= max_attempts;
+            let last = n_tried >= max_attempts;
             let mut attempt = Request::new(match body.take() {
                 Some(b) if last || !bodyless => b.map_err(|e| Box::new(e) as BoxError).boxed(),
                 other => {
@@ -1460,7 +1473,12 @@ impl Gateway {
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
-            *attempt.headers_mut() = parts.headers.clone();
+            // the last attempt takes the headers; earlier ones copy them
+            *attempt.headers_mut() = if last {
+                headers.take().unwrap_or_default()
+            } else {
+                headers.clone().unwrap_or_default()
+            };
             let state = target.state();
             state
                 .in_flight
@@ -1590,7 +1608,7 @@ impl Gateway {
         parts
             .headers
             .append(header::VIA, HeaderValue::from_static("1.1 apim"));
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
+        if let Some(v) = request_id_value {
             parts.headers.insert("x-request-id", v);
         }
         for (k, v) in extra {
@@ -1630,25 +1648,34 @@ async fn handshake(
     ),
     &'static str,
 > {
+    // A client that sends no SNI (or an IP address, which SNI cannot carry) gets the
+    // certificate naming the address it connected to.
+    let local = tcp.local_addr().map_err(|_| "no-sni")?.ip().to_string();
     let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
         .await
         .map_err(|_| "bad-client-hello")?;
-    let Some(sni) = start
+    let named = start
         .client_hello()
         .server_name()
-        .map(|s| s.to_ascii_lowercase())
-    else {
-        return Err("no-sni");
-    };
-    let served_hosts = match gateway.tls.resolver.table.load().lookup(&sni) {
-        Some(c) => c.hosts.clone(),
+        .map(|s| s.to_ascii_lowercase());
+    let by_address = named.is_none();
+    let sni = named.unwrap_or(local);
+    let served = match gateway.tls.resolver.table.load().lookup(&sni) {
+        Some(c) => c.clone(),
         None => return Err("unknown-sni"),
     };
-    let config = if gateway.table.load().requires_client_cert(&sni) {
+    let mut config = if gateway.table.load().requires_client_cert(&sni) {
         gateway.tls.client_auth.clone()
     } else {
         gateway.tls.plain.clone()
     };
+    if by_address {
+        // the shared resolver selects by SNI: this connection gets its own
+        let mut own = (*config).clone();
+        own.cert_resolver = Arc::new(tls::Fixed(served.key.clone()));
+        config = Arc::new(own);
+    }
+    let served_hosts = served.hosts.clone();
     let stream = start
         .into_stream(config)
         .await

@@ -49,6 +49,8 @@ pub struct Route {
     pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
     /// Decoding keys of each JWT policy with a static JWKS, by the policy's position.
     pub jwt_keys: HashMap<usize, Vec<JwtKey>>,
+    /// The API's metric series, resolved on first use.
+    pub series: std::sync::OnceLock<crate::telemetry::ApiSeries>,
     /// The API's operations, most specific first (empty: every request under the base path).
     pub operations: Vec<Operation>,
     /// Chain verifier of each `mutual-tls` policy (its CA bundle), by the policy's position.
@@ -459,6 +461,7 @@ fn compile(
         jwt_keys,
         mtls,
         operations: operations(&api.base_path, &api.routes),
+        series: Default::default(),
         tenant: tenant.to_string(),
         api: api.name.clone(),
         base_path: match api.base_path.trim_end_matches('/') {

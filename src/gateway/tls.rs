@@ -148,6 +148,11 @@ impl CertTable {
 /// Whether `host` is one of the certificate's names (a wildcard covers one label).
 pub fn covers(hosts: &[String], host: &str) -> bool {
     let host = host.trim_end_matches('.');
+    // an IPv6 literal comes bracketed in Host
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     hosts.iter().any(|h| match h.strip_prefix("*.") {
         Some(suffix) => host
             .split_once('.')
@@ -260,6 +265,16 @@ impl TlsConfigs {
             client_auth: make(Some(Arc::new(AnyClientCert::new(&provider))))?,
             resolver,
         })
+    }
+}
+
+/// Serves one certificate whatever the client hello says (clients without SNI).
+#[derive(Debug)]
+pub struct Fixed(pub Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
     }
 }
 
