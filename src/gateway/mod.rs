@@ -56,6 +56,8 @@ pub struct Conn {
     /// Outcomes of `mutual-tls` chain checks on this connection, by verifier: a keep-alive
     /// connection checks its chain once per CA bundle, not once per request.
     mtls_checked: Mutex<Vec<(usize, bool)>>,
+    /// The peer's address as a header value, made once per connection.
+    peer_value: Option<HeaderValue>,
 }
 
 impl Conn {
@@ -64,6 +66,7 @@ impl Conn {
             peer,
             tls,
             mtls_checked: Mutex::new(Vec::new()),
+            peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
         }
     }
 }
@@ -118,18 +121,9 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Re
     r
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`), never forwarded.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == header::CONNECTION
         || *name == header::TE
@@ -143,24 +137,30 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // most messages carry none: one pass over the names instead of nine removals
-    if !h.keys().any(is_hop_by_hop) {
+    // One pass over the names; most messages carry at most `Connection`.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        if is_hop_by_hop(name) {
+            doomed.push(name.clone());
+        }
+    }
+    if doomed.is_empty() {
         return;
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
+    // headers the Connection header lists are hop-by-hop too
+    for v in h.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for token in v.split(',') {
+            if let Ok(n) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                if h.contains_key(&n) {
+                    doomed.push(n);
+                }
+            }
+        }
+    }
+    for n in doomed {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-    h.remove(header::UPGRADE);
 }
 
 /// Whether a host name from `Host` or the request target is plausible: DNS characters (letters,
@@ -707,7 +707,15 @@ impl Gateway {
         let n = self
             .id_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("req-{:08x}{n:012x}", self.id_prefix)
+        // "req-" + 8 hex digits of the prefix + 12 of the counter, without the formatter
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(24);
+        id.push_str("req-");
+        let value = (u128::from(self.id_prefix) << 48) | u128::from(n & 0xffff_ffff_ffff);
+        for i in (0..20).rev() {
+            id.push(HEX[((value >> (i * 4)) & 0xf) as usize] as char);
+        }
+        id
     }
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
@@ -739,6 +747,9 @@ impl Gateway {
         conn: &Conn,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+        if route.policies.is_empty() {
+            return Ok(Vec::new());
+        }
         let client = served.client.unwrap_or(conn.peer.ip());
         let mut consumer: Option<String> = None;
         let mut answer_headers = Vec::new();
@@ -1348,11 +1359,7 @@ impl Gateway {
             route.base_path.len()
         }..];
         let rest = if rest.is_empty() { "/" } else { rest };
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
+        let query = req.uri().query().map(str::to_string);
         let original_host = req.headers().get(header::HOST).cloned();
         // one shared value for the upstream request and the answer
         let request_id_value = HeaderValue::from_maybe_shared(Bytes::from(request_id.clone())).ok();
@@ -1372,15 +1379,15 @@ impl Gateway {
         let h = &mut parts.headers;
         // Client-supplied forwarding headers are believed only from trusted proxies.
         let xff = match (&incoming_xff, peer_trusted) {
-            (Some(chain), true) => format!("{chain}, {}", peer.ip()),
-            _ => peer.ip().to_string(),
+            (Some(chain), true) => HeaderValue::from_str(&format!("{chain}, {}", peer.ip())).ok(),
+            _ => conn.peer_value.clone(),
         };
         if !peer_trusted {
             h.remove("x-forwarded-proto");
             h.remove("x-forwarded-host");
             h.remove(header::FORWARDED);
         }
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Some(v) = xff {
             h.insert("x-forwarded-for", v);
         }
         if !h.contains_key("x-forwarded-proto") {
@@ -1452,9 +1459,25 @@ impl Gateway {
                     )
                 }
             };
-            let Ok(uri) =
-                format!("{}{}{rest}{query}", target.origin, target.path).parse::<hyper::Uri>()
-            else {
+            let mut path_and_query = String::with_capacity(
+                target.path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
+            );
+            path_and_query.push_str(&target.path);
+            path_and_query.push_str(rest);
+            if let Some(q) = &query {
+                path_and_query.push('?');
+                path_and_query.push_str(q);
+            }
+            let uri = match (&target.scheme, &target.authority) {
+                (Some(scheme), Some(authority)) => hyper::Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(authority.clone())
+                    .path_and_query(path_and_query)
+                    .build()
+                    .ok(),
+                _ => None,
+            };
+            let Some(uri) = uri else {
                 return problem(
                     StatusCode::BAD_REQUEST,
                     "bad-path",

@@ -17,6 +17,9 @@ pub struct Target {
     pub origin: String,
     /// Path prefix of the target URL, without a trailing `/` (may be empty).
     pub path: String,
+    /// `origin`, parsed once (no request re-parses it).
+    pub scheme: Option<hyper::http::uri::Scheme>,
+    pub authority: Option<hyper::http::uri::Authority>,
     pub weight: u32,
     /// Lasting state (in flight, ejection, health), bound when the table is installed.
     pub state: std::sync::OnceLock<Arc<super::upstream::TargetState>>,
@@ -425,6 +428,8 @@ fn compile(
                 None => (rest, ""),
             };
             Target {
+                scheme: scheme.parse().ok(),
+                authority: authority.parse().ok(),
                 origin: format!("{scheme}://{authority}"),
                 path: path.to_string(),
                 weight: t.weight.max(1),
