@@ -121,7 +121,6 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Re
     r
 }
 
-
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`), never forwarded.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -328,6 +327,29 @@ fn cors_preflight(
         h.insert("x-request-id", v);
     }
     Some(r)
+}
+
+/// Whether `headers` carry a bearer JWT that passes the JWT policy's checks against `keys`
+/// (the check the policy runs; for fuzzing and tests).
+pub fn bearer_token_valid(
+    headers: &HeaderMap,
+    keys: &[routes::JwtKey],
+    issuer: &str,
+    audience: &str,
+    algorithms: &[String],
+    clock_skew_seconds: u32,
+) -> bool {
+    verify_jwt(
+        headers,
+        keys,
+        &JwtRules {
+            issuer,
+            audience,
+            algorithms,
+            clock_skew_seconds,
+        },
+    )
+    .is_ok()
 }
 
 /// The checks of a JWT policy besides the signature.

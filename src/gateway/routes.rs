@@ -347,6 +347,17 @@ impl RouteTable {
         }
     }
 
+    /// A table of the given APIs of one tenant, without subscriptions or keys (route matching
+    /// only: benchmarks, fuzzing and tests).
+    pub fn from_apis(tenant: &str, apis: &[ApiSpec]) -> RouteTable {
+        let mut t = RouteTable::default();
+        for a in apis {
+            t.insert(compile(tenant, a, HashMap::new()), &a.hosts);
+        }
+        t.finish();
+        t
+    }
+
     /// Compiles the table from the applied state: published and deprecated APIs of every
     /// tenant, their subscriptions with plans, and every API key.
     pub fn build(kv: &dyn KvRead) -> Result<RouteTable, StoreError> {
@@ -512,12 +523,7 @@ mod tests {
     }
 
     fn table(apis: &[ApiSpec]) -> RouteTable {
-        let mut t = RouteTable::default();
-        for a in apis {
-            t.insert(compile("t", a, HashMap::new()), &a.hosts);
-        }
-        t.finish();
-        t
+        RouteTable::from_apis("t", apis)
     }
 
     fn check(t: &RouteTable, host: &str, path: &str, expect: Option<&str>) {
