@@ -95,6 +95,19 @@ pub enum Command {
     Key(CredentialCmd<KeyParent>),
     /// API tokens of a user.
     Token(CredentialCmd<TokenParent>),
+    /// Usage of a tenant's consumers (requests and body bytes) by API and UTC hour, with totals.
+    Usage {
+        #[arg(long, env = "APIM_TENANT")]
+        tenant: String,
+        #[arg(long)]
+        consumer: Option<String>,
+        /// RFC 3339 (default: the start of the current UTC month).
+        #[arg(long)]
+        from: Option<String>,
+        /// RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Audit log: verify the hash chain, list records.
     Audit {
         #[command(subcommand)]
@@ -607,6 +620,14 @@ fn columns(kind: &str) -> &'static [(&'static str, &'static str)] {
             ("PREFIX", "/prefix"),
             ("EXPIRES", "/expires_at"),
             ("REVOKED", "/revoked"),
+        ],
+        "usage" => &[
+            ("CONSUMER", "/consumer"),
+            ("API", "/api"),
+            ("HOUR", "/hour"),
+            ("REQUESTS", "/requests"),
+            ("BYTES IN", "/bytes_in"),
+            ("BYTES OUT", "/bytes_out"),
         ],
         "audit" => &[
             ("SEQ", "/seq"),
@@ -1146,6 +1167,37 @@ pub async fn run(cli: Cli) -> CResult<()> {
             object_cmd(&client, out, "consumer", s.scope.tenant(), &s.action).await
         }
         Command::Plan(s) => object_cmd(&client, out, "plan", s.scope.tenant(), &s.action).await,
+        Command::Usage {
+            tenant,
+            consumer,
+            from,
+            to,
+        } => {
+            let mut q: Vec<(&str, String)> = Vec::new();
+            for (k, v) in [("consumer", consumer), ("from", from), ("to", to)] {
+                if let Some(v) = v {
+                    q.push((k, v.clone()));
+                }
+            }
+            let page = client
+                .get(&format!("/admin/v1/tenants/{tenant}/usage{}", query(&q)))
+                .await?;
+            match out {
+                Output::Json => print_value(out, &page),
+                Output::Table => {
+                    print_table(
+                        "usage",
+                        page["items"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    );
+                    let t = &page["totals"];
+                    println!(
+                        "total: {} requests, {} bytes in, {} bytes out",
+                        t["requests"], t["bytes_in"], t["bytes_out"]
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Certificate(s) => {
             object_cmd(&client, out, "certificate", s.scope.tenant(), &s.action).await
         }

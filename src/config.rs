@@ -75,6 +75,9 @@ pub struct GatewayConfig {
     pub max_header_bytes: usize,
     /// Most header fields in an HTTP/1.1 request; more answers 431.
     pub max_headers: usize,
+    /// How often the per-consumer usage counted by this node is written to the replicated
+    /// state, in seconds (and once more at shutdown).
+    pub usage_flush_seconds: u64,
     /// Time allowed to connect to an upstream target, in milliseconds.
     pub upstream_connect_timeout_ms: u64,
     /// Time allowed for an upstream's response headers, in seconds.
@@ -97,6 +100,7 @@ impl Default for GatewayConfig {
             tls_handshake_timeout_seconds: 10,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
+            usage_flush_seconds: 60,
             upstream_connect_timeout_ms: 2000,
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
@@ -315,6 +319,12 @@ impl Config {
             return Err(bad(
                 "gateway.max_header_bytes",
                 "must be between 8192 and 1048576".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.gateway.usage_flush_seconds) {
+            return Err(bad(
+                "gateway.usage_flush_seconds",
+                "must be between 1 and 3600".into(),
             ));
         }
         if !(16..=1000).contains(&self.gateway.max_headers) {

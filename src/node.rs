@@ -250,6 +250,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 metrics.clone(),
                 &sm,
                 &reader,
+                &cluster,
                 sealer.clone(),
                 stop_rx.clone(),
                 grace,
@@ -378,6 +379,7 @@ async fn start_gateway(
     metrics: Arc<crate::telemetry::Metrics>,
     sm: &StateMachine,
     reader: &StateReader,
+    cluster: &Cluster,
     sealer: Arc<crate::secrets::Sealer>,
     stop: watch::Receiver<bool>,
     grace: Duration,
@@ -482,12 +484,50 @@ async fn start_gateway(
             limits,
         ))
     });
+    // Usage metering: flushed into the replicated state every interval, and once more after
+    // the listeners have drained.
+    {
+        let (gateway, cluster, mut stop) = (gateway.clone(), cluster.clone(), stop.clone());
+        let every = Duration::from_secs(cfg.gateway.usage_flush_seconds);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                flush_usage(&cluster, &gateway.usage).await;
+            }
+        });
+    }
+    let cluster = cluster.clone();
     Ok(tokio::spawn(async move {
-        crate::gateway::serve(listener, gateway, stop, false, limits).await;
+        crate::gateway::serve(listener, gateway.clone(), stop, false, limits).await;
         if let Some(t) = tls_task {
             let _ = t.await;
         }
+        flush_usage(&cluster, &gateway.usage).await;
     }))
+}
+
+/// Writes the usage counted since the last flush; what cannot be written is kept for the next.
+async fn flush_usage(cluster: &Cluster, meter: &crate::gateway::usage::Meter) {
+    let entries = meter.take();
+    if entries.is_empty() {
+        return;
+    }
+    let n = entries.len();
+    match cluster
+        .write(Command::RecordUsage {
+            entries: entries.clone(),
+        })
+        .await
+    {
+        Ok(_) => tracing::debug!(counters = n, "usage recorded"),
+        Err(e) => {
+            tracing::warn!(error = %e, counters = n, "could not record usage; kept for the next flush");
+            meter.restore(entries);
+        }
+    }
 }
 
 async fn flush_denials(cluster: &Cluster, denials: &Denials) {

@@ -100,6 +100,77 @@ pub enum Command {
         ctx: Context,
         events: Vec<SecurityEvent>,
     },
+    /// Usage metered by a gateway, added to the stored hourly counters (metering, not a change
+    /// of configuration: not audited).
+    RecordUsage { entries: Vec<UsageEntry> },
+}
+
+/// Requests and bytes of one consumer on one API during one UTC hour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageEntry {
+    pub tenant: String,
+    pub consumer: String,
+    pub api: String,
+    /// Start of the hour, in hours since the Unix epoch.
+    pub hour: i64,
+    #[serde(flatten)]
+    pub counts: UsageCounts,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageCounts {
+    pub requests: u64,
+    /// Request body bytes received from the consumer.
+    pub bytes_in: u64,
+    /// Response body bytes sent to the consumer.
+    pub bytes_out: u64,
+}
+
+impl UsageCounts {
+    pub fn add(&mut self, other: &UsageCounts) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+    }
+}
+
+/// Key of a usage counter: `u/{tenant}/{consumer}/{hour, 10 digits}/{api}` (a consumer's hours
+/// sort in time order).
+pub fn usage_key(tenant: &str, consumer: &str, hour: i64, api: &str) -> String {
+    format!("u/{tenant}/{consumer}/{:010}/{api}", hour.max(0))
+}
+
+/// The usage counters of a tenant, optionally of one consumer, between two hours (inclusive).
+pub fn usage(
+    kv: &dyn KvRead,
+    tenant: &str,
+    consumer: Option<&str>,
+    hours: (i64, i64),
+) -> Result<Vec<UsageEntry>, StoreError> {
+    let prefix = match consumer {
+        Some(c) => format!("u/{tenant}/{c}/"),
+        None => format!("u/{tenant}/"),
+    };
+    let mut out = Vec::new();
+    for (key, value) in kv.scan_prefix(&prefix)? {
+        let mut parts = key.splitn(5, '/').skip(2);
+        let (Some(c), Some(h), Some(api)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(hour) = h.parse::<i64>() else { continue };
+        if hour < hours.0 || hour > hours.1 {
+            continue;
+        }
+        let counts: UsageCounts = serde_json::from_slice(&value).unwrap_or_default();
+        out.push(UsageEntry {
+            tenant: tenant.to_string(),
+            consumer: c.to_string(),
+            api: api.to_string(),
+            hour,
+            counts,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +444,25 @@ pub fn apply(base: &dyn KvRead, log_index: u64, cmd: &Command) -> Result<Applied
         writes: BTreeMap::new(),
     };
     let mut pending = Vec::new();
+    if let Command::RecordUsage { entries } = cmd {
+        for e in entries {
+            let key = usage_key(&e.tenant, &e.consumer, e.hour, &e.api);
+            let mut counts: UsageCounts = match st.base.get(&key)? {
+                Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+                None => UsageCounts::default(),
+            };
+            if let Some(Some(staged)) = st.writes.get(&key) {
+                counts = serde_json::from_slice(staged).unwrap_or_default();
+            }
+            counts.add(&e.counts);
+            st.put_json(key, &counts)?;
+        }
+        return Ok(Applied {
+            response: Some(Response::Noop),
+            writes: st.writes,
+            audit: Vec::new(),
+        });
+    }
     let outcome = match cmd {
         Command::Bootstrap { ctx, user, token } => {
             bootstrap(&mut st, log_index, ctx, user, token, &mut pending)?
@@ -391,6 +481,7 @@ pub fn apply(base: &dyn KvRead, log_index: u64, cmd: &Command) -> Result<Applied
             changes,
             &mut pending,
         )?,
+        Command::RecordUsage { .. } => Ok((Vec::new(), 0)),
         Command::SecurityEvents { ctx, events } => {
             for ev in events {
                 pending.push(PendingRecord {

@@ -671,3 +671,84 @@ async fn rate_limits_shared_by_an_api_or_a_whole_tenant() {
         .await;
     assert_eq!(r.status, 422, "{:?}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_metered_per_consumer_api_and_hour() {
+    let up = echo_upstream().await;
+    let n = Node::start_with("[gateway]\nusage_flush_seconds = 1\n").await;
+    seed_tenant(&n, "acme").await; // API payments (api-key), consumer app, plan gold, subscription
+    let t = "/admin/v1/tenants/acme";
+    let r = n
+        .admin(Method::GET, &format!("{t}/apis/payments"), None)
+        .await;
+    let mut api = r.body.clone();
+    api["lifecycle"] = json!("published");
+    api["upstream"] = json!({"targets": [{"url": format!("http://{up}")}]});
+    let r = n
+        .req(
+            Method::PUT,
+            &format!("{t}/apis/payments"),
+            Some(&n.token),
+            Some(api),
+            &[("if-match", &r.etag())],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let (key, _) = key_for(&n, "acme", "app").await;
+    let gw = Gw::new(&n);
+    gw.until("api.bank.example", "/payments/a", Some(&key), 200)
+        .await;
+    assert_eq!(
+        gw.get("api.bank.example", "/payments/b", None).await.0,
+        401,
+        "refused: not metered"
+    );
+    let r = gw
+        .http
+        .post(format!("{}/payments/c", gw.base))
+        .header("host", "api.bank.example")
+        .header("x-api-key", &key)
+        .body("12345")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echoed = r.bytes().await.unwrap().len() as u64;
+    let mut page = Value::Null;
+    for _ in 0..100 {
+        page = n
+            .admin(Method::GET, &format!("{t}/usage?consumer=app"), None)
+            .await
+            .body;
+        if page["totals"]["requests"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(page["totals"]["requests"], 2, "{page}");
+    assert_eq!(page["totals"]["bytes_in"], 5, "{page}");
+    assert!(
+        page["totals"]["bytes_out"].as_u64().unwrap() >= echoed,
+        "{page}"
+    );
+    assert_eq!(page["items"][0]["consumer"], "app");
+    assert_eq!(page["items"][0]["api"], "payments");
+    assert!(
+        page["items"][0]["hour"]
+            .as_str()
+            .unwrap()
+            .ends_with(":00:00.000Z"),
+        "{page}"
+    );
+    let r = n
+        .admin(Method::GET, &format!("{t}/usage?from=yesterday"), None)
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    let out = n.cli(&["usage", "--tenant", "acme"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("total: 2 requests, 5 bytes in"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -173,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::post(h::apply_tenant),
         )
         .route("/tenants/{tenant}/audit", get(h::tenant_audit))
+        .route("/tenants/{tenant}/usage", get(h::tenant_usage))
         .route(
             "/tenants/{tenant}/{collection}",
             get(h::list_collection).post(h::create_in_collection),

@@ -175,6 +175,15 @@ fn operations() -> Vec<Op> {
         ),
         op(
             Get,
+            "/admin/v1/tenants/{tenant}/usage",
+            "tenant_usage",
+            "Usage per consumer, API and UTC hour (consumer, from, to), with totals",
+            "usage",
+            None,
+            ("200", None),
+        ),
+        op(
+            Get,
             "/admin/v1/users",
             "platform_user_list",
             "List platform users",

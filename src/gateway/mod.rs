@@ -11,6 +11,7 @@ pub mod policy;
 pub mod routes;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
@@ -95,6 +96,8 @@ pub struct Gateway {
     https_clients: Mutex<HashMap<String, HttpsClient>>,
     /// Keys fetched from the JWT policies' `jwks_url`s.
     jwks: jwks::JwksCache,
+    /// Per-consumer usage counted since the last flush.
+    pub usage: usage::Meter,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -446,6 +449,8 @@ struct Served {
     client: Option<IpAddr>,
     /// Cause of a refusal by the gateway itself (not an upstream answer).
     refusal: Option<&'static str>,
+    /// Request body bytes forwarded, counted when the consumer is known (usage metering).
+    bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
@@ -514,6 +519,7 @@ impl Gateway {
             targets: upstream::Registry::default(),
             https_clients: Mutex::new(HashMap::new()),
             jwks: jwks::JwksCache::default(),
+            usage: usage::Meter::default(),
         })
     }
 
@@ -1200,8 +1206,22 @@ impl Gateway {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let mut served = Served::default();
-        let resp = self.serve_one(req, &conn, &mut served).await;
+        let mut resp = self.serve_one(req, &conn, &mut served).await;
         self.record(&served, resp.status(), started.elapsed());
+        if let (Some(route), Some(consumer), Some(bytes_in)) =
+            (&served.route, &served.consumer, &served.bytes_in)
+        {
+            // the consumer's usage is recorded once the answer's body is sent
+            let gw = self.clone();
+            let (tenant, api, consumer) =
+                (route.tenant.clone(), route.api.clone(), consumer.clone());
+            let ticket = usage::Ticket {
+                meter: Arc::new(move |counts| gw.usage.add(&tenant, &consumer, &api, counts)),
+                bytes_in: bytes_in.clone(),
+                bytes_out: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            };
+            resp = resp.map(|b| usage::Metered::new(b, ticket).boxed());
+        }
         tracing::info!(
             target: "apim::gateway::access",
             method = %method,
@@ -1365,6 +1385,10 @@ impl Gateway {
                 }
             };
         let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
+            Ok(h) if served.consumer.is_some() => {
+                served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+                h
+            }
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);
@@ -1509,7 +1533,12 @@ impl Gateway {
             };
             let last = n_tried >= max_attempts;
             let mut attempt = Request::new(match body.take() {
-                Some(b) if last || !bodyless => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+                Some(b) if last || !bodyless => match &served.bytes_in {
+                    Some(counter) => usage::Counted::new(b, counter.clone())
+                        .map_err(|e| Box::new(e) as BoxError)
+                        .boxed(),
+                    None => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+                },
                 other => {
                     body = other;
                     http_body_util::Empty::new().map_err(|e| match e {}).boxed()

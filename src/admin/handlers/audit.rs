@@ -77,3 +77,116 @@ pub async fn tenant_audit(
         audit_list(&st, &ctx, &headers, q.as_deref(), Some(&t)).await,
     )
 }
+
+// Usage ------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    consumer: Option<String>,
+    /// RFC 3339; the hour that holds it is the first one listed (default: the start of the
+    /// current UTC month).
+    from: Option<String>,
+    /// RFC 3339; the hour that holds it is the last one listed (default: now).
+    to: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UsageRow {
+    consumer: String,
+    api: String,
+    /// Start of the hour (RFC 3339).
+    hour: String,
+    #[serde(flatten)]
+    counts: crate::state::UsageCounts,
+}
+
+#[derive(Serialize)]
+struct UsagePage {
+    tenant: String,
+    from: String,
+    to: String,
+    items: Vec<UsageRow>,
+    totals: crate::state::UsageCounts,
+}
+
+fn hour_of(field: &str, value: &str) -> Result<i64> {
+    let t = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| Problem::invalid(field, &format!("{value:?} is not an RFC 3339 time")))?;
+    Ok(t.unix_timestamp().div_euclid(3600))
+}
+
+async fn usage_list(
+    st: &AppState,
+    ctx: &ReqCtx,
+    headers: &HeaderMap,
+    tenant: &str,
+    raw: Option<&str>,
+) -> Result<Response> {
+    let p = authn(st, ctx, headers)?;
+    authz(st, ctx, &p, Some(tenant), Kind::Consumer, Op::Read, false)?;
+    read_object(st, Kind::Tenant, None, tenant)?;
+    let q: UsageQuery = serde_urlencoded::from_str(raw.unwrap_or_default())
+        .map_err(|e| Problem::bad_request(format!("invalid usage query: {e}")))?;
+    if let Some(c) = &q.consumer {
+        model::check_name("consumer", c).map_err(|e| Problem::invalid(&e.field, &e.reason))?;
+    }
+    let now = ctx.now;
+    let month_start = now
+        .replace_day(1)
+        .map(|d| d.replace_time(time::Time::MIDNIGHT))
+        .unwrap_or(now);
+    let from = match &q.from {
+        Some(v) => hour_of("from", v)?,
+        None => month_start.unix_timestamp().div_euclid(3600),
+    };
+    let to = match &q.to {
+        Some(v) => hour_of("to", v)?,
+        None => now.unix_timestamp().div_euclid(3600),
+    };
+    if to < from {
+        return Err(Problem::invalid("to", "is before from"));
+    }
+    let entries = st
+        .reader
+        .read(|kv| crate::state::usage(kv, tenant, q.consumer.as_deref(), (from, to)))?;
+    let hour_text = |h: i64| {
+        time::OffsetDateTime::from_unix_timestamp(h * 3600)
+            .map(model::format_time)
+            .unwrap_or_default()
+    };
+    let mut totals = crate::state::UsageCounts::default();
+    let items = entries
+        .into_iter()
+        .map(|e| {
+            totals.add(&e.counts);
+            UsageRow {
+                consumer: e.consumer,
+                api: e.api,
+                hour: hour_text(e.hour),
+                counts: e.counts,
+            }
+        })
+        .collect();
+    Ok(axum::Json(UsagePage {
+        tenant: tenant.to_string(),
+        from: hour_text(from),
+        to: hour_text(to),
+        items,
+        totals,
+    })
+    .into_response())
+}
+
+pub async fn tenant_usage(
+    State(st): St,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    respond(
+        &ctx,
+        usage_list(&st, &ctx, &headers, &t, q.as_deref()).await,
+    )
+}

@@ -1,0 +1,161 @@
+//! Per-consumer usage for billing: requests and body bytes by tenant, consumer, API and UTC
+//! hour. The request path adds to an in-memory table; the node flushes it into the replicated
+//! state (`Command::RecordUsage`) every minute and at shutdown, so every node of a cluster meters
+//! what it served and the counters add up.
+
+use crate::state::{UsageCounts, UsageEntry};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+type Key = (String, String, String, i64);
+
+/// Usage counted since the last flush.
+#[derive(Debug, Default)]
+pub struct Meter {
+    pending: Mutex<HashMap<Key, UsageCounts>>,
+}
+
+impl Meter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, UsageCounts>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds one request of `consumer` on `tenant/api`, in the current hour.
+    pub fn add(&self, tenant: &str, consumer: &str, api: &str, counts: UsageCounts) {
+        let hour = time::OffsetDateTime::now_utc()
+            .unix_timestamp()
+            .div_euclid(3600);
+        let key = (
+            tenant.to_string(),
+            consumer.to_string(),
+            api.to_string(),
+            hour,
+        );
+        self.lock().entry(key).or_default().add(&counts);
+    }
+
+    /// Takes everything counted so far.
+    pub fn take(&self) -> Vec<UsageEntry> {
+        std::mem::take(&mut *self.lock())
+            .into_iter()
+            .map(|((tenant, consumer, api, hour), counts)| UsageEntry {
+                tenant,
+                consumer,
+                api,
+                hour,
+                counts,
+            })
+            .collect()
+    }
+
+    /// Puts back entries a flush could not write (they are added to what came since).
+    pub fn restore(&self, entries: Vec<UsageEntry>) {
+        let mut map = self.lock();
+        for e in entries {
+            map.entry((e.tenant, e.consumer, e.api, e.hour))
+                .or_default()
+                .add(&e.counts);
+        }
+    }
+}
+
+/// A body that counts the bytes of its data frames into a shared counter.
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+        Counted { inner, bytes }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What a metered answer records when its body is done (or dropped).
+pub struct Ticket {
+    pub meter: Arc<dyn Fn(UsageCounts) + Send + Sync>,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        (self.meter)(UsageCounts {
+            requests: 1,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        });
+    }
+}
+
+/// A response body that records the request's usage once it is sent or abandoned.
+pub struct Metered<B> {
+    inner: Counted<B>,
+    _ticket: Ticket,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, ticket: Ticket) -> Self {
+        Metered {
+            inner: Counted::new(inner, ticket.bytes_out.clone()),
+            _ticket: ticket,
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
