@@ -249,7 +249,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 &cfg,
                 metrics.clone(),
                 &sm,
-                &reader,
                 &cluster,
                 sealer.clone(),
                 stop_rx.clone(),
@@ -378,13 +377,13 @@ async fn start_gateway(
     cfg: &Config,
     metrics: Arc<crate::telemetry::Metrics>,
     sm: &StateMachine,
-    reader: &StateReader,
     cluster: &Cluster,
     sealer: Arc<crate::secrets::Sealer>,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use crate::gateway::{routes::RouteTable, tls::CertTable, Gateway, UpstreamTimeouts};
+    let reader = &sm.reader();
     let addr = cfg
         .gateway_addr()
         .map_err(|e| anyhow::anyhow!("gateway.http_listen: {e}"))?;
