@@ -87,7 +87,45 @@ impl Sealer {
     pub fn open(&self, sealed: &str) -> anyhow::Result<Vec<u8>> {
         age::decrypt(&self.identity, sealed.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
     }
+
+    /// Seals a tenant's secret: the plaintext names the tenant, so the ciphertext cannot be
+    /// moved to another tenant's object.
+    pub fn seal_for(&self, tenant: &str, plain: &[u8]) -> anyhow::Result<String> {
+        let mut bound = format!("{BOUND_PREFIX}{tenant}\n").into_bytes();
+        bound.extend_from_slice(plain);
+        self.seal(&bound)
+    }
+
+    /// Opens a tenant's secret. A value sealed by apim for another tenant is refused; a value
+    /// sealed outside apim (`age -r <recipient>`) carries no tenant and is accepted.
+    pub fn open_for(&self, tenant: &str, sealed: &str) -> Result<Vec<u8>, OpenError> {
+        let plain = self.open(sealed).map_err(|_| OpenError::Unreadable)?;
+        let Some(rest) = plain.strip_prefix(BOUND_PREFIX.as_bytes()) else {
+            return Ok(plain);
+        };
+        let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+            return Err(OpenError::Unreadable);
+        };
+        if &rest[..nl] != tenant.as_bytes() {
+            return Err(OpenError::OtherTenant);
+        }
+        Ok(rest[nl + 1..].to_vec())
+    }
 }
+
+/// First line of a secret apim sealed for a tenant.
+const BOUND_PREFIX: &str = "apim-sealed/v1 tenant=";
+
+/// Why a tenant's secret cannot be opened.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OpenError {
+    /// Not age ciphertext for this cluster's identity.
+    Unreadable,
+    /// Sealed by apim for another tenant.
+    OtherTenant,
+}
+
+impl Sealer {}
 
 #[cfg(test)]
 mod tests {
@@ -115,5 +153,18 @@ mod tests {
         std::fs::write(&path, "# nothing\nAGE-SECRET-KEY-1BAD\n").unwrap();
         let err = Sealer::load_or_create(&path, true).unwrap_err().to_string();
         assert!(err.contains("not an age X25519 identity"), "{err}");
+    }
+
+    #[test]
+    fn tenant_secrets_stay_with_their_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Sealer::load_or_create(&dir.path().join("id"), true).unwrap();
+        let sealed = s.seal_for("bank-a", b"key").unwrap();
+        assert_eq!(s.open_for("bank-a", &sealed).unwrap(), b"key");
+        assert_eq!(s.open_for("bank-b", &sealed), Err(OpenError::OtherTenant));
+        // sealed outside apim: no tenant in it
+        let external = s.seal(b"key").unwrap();
+        assert_eq!(s.open_for("bank-b", &external).unwrap(), b"key");
+        assert_eq!(s.open_for("bank-a", "garbage"), Err(OpenError::Unreadable));
     }
 }

@@ -305,6 +305,15 @@ async fn websocket_echo_and_expect_continue_through_the_gateway() {
         assert_eq!(&back[2..], text.as_bytes());
     }
 
+    // another protocol (h2c) is never switched to: the Upgrade is not forwarded, and a 101 the
+    // client did not get to ask for is not relayed
+    let answer = exchange(
+        port,
+        b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 502, "{answer}");
+
     // Expect: 100-continue: a refused request is answered before the body is sent...
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"POST /up HTTP/1.1\r\nHost: keyed.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").await.unwrap();

@@ -360,6 +360,51 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
     }
     assert_eq!(served, Some(der(&ip_chain)));
 
+    // Another tenant cannot take the hosts over: its certificate for a.example (valid longer)
+    // is not served, since no API of that tenant claims the host; nor can it reuse the sealed
+    // key of this tenant's certificate.
+    created(&n, "/admin/v1/tenants", json!({"name": "rival"})).await;
+    let (rival_chain, rival_key) = leaf(
+        &server_ca,
+        &["a.example"],
+        &[(DnType::CommonName, "rival")],
+        900,
+    );
+    assert_eq!(
+        add_certificate(&n, "rival", "grab", &rival_chain, &rival_key)
+            .await
+            .status,
+        201
+    );
+    let sealed_a = n
+        .admin(
+            Method::GET,
+            "/admin/v1/tenants/acme/certificates/site-a",
+            None,
+        )
+        .await
+        .body["private_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = add_certificate(&n, "rival", "steal", &a_chain, &sealed_a).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("another tenant"),
+        "{:?}",
+        r.body
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c11.get("a.example", "/").await.expect("answer");
+    assert_eq!(
+        peer_cert(&r),
+        der(&a_chain),
+        "the host's own tenant's certificate"
+    );
+
     // No file of the node holds the private key in clear.
     let needle = a_key.lines().nth(1).expect("key body line").to_string();
     let mut files = Vec::new();
@@ -531,6 +576,18 @@ async fn mutual_tls_maps_client_certificates_to_consumers() {
     // tpp-one is not subscribed to payments by subject mapping, and tpp-fp has no subject entry
     let r = other.get("psd2.example", "/payments/1").await.unwrap();
     assert_eq!(r.status(), 401);
+
+    // a connection opened for a host without mutual TLS (no certificate was asked for) is sent
+    // to open one for the mutual-TLS host
+    let anon11 = client(&n, &server_ca.pem, &hosts, &[b"http/1.1"], false, None);
+    let r = anon11
+        .http
+        .get(format!("https://open.example:{}/accounts/1", anon11.port))
+        .header("host", "psd2.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
 
     // the consumer is in the access log
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -48,6 +48,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+type Verifier = Arc<dyn rustls::server::danger::ClientCertVerifier>;
+
 /// What a request knows of the connection it came on.
 #[derive(Debug)]
 pub struct Conn {
@@ -56,7 +58,8 @@ pub struct Conn {
     pub tls: Option<tls::TlsConn>,
     /// Outcomes of `mutual-tls` chain checks on this connection, by verifier: a keep-alive
     /// connection checks its chain once per CA bundle, not once per request.
-    mtls_checked: Mutex<Vec<(usize, bool)>>,
+    /// (The verifier is held, so its address cannot be reused by another while cached.)
+    mtls_checked: Mutex<Vec<(Verifier, bool)>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
 }
@@ -183,8 +186,22 @@ fn host_is_valid(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with an
-/// `Upgrade` token such as `websocket`).
+/// A `Host` value split into host and port (`[v6]:port` keeps its brackets on the host).
+fn split_host_port(h: &str) -> (&str, Option<&str>) {
+    if h.starts_with('[') {
+        return match h.find(']') {
+            Some(end) => (&h[..=end], h[end + 1..].strip_prefix(':')),
+            None => (h, None),
+        };
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (h, None),
+    }
+}
+
+/// The `Upgrade` of an HTTP/1.1 request that asks to switch to WebSocket (`Connection: upgrade`,
+/// `Upgrade: websocket`); other protocols are not switched to.
 fn upgrade_token(req: &Request<Incoming>) -> Option<HeaderValue> {
     if req.version() != hyper::Version::HTTP_11 {
         return None;
@@ -197,10 +214,12 @@ fn upgrade_token(req: &Request<Incoming>) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let token = req.headers().get(header::UPGRADE)?;
-    let valid = token
+    // WebSocket only: another protocol (h2c above all) would carry requests the gateway never
+    // sees through the spliced connection
+    let websocket = token
         .to_str()
-        .is_ok_and(|t| !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()));
-    (asks && valid).then(|| token.clone())
+        .is_ok_and(|t| t.trim().eq_ignore_ascii_case("websocket"));
+    (asks && websocket).then(|| token.clone())
 }
 
 /// Whether a request path is safe to route and forward as is: no empty, `.` or `..` segment,
@@ -1030,15 +1049,23 @@ impl Gateway {
                 "the API's client-certificate policy cannot be enforced",
             ));
         };
+        if conn.tls.as_ref().is_some_and(|t| !t.client_auth_requested) {
+            // the handshake (for another SNI host) did not ask for a certificate: the client
+            // must open a connection for this host
+            return Err(refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected-request",
+                "open a connection for this host to present a client certificate",
+            ));
+        }
         let Some((leaf, intermediates)) =
             conn.tls.as_ref().and_then(|t| t.client_chain.split_first())
         else {
             return Err(denied());
         };
-        let id = Arc::as_ptr(verifier) as *const () as usize;
         let known = lock(&conn.mtls_checked)
             .iter()
-            .find(|(v, _)| *v == id)
+            .find(|(v, _)| Arc::ptr_eq(v, verifier))
             .map(|(_, ok)| *ok);
         let ok = known.unwrap_or_else(|| {
             let r = verifier.verify_client_cert(
@@ -1049,7 +1076,11 @@ impl Gateway {
             if let Err(e) = &r {
                 tracing::info!(tenant = %route.tenant, api = %route.api, error = %e, "client certificate refused");
             }
-            lock(&conn.mtls_checked).push((id, r.is_ok()));
+            let mut checked = lock(&conn.mtls_checked);
+            if checked.len() >= 16 {
+                checked.remove(0);
+            }
+            checked.push((verifier.clone(), r.is_ok()));
             r.is_ok()
         });
         if !ok {
@@ -1308,7 +1339,7 @@ impl Gateway {
                 req.headers()
                     .get(header::HOST)
                     .and_then(|v| v.to_str().ok())
-                    .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h))
+                    .map(|h| split_host_port(h).0)
             })
             .unwrap_or_default()
             .to_ascii_lowercase();
@@ -1406,7 +1437,21 @@ impl Gateway {
         }..];
         let rest = if rest.is_empty() { "/" } else { rest };
         let query = req.uri().query().map(str::to_string);
-        let original_host = req.headers().get(header::HOST).cloned();
+        // X-Forwarded-Host: the host the request was routed by (validated), with the port the
+        // client named, never a raw client header
+        let port = req.uri().port_u16().map(|p| p.to_string()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|h| split_host_port(h).1)
+                .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+                .map(str::to_string)
+        });
+        let original_host = HeaderValue::from_str(&match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        })
+        .ok();
         // one shared value for the upstream request and the answer
         let request_id_value = HeaderValue::from_maybe_shared(Bytes::from(request_id.clone())).ok();
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
@@ -1492,6 +1537,8 @@ impl Gateway {
             tried[n_tried] = idx;
             n_tried += 1;
             let target = &route.targets[idx];
+            // in flight from here; dropped without a verdict, it releases a trial it held
+            let attempt_state = target.state().begin();
             let https = target.origin.starts_with("https://");
             let tls_client = match (https, route.tls_client.get()) {
                 (false, _) => None,
@@ -1553,26 +1600,22 @@ impl Gateway {
             } else {
                 headers.clone().unwrap_or_default()
             };
-            let state = target.state();
-            state
-                .in_flight
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let left = deadline.saturating_duration_since(Instant::now());
             let sent = match tls_client {
                 Some(c) => c.request(attempt),
                 None => self.client.request(attempt),
             };
             let result = tokio::time::timeout(left, sent).await;
-            state
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            let (failed, retryable, answer) = match result {
+            // The verdict on the target: Some(true) failed, Some(false) answered, None when the
+            // client may be the cause (a request body that broke off or was slow to come): such
+            // attempts never eject a target.
+            let (verdict, retryable, answer) = match result {
                 Ok(Ok(r)) => {
                     let bad = matches!(r.status().as_u16(), 502..=504);
-                    (bad, false, Ok(r))
+                    (Some(bad), false, Ok(r))
                 }
                 Err(_) => (
-                    true,
+                    bodyless.then_some(true),
                     false,
                     Err((
                         StatusCode::GATEWAY_TIMEOUT,
@@ -1581,7 +1624,7 @@ impl Gateway {
                     )),
                 ),
                 Ok(Err(e)) if e.is_connect() => (
-                    true,
+                    Some(true),
                     true,
                     Err((
                         StatusCode::BAD_GATEWAY,
@@ -1590,7 +1633,7 @@ impl Gateway {
                     )),
                 ),
                 Ok(Err(_)) => (
-                    true,
+                    bodyless.then_some(true),
                     idempotent,
                     Err((
                         StatusCode::BAD_GATEWAY,
@@ -1600,14 +1643,20 @@ impl Gateway {
                 ),
             };
             let now = self.now_ns();
-            if failed {
-                if state.failure(now, &route.upstream.ejection) {
-                    tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
-                    self.target_health(&route, target, false);
+            match verdict {
+                Some(true) => {
+                    if attempt_state.failure(now, &route.upstream.ejection) {
+                        tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
+                        self.target_health(&route, target, false);
+                    }
                 }
-            } else if state.success() {
-                tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target back in service");
-                self.target_health(&route, target, true);
+                Some(false) => {
+                    if attempt_state.success() {
+                        tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target back in service");
+                        self.target_health(&route, target, true);
+                    }
+                }
+                None => drop(attempt_state),
             }
             match answer {
                 Ok(r) => break r,
@@ -1738,7 +1787,8 @@ async fn handshake(
         Some(c) => c.clone(),
         None => return Err("unknown-sni"),
     };
-    let mut config = if gateway.table.load().requires_client_cert(&sni) {
+    let client_auth_requested = gateway.table.load().requires_client_cert(&sni);
+    let mut config = if client_auth_requested {
         gateway.tls.client_auth.clone()
     } else {
         gateway.tls.plain.clone()
@@ -1766,6 +1816,7 @@ async fn handshake(
             sni: Some(sni),
             served_hosts,
             client_chain,
+            client_auth_requested,
         },
     ))
 }

@@ -94,16 +94,40 @@ impl CertTable {
         let mut fresh = KeyCache::new();
         for tenant in state::list_objects(kv, Kind::Tenant, None)? {
             let t = tenant.spec.name();
+            // a tenant's certificates are served only for the hosts its served APIs claim
+            let claimed: Vec<String> = state::list_objects(kv, Kind::Api, Some(&t))?
+                .into_iter()
+                .filter_map(|o| match o.spec {
+                    Spec::Api(a)
+                        if matches!(
+                            a.lifecycle,
+                            crate::model::Lifecycle::Published
+                                | crate::model::Lifecycle::Deprecated
+                        ) =>
+                    {
+                        Some(a.hosts)
+                    }
+                    _ => None,
+                })
+                .flatten()
+                .map(|h| h.to_ascii_lowercase())
+                .collect();
             for o in state::list_objects(kv, Kind::Certificate, Some(&t))? {
                 let Spec::Certificate(c) = o.spec else {
                     continue;
                 };
-                let key = match cache.get(&c.private_key) {
+                // by certificate and key: a renewal that keeps the key serves the new chain
+                let cache_key = format!(
+                    "{}|{}",
+                    crate::pki::secret_hash(&c.certificate),
+                    c.private_key
+                );
+                let key = match cache.get(&cache_key) {
                     Some(k) => k.clone(),
                     None => {
                         let opened = sealer
-                            .open(&c.private_key)
-                            .map_err(|e| e.to_string())
+                            .open_for(&t, &c.private_key)
+                            .map_err(|e| format!("{e:?}"))
                             .and_then(|plain| crate::pki::certified_key(&c.certificate, &plain));
                         match opened {
                             Ok(k) => Arc::new(k),
@@ -114,7 +138,7 @@ impl CertTable {
                         }
                     }
                 };
-                fresh.insert(c.private_key.clone(), key.clone());
+                fresh.insert(cache_key, key.clone());
                 table.by_name.insert(format!("{t}/{}", c.name), key.clone());
                 let served = Arc::new(Served {
                     key,
@@ -122,7 +146,7 @@ impl CertTable {
                     not_after: c.not_after.clone(),
                 });
                 table.certificates += 1;
-                for host in &c.hosts {
+                for host in c.hosts.iter().filter(|h| claims(&claimed, h)) {
                     let slot = match host.strip_prefix("*.") {
                         Some(suffix) => table.wildcard.entry(suffix.to_string()),
                         None => table.exact.entry(host.clone()),
@@ -143,6 +167,20 @@ impl CertTable {
         *cache = fresh;
         Ok(table)
     }
+}
+
+/// Whether a certificate name is claimed by one of a tenant's API hosts: the same name, an API
+/// wildcard covering it, or (for a wildcard name) an API host it covers.
+fn claims(api_hosts: &[String], cert_host: &str) -> bool {
+    let suffix = |h: &str| h.split_once('.').map(|(_, s)| s.to_string());
+    api_hosts.iter().any(|a| {
+        a == cert_host
+            || match (a.strip_prefix("*."), cert_host.strip_prefix("*.")) {
+                (Some(api_wild), None) => suffix(cert_host).as_deref() == Some(api_wild),
+                (None, Some(cert_wild)) => suffix(a).as_deref() == Some(cert_wild),
+                _ => false,
+            }
+    })
 }
 
 /// Whether `host` is one of the certificate's names (a wildcard covers one label).
@@ -304,6 +342,9 @@ pub struct TlsConn {
     pub served_hosts: Vec<String>,
     /// The client's chain (leaf first), when it sent one.
     pub client_chain: Vec<CertificateDer<'static>>,
+    /// Whether the handshake asked for a client certificate (the SNI host serves a
+    /// `mutual-tls` API).
+    pub client_auth_requested: bool,
 }
 
 #[cfg(test)]
@@ -319,6 +360,27 @@ mod tests {
         assert!(!covers(&hosts, "a.b.bank.example"));
         assert!(!covers(&hosts, "evilbank.example"));
         assert!(!covers(&hosts, ".bank.example"));
+    }
+
+    #[test]
+    fn certificates_serve_only_claimed_hosts() {
+        let apis = vec![
+            "api.bank.example".to_string(),
+            "*.eu.bank.example".to_string(),
+        ];
+        assert!(claims(&apis, "api.bank.example"));
+        assert!(
+            claims(&apis, "*.bank.example"),
+            "a wildcard covering an API host"
+        );
+        assert!(
+            claims(&apis, "fr.eu.bank.example"),
+            "a name an API wildcard covers"
+        );
+        assert!(claims(&apis, "*.eu.bank.example"));
+        assert!(!claims(&apis, "other.example"));
+        assert!(!claims(&apis, "*.example"));
+        assert!(!claims(&apis, "x.y.eu.bank.example"));
     }
 
     #[test]

@@ -91,6 +91,48 @@ impl TargetState {
     }
 }
 
+/// One attempt on a target: counted in flight while it lives. If it ends without a verdict
+/// (the request was cancelled, or never sent), a half-open trial it held is released so that
+/// another request can make it.
+pub struct Attempt<'a> {
+    state: &'a TargetState,
+    judged: bool,
+}
+
+impl TargetState {
+    /// Starts an attempt on this target (after [`pick`] chose it).
+    pub fn begin(&self) -> Attempt<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Attempt {
+            state: self,
+            judged: false,
+        }
+    }
+}
+
+impl Attempt<'_> {
+    /// A good answer; true when this closes an ejection.
+    pub fn success(mut self) -> bool {
+        self.judged = true;
+        self.state.success()
+    }
+
+    /// A failure of the target; true when this ejects it.
+    pub fn failure(mut self, now: u64, rule: &Ejection) -> bool {
+        self.judged = true;
+        self.state.failure(now, rule)
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.judged {
+            self.state.trial.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Target states by `tenant/api/url`.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -110,6 +152,12 @@ impl Registry {
                     .remove(&key)
                     .or_else(|| kept.get(&key).cloned())
                     .unwrap_or_default();
+                if route.upstream.health_check.is_none() {
+                    // checks removed: their last verdict no longer holds
+                    state.healthy.store(true, Ordering::Relaxed);
+                    state.hc_passes.store(0, Ordering::Relaxed);
+                    state.hc_failures.store(0, Ordering::Relaxed);
+                }
                 let _ = t.state.set(state.clone());
                 kept.insert(key, state);
             }

@@ -44,7 +44,7 @@ fn parse_spec(
         Kind::User => Spec::User(parse_json::<UserSpec>(body)?),
         Kind::Certificate => {
             let mut c = parse_json::<CertificateSpec>(body)?;
-            seal_certificate(st, ctx, &mut c)?;
+            seal_certificate(st, ctx, tenant.unwrap_or_default(), &mut c)?;
             Spec::Certificate(c)
         }
         Kind::Key | Kind::Token => {
@@ -60,7 +60,12 @@ fn parse_spec(
 /// Reads the certificate's facts from the certificate itself, checks that the private key is
 /// the leaf's, and seals the key with the cluster's identity (a key already sealed for this
 /// cluster is kept as it is): nothing after this point sees the key in clear.
-fn seal_certificate(st: &AppState, ctx: &ReqCtx, c: &mut CertificateSpec) -> Result<()> {
+fn seal_certificate(
+    st: &AppState,
+    ctx: &ReqCtx,
+    tenant: &str,
+    c: &mut CertificateSpec,
+) -> Result<()> {
     checked(c.describe())?;
     if c.not_after <= crate::model::format_time(ctx.now) {
         return Err(Problem::invalid(
@@ -73,19 +78,27 @@ fn seal_certificate(st: &AppState, ctx: &ReqCtx, c: &mut CertificateSpec) -> Res
         .trim_start()
         .starts_with(crate::secrets::ARMOR_BEGIN);
     let plain = if sealed {
-        st.sealer.open(&c.private_key).map_err(|_| {
-            Problem::invalid(
-                "private_key",
-                "is age ciphertext this cluster's identity cannot open",
-            )
-        })?
+        st.sealer
+            .open_for(tenant, &c.private_key)
+            .map_err(|e| match e {
+                crate::secrets::OpenError::Unreadable => Problem::invalid(
+                    "private_key",
+                    "is age ciphertext this cluster's identity cannot open",
+                ),
+                crate::secrets::OpenError::OtherTenant => {
+                    Problem::invalid("private_key", "was sealed for another tenant")
+                }
+            })?
     } else {
         c.private_key.as_bytes().to_vec()
     };
     crate::pki::certified_key(&c.certificate, &plain)
         .map_err(|e| Problem::invalid("private_key", &e))?;
     if !sealed {
-        c.private_key = st.sealer.seal(&plain).map_err(Problem::internal)?;
+        c.private_key = st
+            .sealer
+            .seal_for(tenant, &plain)
+            .map_err(Problem::internal)?;
     }
     Ok(())
 }
