@@ -1111,10 +1111,45 @@ pub struct ConsumerSpec {
 /// A certificate identity in the form consumers and the gateway compare: `sha256:` followed by
 /// lowercase hex, or a subject whose components are separated by `,` without spaces.
 pub fn normalize_cert_identity(s: &str) -> String {
-    match s.strip_prefix("sha256:") {
-        Some(hex) => format!("sha256:{}", hex.to_ascii_lowercase()),
-        None => s.split(',').map(str::trim).collect::<Vec<_>>().join(","),
+    if let Some(hex) = s.strip_prefix("sha256:") {
+        return format!("sha256:{}", hex.to_ascii_lowercase());
     }
+    split_dn(s)
+        .iter()
+        .map(|p| {
+            let p = p.trim_start();
+            // a trailing space that is escaped belongs to the value
+            if p.ends_with("\\ ") {
+                p.to_string()
+            } else {
+                p.trim_end().to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The components of a subject, split on the commas that are not escaped (`\\,` stays inside
+/// its value, RFC 4514).
+fn split_dn(s: &str) -> Vec<String> {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            current.push(c);
+            escaped = true;
+        } else if c == ',' {
+            parts.push(std::mem::take(&mut current));
+        } else {
+            current.push(c);
+        }
+    }
+    parts.push(current);
+    parts
 }
 
 impl ConsumerSpec {
@@ -1142,7 +1177,7 @@ impl ConsumerSpec {
                 None => {
                     let ok = c.len() <= 1024
                         && !c.chars().any(char::is_control)
-                        && c.split(',').all(|part| {
+                        && split_dn(c).iter().all(|part| {
                             matches!(part.split_once('='), Some((k, v)) if !k.trim().is_empty() && !v.is_empty())
                         });
                     if !ok {

@@ -278,10 +278,52 @@ pub fn parse_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// The subject of a DER certificate, as `CN=..., O=..., C=...` in certificate order.
+/// The subject of a DER certificate, as `C=FR, O=Fintech, CN=tpp-one` in certificate order,
+/// with RFC 4514 escaping in values (`\,`, `\+`, ...): a value holding a comma can never read
+/// like another subject.
 pub fn subject_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some(cert.subject().to_string())
+    Some(name_text(cert.subject()))
+}
+
+fn name_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = Vec::new();
+    for rdn in name.iter_rdn() {
+        let mut parts = Vec::new();
+        for attr in rdn.iter() {
+            let kind = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                .map(str::to_string)
+                .unwrap_or_else(|_| attr.attr_type().to_id_string());
+            let value = match attr.as_str() {
+                Ok(v) => escape_dn_value(v),
+                Err(_) => format!("#{}", hex::encode(attr.attr_value().data)),
+            };
+            parts.push(format!("{kind}={value}"));
+        }
+        out.push(parts.join("+"));
+    }
+    out.join(", ")
+}
+
+/// RFC 4514 §2.4 escaping of an attribute value.
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if c == '\0' {
+            out.push_str("\\00");
+            continue;
+        }
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Parses a PEM chain (leaf first) and describes its leaf.
@@ -320,8 +362,8 @@ pub fn describe_certificate(pem: &str) -> Result<CertInfo, String> {
     };
     Ok(CertInfo {
         hosts,
-        subject: leaf.subject().to_string(),
-        issuer: leaf.issuer().to_string(),
+        subject: name_text(leaf.subject()),
+        issuer: name_text(leaf.issuer()),
         not_before: time(leaf.validity().not_before)?,
         not_after: time(leaf.validity().not_after)?,
         fingerprint: fingerprint(&chain[0]),

@@ -22,7 +22,7 @@ const MIN_INTERVAL: Duration = Duration::from_secs(30);
 /// Least time between an early refresh (asked by an unknown `kid`) and the previous fetch.
 const EARLY_GAP: Duration = Duration::from_secs(5);
 
-/// Key sets by URL.
+/// Key sets by source (URL and CA bundle, see [`source_key`]).
 #[derive(Default)]
 pub struct JwksCache {
     keys: ArcSwap<HashMap<String, Arc<Vec<JwtKey>>>>,
@@ -31,12 +31,12 @@ pub struct JwksCache {
 }
 
 impl JwksCache {
-    /// The last good keys of `url`, if any fetch succeeded.
+    /// The last good keys of a source, if any fetch succeeded.
     pub fn get(&self, url: &str) -> Option<Arc<Vec<JwtKey>>> {
         self.keys.load().get(url).cloned()
     }
 
-    /// Asks for an early refresh of `url` (a token named a key it does not have).
+    /// Asks for an early refresh of a source (a token named a key it does not have).
     pub fn want(&self, url: &str) {
         let mut w = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
         if w.len() < 1000 {
@@ -68,12 +68,22 @@ impl JwksCache {
     }
 }
 
-/// Where and how often to fetch one URL.
+/// Where and how often to fetch one key set.
 #[derive(Clone, PartialEq)]
 struct Source {
+    url: String,
     ca_bundle: String,
     refresh: Duration,
 }
+
+/// The cache key of a key set: its URL and the CA bundle it is trusted with, so that two
+/// policies (two tenants) naming one URL with different CAs never share keys.
+pub fn source_key(url: &str, ca_bundle: &str) -> String {
+    format!("{url}#{}", crate::pki::secret_hash(ca_bundle))
+}
+
+/// Most key sets fetched at once.
+const PARALLEL_FETCHES: usize = 8;
 
 /// The `jwks_url` sources of every JWT policy of the table (the shortest refresh wins when
 /// several policies name one URL).
@@ -89,9 +99,10 @@ fn sources(table: &RouteTable) -> HashMap<String, Source> {
             } = p
             {
                 let refresh = Duration::from_secs(u64::from(*jwks_refresh_seconds));
-                out.entry(url.clone())
+                out.entry(source_key(url, ca))
                     .and_modify(|s| s.refresh = s.refresh.min(refresh))
                     .or_insert(Source {
+                        url: url.clone(),
                         ca_bundle: ca.clone(),
                         refresh,
                     });
@@ -147,34 +158,47 @@ pub async fn run(
         cache.retain(&wanted);
         let early = cache.take_wanted();
         let now = Instant::now();
-        for (url, src) in &wanted {
-            let next = match due.get(url) {
+        let mut todo: Vec<(String, Source)> = Vec::new();
+        for (key, src) in &wanted {
+            let next = match due.get(key) {
                 Some((old, _, _)) if old != src => now,
                 Some((_, at, Some(last)))
-                    if early.contains(url) && now.duration_since(*last) >= EARLY_GAP =>
+                    if early.contains(key) && now.duration_since(*last) >= EARLY_GAP =>
                 {
                     (*at).min(now)
                 }
                 Some((_, at, _)) => *at,
                 None => now,
             };
-            if next > now {
-                continue;
+            if next <= now && todo.len() < PARALLEL_FETCHES {
+                todo.push((key.clone(), src.clone()));
             }
-            let fetched = fetch(url, &src.ca_bundle).await;
+        }
+        // fetched side by side: one slow or unreachable issuer does not hold the others up
+        let mut fetches = tokio::task::JoinSet::new();
+        for (key, src) in todo {
+            fetches.spawn(async move {
+                let result = fetch(&src.url, &src.ca_bundle).await;
+                (key, src, result)
+            });
+        }
+        while let Some(done) = fetches.join_next().await {
+            let Ok((key, src, fetched)) = done else {
+                continue;
+            };
             let now = Instant::now();
             let next = match fetched {
                 Ok(keys) => {
-                    tracing::info!(url = %url, keys = keys.len(), "JWKS fetched");
-                    cache.store(url, keys);
+                    tracing::info!(url = %src.url, keys = keys.len(), "JWKS fetched");
+                    cache.store(&key, keys);
                     now + src.refresh.max(MIN_INTERVAL)
                 }
                 Err(e) => {
-                    tracing::warn!(url = %url, error = %e, "JWKS fetch failed; keeping the last good keys");
+                    tracing::warn!(url = %src.url, error = %e, "JWKS fetch failed; keeping the last good keys");
                     now + MIN_INTERVAL
                 }
             };
-            due.insert(url.clone(), (src.clone(), next, Some(now)));
+            due.insert(key, (src, next, Some(now)));
         }
     }
 }

@@ -62,11 +62,33 @@ pub struct Conn {
     mtls_checked: Mutex<Vec<(Verifier, bool)>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
+    /// The connection's place under `max_connections` and in the open-connections gauge, held
+    /// as long as the connection lives, a WebSocket spliced from it included.
+    hold: Option<Arc<Hold>>,
+}
+
+/// A connection slot: released (and the gauge decremented) when the last holder drops it.
+pub struct Hold {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold")
+    }
 }
 
 impl Conn {
-    pub fn new(peer: SocketAddr, tls: Option<tls::TlsConn>) -> Conn {
+    pub fn new(peer: SocketAddr, tls: Option<tls::TlsConn>, hold: Option<Arc<Hold>>) -> Conn {
         Conn {
+            hold,
             peer,
             tls,
             mtls_checked: Mutex::new(Vec::new()),
@@ -925,13 +947,13 @@ impl Gateway {
                     required_scopes,
                     consumer_claim,
                     clock_skew_seconds,
-                    jwks_url,
                     ..
                 } => {
                     let fetched;
-                    let keys: &[routes::JwtKey] = match (route.jwt_keys.get(&i), jwks_url) {
+                    let source = route.jwks_sources.get(&i);
+                    let keys: &[routes::JwtKey] = match (route.jwt_keys.get(&i), source) {
                         (Some(k), _) => k,
-                        (None, Some(url)) => match self.jwks.get(url) {
+                        (None, Some(source)) => match self.jwks.get(source) {
                             Some(k) => {
                                 fetched = k;
                                 &fetched
@@ -953,12 +975,12 @@ impl Gateway {
                             ))
                         }
                     };
-                    if let (Some(url), Some(kid)) = (jwks_url, token_kid(req.headers())) {
+                    if let (Some(source), Some(kid)) = (source, token_kid(req.headers())) {
                         if !route.jwt_keys.contains_key(&i)
                             && !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str()))
                         {
                             // maybe a rotation at the issuer: ask for an early refresh
-                            self.jwks.want(url);
+                            self.jwks.want(source);
                         }
                     }
                     let claims = verify_jwt(
@@ -1677,7 +1699,10 @@ impl Gateway {
             (true, Some(client)) => {
                 let upstream = hyper::upgrade::on(&mut resp);
                 let (tenant, api) = (route.tenant.clone(), route.api.clone());
+                // the spliced connection keeps its slot under max_connections
+                let hold = conn.hold.clone();
                 tokio::spawn(async move {
+                    let _hold = hold;
                     match tokio::try_join!(client, upstream) {
                         Ok((c, u)) => {
                             let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
@@ -1867,7 +1892,7 @@ pub async fn serve(
         let open = gateway.metrics.gateway_connections.clone();
         open.inc();
         tokio::spawn(async move {
-            let _slot = slot;
+            let hold = Arc::new(Hold { _slot: slot, open });
             let svc = |conn: Arc<Conn>| {
                 let gw = gw.clone();
                 hyper::service::service_fn(move |req| {
@@ -1879,7 +1904,7 @@ pub async fn serve(
             let result = if https {
                 match tokio::time::timeout(limits.handshake_timeout, handshake(&gw, tcp)).await {
                     Ok(Ok((stream, info))) => {
-                        let conn = Arc::new(Conn::new(peer, Some(info)));
+                        let conn = Arc::new(Conn::new(peer, Some(info), Some(hold)));
                         let c =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), svc(conn));
                         watcher.watch(c.into_owned()).await
@@ -1894,14 +1919,13 @@ pub async fn serve(
                     }
                 }
             } else {
-                let conn = Arc::new(Conn::new(peer, None));
+                let conn = Arc::new(Conn::new(peer, None, Some(hold)));
                 let c = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc(conn));
                 watcher.watch(c.into_owned()).await
             };
             if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "gateway connection ended with an error");
             }
-            open.dec();
         });
     }
     drop(listener);

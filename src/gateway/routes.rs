@@ -56,6 +56,8 @@ pub struct Route {
     pub series: std::sync::OnceLock<crate::telemetry::ApiSeries>,
     /// The API's operations, most specific first (empty: every request under the base path).
     pub operations: Vec<Operation>,
+    /// Cache key of each JWT policy's `jwks_url` key set, by the policy's position.
+    pub jwks_sources: HashMap<usize, String>,
     /// Chain verifier of each `mutual-tls` policy (its CA bundle), by the policy's position.
     /// A bundle that cannot be used has no verifier, and the policy then fails closed.
     pub mtls: HashMap<usize, Arc<dyn rustls::server::danger::ClientCertVerifier>>,
@@ -473,8 +475,22 @@ fn compile(
             _ => None,
         })
         .collect();
+    let jwks_sources = api
+        .policies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Policy::Jwt {
+                jwks_url: Some(url),
+                jwks_ca_bundle: Some(ca),
+                ..
+            } => Some((i, super::jwks::source_key(url, ca))),
+            _ => None,
+        })
+        .collect();
     Route {
         jwt_keys,
+        jwks_sources,
         mtls,
         operations: operations(&api.base_path, &api.routes),
         series: Default::default(),
