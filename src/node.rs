@@ -484,7 +484,11 @@ async fn start_gateway(
         ))
     });
     // Usage metering: flushed into the replicated state every interval, and once more after
-    // the listeners have drained.
+    // the listeners have drained. Batches are numbered after the last one the state applied.
+    let node_id = cfg.node_id;
+    gateway
+        .usage
+        .start_batches_after(reader.read(|kv| crate::state::last_usage_batch(kv, node_id))?);
     {
         let (gateway, cluster, mut stop) = (gateway.clone(), cluster.clone(), stop.clone());
         let every = Duration::from_secs(cfg.gateway.usage_flush_seconds);
@@ -494,7 +498,7 @@ async fn start_gateway(
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                flush_usage(&cluster, &gateway.usage).await;
+                flush_usage(&cluster, node_id, &gateway.usage).await;
             }
         });
     }
@@ -504,27 +508,30 @@ async fn start_gateway(
         if let Some(t) = tls_task {
             let _ = t.await;
         }
-        flush_usage(&cluster, &gateway.usage).await;
+        flush_usage(&cluster, node_id, &gateway.usage).await;
     }))
 }
 
-/// Writes the usage counted since the last flush; what cannot be written is kept for the next.
-async fn flush_usage(cluster: &Cluster, meter: &crate::gateway::usage::Meter) {
-    let entries = meter.take();
-    if entries.is_empty() {
-        return;
-    }
-    let n = entries.len();
-    match cluster
-        .write(Command::RecordUsage {
+/// Writes the usage counted since the last flush (a batch that failed first, unchanged); a
+/// batch that cannot be written is kept for the next flush.
+async fn flush_usage(cluster: &Cluster, node: u64, meter: &crate::gateway::usage::Meter) {
+    for _ in 0..2 {
+        let Some((batch, entries)) = meter.next_batch() else {
+            return;
+        };
+        let n = entries.len();
+        let cmd = Command::RecordUsage {
+            node,
+            batch,
             entries: entries.clone(),
-        })
-        .await
-    {
-        Ok(_) => tracing::debug!(counters = n, "usage recorded"),
-        Err(e) => {
-            tracing::warn!(error = %e, counters = n, "could not record usage; kept for the next flush");
-            meter.restore(entries);
+        };
+        match cluster.write(cmd).await {
+            Ok(_) => tracing::debug!(counters = n, batch, "usage recorded"),
+            Err(e) => {
+                tracing::warn!(error = %e, counters = n, batch, "could not record usage; kept for the next flush");
+                meter.keep_unsent(batch, entries);
+                return;
+            }
         }
     }
 }

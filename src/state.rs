@@ -102,7 +102,13 @@ pub enum Command {
     },
     /// Usage metered by a gateway, added to the stored hourly counters (metering, not a change
     /// of configuration: not audited).
-    RecordUsage { entries: Vec<UsageEntry> },
+    /// A batch carries its node and a sequence number that grows per node: a batch retried
+    /// after an ambiguous failure (it may have been committed) is applied once.
+    RecordUsage {
+        node: u64,
+        batch: u64,
+        entries: Vec<UsageEntry>,
+    },
 }
 
 /// Requests and bytes of one consumer on one API during one UTC hour.
@@ -132,6 +138,19 @@ impl UsageCounts {
         self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
         self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
     }
+}
+
+/// Key of the last usage batch applied from a node.
+pub fn usage_batch_key(node: u64) -> String {
+    format!("m/usage_batch/{node}")
+}
+
+/// The last usage batch applied from `node` (0 when none).
+pub fn last_usage_batch(kv: &dyn KvRead, node: u64) -> Result<u64, StoreError> {
+    Ok(match kv.get(&usage_batch_key(node))? {
+        Some(v) => serde_json::from_slice(&v).unwrap_or(0),
+        None => 0,
+    })
 }
 
 /// Key of a usage counter: `u/{tenant}/{consumer}/{hour, 10 digits}/{api}` (a consumer's hours
@@ -444,7 +463,25 @@ pub fn apply(base: &dyn KvRead, log_index: u64, cmd: &Command) -> Result<Applied
         writes: BTreeMap::new(),
     };
     let mut pending = Vec::new();
-    if let Command::RecordUsage { entries } = cmd {
+    if let Command::RecordUsage {
+        node,
+        batch,
+        entries,
+    } = cmd
+    {
+        let seen = usage_batch_key(*node);
+        let last: u64 = match st.base.get(&seen)? {
+            Some(v) => serde_json::from_slice(&v).unwrap_or(0),
+            None => 0,
+        };
+        if *batch <= last {
+            return Ok(Applied {
+                response: Some(Response::Noop),
+                writes: BTreeMap::new(),
+                audit: Vec::new(),
+            });
+        }
+        st.put_json(seen, batch)?;
         for e in entries {
             let key = usage_key(&e.tenant, &e.consumer, e.hour, &e.api);
             let mut counts: UsageCounts = match st.base.get(&key)? {
@@ -1337,6 +1374,44 @@ mod tests {
             description: None,
             client_certificates: Vec::new(),
         })
+    }
+
+    #[test]
+    fn usage_batches_count_once_and_add_up() {
+        let mut kv = Mem::default();
+        let entry = |requests| UsageEntry {
+            tenant: "acme".into(),
+            consumer: "app".into(),
+            api: "pay".into(),
+            hour: 493_000,
+            counts: UsageCounts {
+                requests,
+                bytes_in: 10 * requests,
+                bytes_out: 100 * requests,
+            },
+        };
+        let batch = |batch, requests| Command::RecordUsage {
+            node: 1,
+            batch,
+            entries: vec![entry(requests)],
+        };
+        let a = kv.run(1, &batch(5, 2));
+        assert!(a.audit.is_empty(), "metering is not audited");
+        kv.run(2, &batch(5, 2)); // the same batch again (a retry after an ambiguous failure)
+        kv.run(3, &batch(4, 9)); // an older batch
+        kv.run(4, &batch(6, 3));
+        let rows = usage(&kv, "acme", Some("app"), (0, i64::MAX)).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0].counts,
+            UsageCounts {
+                requests: 5,
+                bytes_in: 50,
+                bytes_out: 500
+            }
+        );
+        assert_eq!(last_usage_batch(&kv, 1).unwrap(), 6);
+        assert!(usage(&kv, "acme", None, (0, 492_999)).unwrap().is_empty());
     }
 
     #[test]

@@ -14,10 +14,15 @@ use std::task::{Context, Poll};
 
 type Key = (String, String, String, i64);
 
-/// Usage counted since the last flush.
+/// Usage counted since the last flush, and the batch a failed flush left to retry.
 #[derive(Debug, Default)]
 pub struct Meter {
     pending: Mutex<HashMap<Key, UsageCounts>>,
+    /// (batch number, entries) of a write that failed: retried as is, with the same number, so
+    /// that it counts once whether or not the failed write was in fact committed.
+    unsent: Mutex<Option<(u64, Vec<UsageEntry>)>>,
+    /// The last batch number given out.
+    batch: Mutex<u64>,
 }
 
 impl Meter {
@@ -53,14 +58,32 @@ impl Meter {
             .collect()
     }
 
-    /// Puts back entries a flush could not write (they are added to what came since).
-    pub fn restore(&self, entries: Vec<UsageEntry>) {
-        let mut map = self.lock();
-        for e in entries {
-            map.entry((e.tenant, e.consumer, e.api, e.hour))
-                .or_default()
-                .add(&e.counts);
+    /// Numbers batches after `last` (the last batch of this node the state has applied, and
+    /// never below the current time in milliseconds, so numbers grow across restarts).
+    pub fn start_batches_after(&self, last: u64) {
+        let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(0);
+        *self.batch.lock().unwrap_or_else(|p| p.into_inner()) = last.max(now);
+    }
+
+    /// The next batch to write: the one a failed flush left, or a new one of everything counted
+    /// since (None when there is nothing to write).
+    pub fn next_batch(&self) -> Option<(u64, Vec<UsageEntry>)> {
+        if let Some(b) = self.unsent.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Some(b);
         }
+        let entries = self.take();
+        if entries.is_empty() {
+            return None;
+        }
+        let mut n = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        Some((*n, entries))
+    }
+
+    /// Keeps a batch whose write failed, to be retried unchanged.
+    pub fn keep_unsent(&self, batch: u64, entries: Vec<UsageEntry>) {
+        *self.unsent.lock().unwrap_or_else(|p| p.into_inner()) = Some((batch, entries));
     }
 }
 

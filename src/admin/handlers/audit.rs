@@ -125,7 +125,9 @@ async fn usage_list(
 ) -> Result<Response> {
     let p = authn(st, ctx, headers)?;
     authz(st, ctx, &p, Some(tenant), Kind::Consumer, Op::Read, false)?;
-    read_object(st, Kind::Tenant, None, tenant)?;
+    // a tenant name can be reused: the counters of an earlier tenant of that name are not shown
+    let created = read_object(st, Kind::Tenant, None, tenant)?.meta.created_at;
+    let created_hour = hour_of("created_at", &created).unwrap_or(0);
     let q: UsageQuery = serde_urlencoded::from_str(raw.unwrap_or_default())
         .map_err(|e| Problem::bad_request(format!("invalid usage query: {e}")))?;
     if let Some(c) = &q.consumer {
@@ -147,9 +149,10 @@ async fn usage_list(
     if to < from {
         return Err(Problem::invalid("to", "is before from"));
     }
+    let listed_from = from.max(created_hour);
     let entries = st
         .reader
-        .read(|kv| crate::state::usage(kv, tenant, q.consumer.as_deref(), (from, to)))?;
+        .read(|kv| crate::state::usage(kv, tenant, q.consumer.as_deref(), (listed_from, to)))?;
     let hour_text = |h: i64| {
         time::OffsetDateTime::from_unix_timestamp(h * 3600)
             .map(model::format_time)
