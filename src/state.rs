@@ -105,7 +105,10 @@ pub enum Command {
     /// A batch carries its node and a sequence number that grows per node: a batch retried
     /// after an ambiguous failure (it may have been committed) is applied once.
     RecordUsage {
+        /// 0 (and `batch` 0) in entries written before batches were numbered: applied as is.
+        #[serde(default)]
         node: u64,
+        #[serde(default)]
         batch: u64,
         entries: Vec<UsageEntry>,
     },
@@ -474,14 +477,16 @@ pub fn apply(base: &dyn KvRead, log_index: u64, cmd: &Command) -> Result<Applied
             Some(v) => serde_json::from_slice(&v).unwrap_or(0),
             None => 0,
         };
-        if *batch <= last {
+        if *batch != 0 && *batch <= last {
             return Ok(Applied {
                 response: Some(Response::Noop),
                 writes: BTreeMap::new(),
                 audit: Vec::new(),
             });
         }
-        st.put_json(seen, batch)?;
+        if *batch != 0 {
+            st.put_json(seen, batch)?;
+        }
         for e in entries {
             let key = usage_key(&e.tenant, &e.consumer, e.hour, &e.api);
             let mut counts: UsageCounts = match st.base.get(&key)? {
@@ -1411,6 +1416,14 @@ mod tests {
             }
         );
         assert_eq!(last_usage_batch(&kv, 1).unwrap(), 6);
+        // an entry written before batches were numbered still reads, and applies
+        let old: Command = serde_json::from_value(serde_json::json!({"record_usage": {
+            "entries": [{"tenant": "acme", "consumer": "app", "api": "pay", "hour": 493_000,
+                         "requests": 1, "bytes_in": 0, "bytes_out": 0}]}}))
+        .unwrap();
+        kv.run(5, &old);
+        let rows = usage(&kv, "acme", Some("app"), (0, i64::MAX)).unwrap();
+        assert_eq!(rows[0].counts.requests, 6);
         assert!(usage(&kv, "acme", None, (0, 492_999)).unwrap().is_empty());
     }
 
