@@ -251,7 +251,10 @@ async fn snapshots_compact_the_log_and_survive_restart() {
     }
     let mut status = n.admin(Method::GET, "/admin/v1/status", None).await;
     for _ in 0..100 {
-        if status.body["raft"]["purged"].as_u64().unwrap_or(0) > 0 {
+        // snapshots are built in the background: wait for one past entry 100 and a compaction
+        if status.body["raft"]["purged"].as_u64().unwrap_or(0) > 0
+            && status.body["raft"]["snapshot"].as_u64().unwrap_or(0) >= 100
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
