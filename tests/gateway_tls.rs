@@ -397,8 +397,37 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
         "{:?}",
         r.body
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = c11.get("a.example", "/").await.expect("answer");
+    // wait until the certificate table holds the rival's certificate, so that what follows
+    // is a real choice between the two
+    let mut rebuilt = false;
+    for _ in 0..100 {
+        let m = n
+            .client
+            .get(format!("{}/metrics", n.url))
+            .bearer_auth(&n.token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("apim_gateway_certificates 4") {
+            rebuilt = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(rebuilt, "the rival's certificate is in the table");
+    // a new connection, so a new handshake
+    let fresh = client(
+        &n,
+        &server_ca.pem,
+        &["a.example"],
+        &[b"http/1.1"],
+        false,
+        None,
+    );
+    let r = fresh.get("a.example", "/").await.expect("answer");
     assert_eq!(
         peer_cert(&r),
         der(&a_chain),
