@@ -1084,8 +1084,18 @@ impl ApiSpec {
         if self.routes.len() > 200 {
             return Err(FieldError::new("routes", "must list at most 200 routes"));
         }
+        let has_jwt = self
+            .policies
+            .iter()
+            .any(|p| matches!(p, Policy::Jwt { .. }));
         for (i, r) in self.routes.iter().enumerate() {
             r.check(&format!("routes[{i}]"))?;
+            if !r.required_scopes.is_empty() && !has_jwt {
+                return Err(FieldError::new(
+                    format!("routes[{i}].required_scopes"),
+                    "needs a jwt policy on the API (scopes are read from its tokens)",
+                ));
+            }
         }
         Ok(())
     }

@@ -318,6 +318,16 @@ async fn operations_match_by_path_method_and_header_with_scopes_per_route() {
     let r = n.admin(Method::POST, &format!("{t}/apis"), Some(bad)).await;
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert_eq!(r.body["invalid-params"][0]["name"], "routes[0].methods[0]");
+    // scopes on an operation need a jwt policy to read them from
+    let bad = json!({"name": "bad", "version": "v1", "hosts": ["b.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
+        "routes": [{"path": "/x", "required_scopes": ["x:read"]}]});
+    let r = n.admin(Method::POST, &format!("{t}/apis"), Some(bad)).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        r.body["invalid-params"][0]["name"],
+        "routes[0].required_scopes"
+    );
 }
 
 /// An HTTPS key server on loopback answering `GET /jwks` with the current document; returns
