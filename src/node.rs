@@ -371,6 +371,25 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The routing table, then the certificate table for the hosts its APIs claim.
+fn build_tables(
+    reader: &StateReader,
+    sealer: &crate::secrets::Sealer,
+    cache: &mut crate::gateway::tls::KeyCache,
+) -> Result<
+    (
+        crate::gateway::routes::RouteTable,
+        crate::gateway::tls::CertTable,
+    ),
+    crate::state::StoreError,
+> {
+    let table = reader.read(crate::gateway::routes::RouteTable::build)?;
+    let claimed = table.claimed_hosts();
+    let certs =
+        reader.read(|kv| crate::gateway::tls::CertTable::build(kv, sealer, cache, &claimed))?;
+    Ok((table, certs))
+}
+
 /// Binds the gateway listeners, installs the first routing and certificate tables, keeps them
 /// in step with committed changes, and serves until `stop`.
 async fn start_gateway(
@@ -382,7 +401,7 @@ async fn start_gateway(
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use crate::gateway::{routes::RouteTable, tls::CertTable, Gateway, UpstreamTimeouts};
+    use crate::gateway::{Gateway, UpstreamTimeouts};
     let reader = &sm.reader();
     let addr = cfg
         .gateway_addr()
@@ -411,8 +430,9 @@ async fn start_gateway(
     )?);
     let mut changes = sm.gateway_changes();
     let mut key_cache = crate::gateway::tls::KeyCache::new();
-    gateway.swap(reader.read(RouteTable::build)?);
-    gateway.swap_certificates(reader.read(|kv| CertTable::build(kv, &sealer, &mut key_cache))?);
+    let (table, certs) = build_tables(reader, &sealer, &mut key_cache)?;
+    gateway.swap_certificates(certs);
+    gateway.swap(table);
     {
         let gateway = gateway.clone();
         let reader = reader.clone();
@@ -429,13 +449,12 @@ async fn start_gateway(
                 let mut cache = key_cache.take().unwrap_or_default();
                 let started = Instant::now();
                 let built = tokio::task::spawn_blocking(move || {
-                    let routes = reader.read(RouteTable::build);
-                    let certs = reader.read(|kv| CertTable::build(kv, &sealer, &mut cache));
-                    (routes, certs, cache)
+                    let tables = build_tables(&reader, &sealer, &mut cache);
+                    (tables, cache)
                 })
                 .await;
                 match built {
-                    Ok((Ok(table), Ok(certs), cache)) => {
+                    Ok((Ok((table, certs)), cache)) => {
                         key_cache = Some(cache);
                         let routes = table.routes;
                         // certificates first: a new API's host is served with its certificate
@@ -447,7 +466,7 @@ async fn start_gateway(
                             "gateway routing and certificate tables swapped"
                         );
                     }
-                    Ok((Err(e), _, cache)) | Ok((_, Err(e), cache)) => {
+                    Ok((Err(e), cache)) => {
                         key_cache = Some(cache);
                         tracing::error!(error = %e, "gateway table rebuild failed; serving the previous one")
                     }

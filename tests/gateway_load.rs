@@ -37,40 +37,23 @@ fn generated(
 /// An upstream with `POST /sink` (counts the body, answers the count) and `GET /source`
 /// (answers 1 GiB).
 async fn bulk_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        if req.uri().path() == "/source" {
-                            let body = generated(GIB).boxed();
-                            return Ok::<_, std::convert::Infallible>(hyper::Response::new(body));
-                        }
-                        let mut body = req.into_body();
-                        let mut n = 0u64;
-                        while let Some(Ok(f)) = body.frame().await {
-                            if let Some(d) = f.data_ref() {
-                                n += d.len() as u64;
-                            }
-                        }
-                        let answer = http_body_util::Full::new(Bytes::from(n.to_string()))
-                            .map_err(|e| match e {})
-                            .boxed();
-                        Ok(hyper::Response::new(answer))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+    http_upstream(|req: hyper::Request<hyper::body::Incoming>| async move {
+        if req.uri().path() == "/source" {
+            return hyper::Response::new(generated(GIB).boxed());
         }
-    });
-    addr
+        let mut body = req.into_body();
+        let mut n = 0u64;
+        while let Some(Ok(f)) = body.frame().await {
+            if let Some(d) = f.data_ref() {
+                n += d.len() as u64;
+            }
+        }
+        let answer = http_body_util::Full::new(Bytes::from(n.to_string()))
+            .map_err(|e| match e {})
+            .boxed();
+        hyper::Response::new(answer)
+    })
+    .await
 }
 
 /// Peak resident memory of a process (VmHWM), in KiB.

@@ -305,21 +305,12 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
 
     // A name no certificate covers gets no handshake; the failure is counted.
     assert!(c.get("c.example", "/").await.is_err());
-    let metrics = n
-        .client
-        .get(format!("{}/metrics", n.url))
-        .bearer_auth(&n.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposed = metrics(&n).await;
     assert!(
-        metrics.contains("apim_gateway_tls_handshake_failures_total{cause=\"unknown-sni\"}"),
-        "{metrics}"
+        exposed.contains("apim_gateway_tls_handshake_failures_total{cause=\"unknown-sni\"}"),
+        "{exposed}"
     );
-    assert!(metrics.contains("apim_gateway_certificates 2"), "{metrics}");
+    assert!(exposed.contains("apim_gateway_certificates 2"), "{exposed}");
 
     // A request for a host the connection's certificate does not cover is misdirected.
     let r = c11
@@ -401,17 +392,7 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
     // is a real choice between the two
     let mut rebuilt = false;
     for _ in 0..100 {
-        let m = n
-            .client
-            .get(format!("{}/metrics", n.url))
-            .bearer_auth(&n.token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains("apim_gateway_certificates 4") {
+        if metrics(&n).await.contains("apim_gateway_certificates 4") {
             rebuilt = true;
             break;
         }

@@ -13,46 +13,33 @@ use std::time::Duration;
 /// An upstream that echoes its own address; `/health` answers 200 or 503 as `healthy` says;
 /// `/slow` waits two seconds.
 async fn upstream(healthy: Arc<AtomicBool>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
+    // the address is known once bound: the handler reads it from here
+    let me = Arc::new(std::sync::OnceLock::<SocketAddr>::new());
+    let mine = me.clone();
+    let addr = http_upstream(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (healthy, me) = (healthy.clone(), mine.clone());
+        async move {
+            let status = match req.uri().path() {
+                "/health" if !healthy.load(Ordering::SeqCst) => 503,
+                "/slow" => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    200
+                }
+                _ => 200,
             };
-            let healthy = healthy.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let healthy = healthy.clone();
-                        async move {
-                            let status = match req.uri().path() {
-                                "/health" if !healthy.load(Ordering::SeqCst) => 503,
-                                "/slow" => {
-                                    tokio::time::sleep(Duration::from_secs(2)).await;
-                                    200
-                                }
-                                _ => 200,
-                            };
-                            let body = json!({"served_by": addr.to_string(), "method": req.method().as_str()});
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(http_body_util::Full::new(bytes::Bytes::from(
-                                        body.to_string(),
-                                    )))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+            let served_by = me.get().map(|a| a.to_string()).unwrap_or_default();
+            let body = json!({"served_by": served_by, "method": req.method().as_str()});
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .unwrap()
         }
-    });
+    })
+    .await;
+    me.set(addr).expect("set once");
     addr
 }
 
@@ -157,18 +144,6 @@ async fn node() -> (Node, Gw) {
         base: format!("http://127.0.0.1:{}", n.gateway_port),
     };
     (n, gw)
-}
-
-async fn metrics(n: &Node) -> String {
-    n.client
-        .get(format!("{}/metrics", n.url))
-        .bearer_auth(&n.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,7 +122,7 @@ pub struct Gateway {
     /// Keys fetched from the JWT policies' `jwks_url`s.
     jwks: jwks::JwksCache,
     /// Per-consumer usage counted since the last flush.
-    pub usage: usage::Meter,
+    pub usage: Arc<usage::Meter>,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -560,7 +560,7 @@ impl Gateway {
             targets: upstream::Registry::default(),
             https_clients: Mutex::new(HashMap::new()),
             jwks: jwks::JwksCache::default(),
-            usage: usage::Meter::default(),
+            usage: Arc::default(),
         })
     }
 
@@ -1265,15 +1265,14 @@ impl Gateway {
             (&served.route, &served.consumer, &served.bytes_in)
         {
             // the consumer's usage is recorded once the answer's body is sent
-            let gw = self.clone();
-            let (tenant, api, consumer) =
-                (route.tenant.clone(), route.api.clone(), consumer.clone());
             let ticket = usage::Ticket {
-                meter: Arc::new(move |counts| gw.usage.add(&tenant, &consumer, &api, counts)),
+                meter: self.usage.clone(),
+                route: route.clone(),
+                consumer: consumer.clone(),
                 bytes_in: bytes_in.clone(),
-                bytes_out: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                bytes_out: Arc::default(),
             };
-            resp = resp.map(|b| usage::Metered::new(b, ticket).boxed());
+            resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
         }
         tracing::info!(
             target: "apim::gateway::access",

@@ -291,6 +291,22 @@ impl RouteTable {
         None
     }
 
+    /// The hosts each tenant's served APIs claim (wildcards as `*.suffix`), lower case.
+    pub fn claimed_hosts(&self) -> HashMap<String, Vec<String>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        let exact = self.exact.iter().map(|(h, r)| (h.clone(), r));
+        let wild = self.wildcard.iter().map(|(s, r)| (format!("*.{s}"), r));
+        for (host, routes) in exact.chain(wild) {
+            for r in routes {
+                let hosts = out.entry(r.tenant.clone()).or_default();
+                if !hosts.contains(&host) {
+                    hosts.push(host.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Every route of the table, once each.
     pub fn all(&self) -> &[Arc<Route>] {
         &self.all

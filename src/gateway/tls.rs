@@ -85,33 +85,19 @@ impl CertTable {
 
     /// Compiles the table from every tenant's certificates. A certificate whose key cannot be
     /// opened is left out and logged (the others are served).
+    /// A tenant's certificates are served only for the hosts its served APIs claim
+    /// (`claimed`, by tenant: see [`super::routes::RouteTable::claimed_hosts`]).
     pub fn build(
         kv: &dyn KvRead,
         sealer: &Sealer,
         cache: &mut KeyCache,
+        claimed: &HashMap<String, Vec<String>>,
     ) -> Result<CertTable, StoreError> {
         let mut table = CertTable::default();
         let mut fresh = KeyCache::new();
         for tenant in state::list_objects(kv, Kind::Tenant, None)? {
             let t = tenant.spec.name();
-            // a tenant's certificates are served only for the hosts its served APIs claim
-            let claimed: Vec<String> = state::list_objects(kv, Kind::Api, Some(&t))?
-                .into_iter()
-                .filter_map(|o| match o.spec {
-                    Spec::Api(a)
-                        if matches!(
-                            a.lifecycle,
-                            crate::model::Lifecycle::Published
-                                | crate::model::Lifecycle::Deprecated
-                        ) =>
-                    {
-                        Some(a.hosts)
-                    }
-                    _ => None,
-                })
-                .flatten()
-                .map(|h| h.to_ascii_lowercase())
-                .collect();
+            let claimed: &[String] = claimed.get(&t).map(Vec::as_slice).unwrap_or_default();
             for o in state::list_objects(kv, Kind::Certificate, Some(&t))? {
                 let Spec::Certificate(c) = o.spec else {
                     continue;
@@ -146,7 +132,7 @@ impl CertTable {
                     not_after: c.not_after.clone(),
                 });
                 table.certificates += 1;
-                for host in c.hosts.iter().filter(|h| claims(&claimed, h)) {
+                for host in c.hosts.iter().filter(|h| claims(claimed, h)) {
                     let slot = match host.strip_prefix("*.") {
                         Some(suffix) => table.wildcard.entry(suffix.to_string()),
                         None => table.exact.entry(host.clone()),

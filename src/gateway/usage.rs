@@ -3,6 +3,7 @@
 //! state (`Command::RecordUsage`) every minute and at shutdown, so every node of a cluster meters
 //! what it served and the counters add up.
 
+use super::routes::Route;
 use crate::state::{UsageCounts, UsageEntry};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -87,15 +88,30 @@ impl Meter {
     }
 }
 
-/// A body that counts the bytes of its data frames into a shared counter.
+/// A body that counts the bytes of its data frames into a shared counter and, for a metered
+/// answer, records the request's usage when it is done (sent or abandoned).
 pub struct Counted<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    _ticket: Option<Ticket>,
 }
 
 impl<B> Counted<B> {
     pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Counted { inner, bytes }
+        Counted {
+            inner,
+            bytes,
+            _ticket: None,
+        }
+    }
+
+    /// An answer's body whose end records `ticket` (its bytes are the ticket's bytes out).
+    pub fn metered(inner: B, ticket: Ticket) -> Self {
+        Counted {
+            inner,
+            bytes: ticket.bytes_out.clone(),
+            _ticket: Some(ticket),
+        }
     }
 }
 
@@ -128,57 +144,26 @@ where
     }
 }
 
-/// What a metered answer records when its body is done (or dropped).
+/// One forwarded request of an identified consumer: recorded in the meter when dropped.
 pub struct Ticket {
-    pub meter: Arc<dyn Fn(UsageCounts) + Send + Sync>,
+    pub meter: Arc<Meter>,
+    pub route: Arc<Route>,
+    pub consumer: String,
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        (self.meter)(UsageCounts {
-            requests: 1,
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            bytes_out: self.bytes_out.load(Ordering::Relaxed),
-        });
-    }
-}
-
-/// A response body that records the request's usage once it is sent or abandoned.
-pub struct Metered<B> {
-    inner: Counted<B>,
-    _ticket: Ticket,
-}
-
-impl<B> Metered<B> {
-    pub fn new(inner: B, ticket: Ticket) -> Self {
-        Metered {
-            inner: Counted::new(inner, ticket.bytes_out.clone()),
-            _ticket: ticket,
-        }
-    }
-}
-
-impl<B> Body for Metered<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.meter.add(
+            &self.route.tenant,
+            &self.consumer,
+            &self.route.api,
+            UsageCounts {
+                requests: 1,
+                bytes_in: self.bytes_in.load(Ordering::Relaxed),
+                bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            },
+        );
     }
 }

@@ -439,9 +439,15 @@ pub async fn created(n: &Node, path: &str, body: Value) -> Value {
     r.body
 }
 
-/// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
-/// three seconds first.
-pub async fn echo_upstream() -> std::net::SocketAddr {
+/// An HTTP/1.1 server on a loopback port that answers every request with `handler`.
+pub async fn http_upstream<F, Fut, B>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -451,48 +457,12 @@ pub async fn echo_upstream() -> std::net::SocketAddr {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        use http_body_util::BodyExt;
-                        if req.uri().path().ends_with("/slow") {
-                            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-                        }
-                        let headers: serde_json::Map<String, Value> = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    k.to_string(),
-                                    Value::String(v.to_str().unwrap_or("").to_string()),
-                                )
-                            })
-                            .collect();
-                        let method = req.method().to_string();
-                        let uri = req.uri().to_string();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let echo = json!({
-                            "method": method,
-                            "uri": uri,
-                            "headers": headers,
-                            "body": String::from_utf8_lossy(&body),
-                        });
-                        Ok::<_, std::convert::Infallible>(
-                            hyper::Response::builder()
-                                .header("content-type", "application/json")
-                                .header("connection", "keep-alive")
-                                .body(http_body_util::Full::new(bytes::Bytes::from(
-                                    echo.to_string(),
-                                )))
-                                .expect("response"),
-                        )
-                    },
-                );
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
@@ -500,4 +470,60 @@ pub async fn echo_upstream() -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+/// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
+/// three seconds first.
+pub async fn echo_upstream() -> std::net::SocketAddr {
+    http_upstream(|req: hyper::Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        if req.uri().path().ends_with("/slow") {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        let headers: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value::String(v.to_str().unwrap_or("").to_string()),
+                )
+            })
+            .collect();
+        let method = req.method().to_string();
+        let uri = req.uri().to_string();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let echo = json!({
+            "method": method,
+            "uri": uri,
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        });
+        hyper::Response::builder()
+            .header("content-type", "application/json")
+            .header("connection", "keep-alive")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                echo.to_string(),
+            )))
+            .expect("response")
+    })
+    .await
+}
+
+/// The node's Prometheus text exposition.
+pub async fn metrics(n: &Node) -> String {
+    n.client
+        .get(format!("{}/metrics", n.url))
+        .bearer_auth(&n.token)
+        .send()
+        .await
+        .expect("metrics answered")
+        .text()
+        .await
+        .expect("metrics text")
 }
