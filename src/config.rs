@@ -89,6 +89,11 @@ pub struct GatewayConfig {
     /// CIDRs of the proxies or load balancers in front of the gateway: only their
     /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are believed.
     pub trusted_proxies: Vec<String>,
+    /// Fields of the gateway's access-log lines, in order (see `gateway::access::Field`).
+    pub access_log_fields: Vec<String>,
+    /// Gateway worker threads, each with its own event loop, listening sockets
+    /// (`SO_REUSEPORT`) and upstream connections; 0: one per CPU the process may run on.
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -106,6 +111,11 @@ impl Default for GatewayConfig {
             header_timeout_seconds: 10,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            workers: 0,
+            access_log_fields: crate::gateway::access::Field::DEFAULT
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
         }
     }
 }
@@ -353,6 +363,28 @@ impl Config {
         for (i, c) in self.gateway.trusted_proxies.iter().enumerate() {
             crate::model::check_cidr(&format!("gateway.trusted_proxies[{i}]"), c)
                 .map_err(|e| bad(&e.field, e.reason))?;
+        }
+        for (i, f) in self.gateway.access_log_fields.iter().enumerate() {
+            let field = format!("gateway.access_log_fields[{i}]");
+            if crate::gateway::access::Field::parse(f).is_none() {
+                let known: Vec<&str> = crate::gateway::access::Field::ALL
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
+                return Err(bad(
+                    &field,
+                    format!("unknown field {f:?}; the fields are {}", known.join(", ")),
+                ));
+            }
+            if self.gateway.access_log_fields[..i].contains(f) {
+                return Err(bad(&field, format!("{f:?} is listed twice")));
+            }
+        }
+        if self.gateway.workers > 256 {
+            return Err(bad(
+                "gateway.workers",
+                "must be between 0 (one per CPU) and 256".into(),
+            ));
         }
         if !(1..=1_000_000).contains(&self.gateway.max_connections) {
             return Err(bad(

@@ -406,19 +406,21 @@ async fn start_gateway(
     let addr = cfg
         .gateway_addr()
         .map_err(|e| anyhow::anyhow!("gateway.http_listen: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (gateway.http_listen)"))?;
-    let tls_addr = cfg
-        .gateway_tls_addr()
-        .map_err(|e| anyhow::anyhow!("gateway.https_listen: {e}"))?;
-    let tls_listener = match tls_addr {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
+    let workers = match cfg.gateway.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let listeners = crate::gateway::Listeners {
+        http: crate::gateway::bind(addr, workers)
+            .with_context(|| format!("cannot listen on {addr} (gateway.http_listen)"))?,
+        https: match cfg
+            .gateway_tls_addr()
+            .map_err(|e| anyhow::anyhow!("gateway.https_listen: {e}"))?
+        {
+            Some(a) => crate::gateway::bind(a, workers)
                 .with_context(|| format!("cannot listen on {a} (gateway.https_listen)"))?,
-        ),
-        None => None,
+            None => Vec::new(),
+        },
     };
     let gateway = Arc::new(Gateway::new(
         UpstreamTimeouts {
@@ -427,6 +429,10 @@ async fn start_gateway(
         },
         metrics,
         cfg.gateway.trusted_proxies.clone(),
+        crate::gateway::access::AccessLog::new(
+            &cfg.gateway.access_log_fields,
+            cfg.log.format != "text",
+        ),
     )?);
     let mut changes = sm.gateway_changes();
     let mut key_cache = crate::gateway::tls::KeyCache::new();
@@ -486,22 +492,27 @@ async fn start_gateway(
         grace,
     };
     tracing::info!(
-        gateway = %listener.local_addr()?,
-        https = %tls_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+        gateway = %listeners.http[0].local_addr()?,
+        https = %listeners.https.first().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
         routes = gateway.routes(),
+        workers,
         "gateway listening"
     );
+    {
+        // the access log's buffered lines reach the log within this interval
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::gateway::access::FLUSH_EVERY);
+            loop {
+                every.tick().await;
+                gateway.access.flush();
+            }
+        });
+    }
     tokio::spawn(gateway.clone().run_health_checks(stop.clone()));
     tokio::spawn(gateway.clone().run_jwks_refresh(stop.clone()));
-    let tls_task = tls_listener.map(|l| {
-        tokio::spawn(crate::gateway::serve(
-            l,
-            gateway.clone(),
-            stop.clone(),
-            true,
-            limits,
-        ))
-    });
+    let drained = crate::gateway::start_workers(gateway.clone(), listeners, stop.clone(), limits)
+        .context("cannot start the gateway's worker threads")?;
     // Usage metering: flushed into the replicated state every interval, and once more after
     // the listeners have drained. Batches are numbered after the last one the state applied.
     let node_id = cfg.node_id;
@@ -523,10 +534,10 @@ async fn start_gateway(
     }
     let cluster = cluster.clone();
     Ok(tokio::spawn(async move {
-        crate::gateway::serve(listener, gateway.clone(), stop, false, limits).await;
-        if let Some(t) = tls_task {
-            let _ = t.await;
+        for worker in drained {
+            let _ = worker.await;
         }
+        gateway.access.flush();
         flush_usage(&cluster, node_id, &gateway.usage).await;
     }))
 }

@@ -197,7 +197,9 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
     );
 
     // every request has a JSON access-log line, without the key
-    let log = n.log();
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains("\"status\":403"))
+        .await;
     let lines: Vec<Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -600,8 +600,9 @@ async fn mutual_tls_maps_client_certificates_to_consumers() {
     assert_eq!(r.status(), 421);
 
     // the consumer is in the access log
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = n.log();
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains("\"api\":\"accounts\""))
+        .await;
     let line = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

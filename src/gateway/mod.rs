@@ -6,6 +6,8 @@
 //! store or Raft, and it never panics on client input. Policies it does not enforce yet make the
 //! API answer 503 (fail closed), never pass traffic unchecked.
 
+pub mod access;
+pub mod h1;
 pub mod jwks;
 pub mod policy;
 pub mod routes;
@@ -33,6 +35,12 @@ use tokio::sync::watch;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
+
+// Header names the request path uses, parsed once (a `&str` name is parsed at every use).
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A pooled client for `https://` targets (HTTP/2 or HTTP/1.1 by ALPN).
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
@@ -123,6 +131,8 @@ pub struct Gateway {
     jwks: jwks::JwksCache,
     /// Per-consumer usage counted since the last flush.
     pub usage: Arc<usage::Meter>,
+    /// The access log (buffered; flushed by the node).
+    pub access: access::AccessLog,
 }
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
@@ -144,7 +154,7 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Re
         HeaderValue::from_static("application/problem+json"),
     );
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert("x-request-id", v);
+        r.headers_mut().insert(X_REQUEST_ID, v);
     }
     r
 }
@@ -368,7 +378,7 @@ fn cors_preflight(
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(max_age));
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     Some(r)
 }
@@ -490,6 +500,10 @@ struct Served {
     client: Option<IpAddr>,
     /// Cause of a refusal by the gateway itself (not an upstream answer).
     refusal: Option<&'static str>,
+    /// The host the request was routed by (lower case, no port), once validated, when
+    /// `want_host` (the access log names it).
+    host: Option<String>,
+    want_host: bool,
     /// Request body bytes forwarded, counted when the consumer is known (usage metering).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -535,6 +549,7 @@ impl Gateway {
         timeouts: UpstreamTimeouts,
         metrics: Arc<crate::telemetry::Metrics>,
         trusted_proxies: Vec<String>,
+        access: access::AccessLog,
     ) -> anyhow::Result<Gateway> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
@@ -561,6 +576,7 @@ impl Gateway {
             https_clients: Mutex::new(HashMap::new()),
             jwks: jwks::JwksCache::default(),
             usage: Arc::default(),
+            access,
         })
     }
 
@@ -802,7 +818,12 @@ impl Gateway {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.ns_at(Instant::now())
+    }
+
+    /// Nanoseconds from the gateway's start to `at` (the clock of targets' state).
+    fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Runs the route's policy chain. Returns the consumer (if identified) and headers to add
@@ -1254,13 +1275,24 @@ impl Gateway {
         req: Request<Incoming>,
         conn: Arc<Conn>,
     ) -> Response<Body> {
-        let client = conn.peer;
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let mut served = Served::default();
+        // what the access-log line needs of the request, kept only when it is written
+        // (cheap clones: the method is an enum, the URI shares its bytes)
+        let logged = access::AccessLog::enabled().then(|| {
+            let ua = self
+                .access
+                .wants(access::Field::UserAgent)
+                .then(|| req.headers().get(header::USER_AGENT).cloned())
+                .flatten();
+            (req.method().clone(), req.uri().clone(), req.version(), ua)
+        });
+        let mut served = Served {
+            want_host: logged.is_some() && self.access.wants(access::Field::Host),
+            ..Served::default()
+        };
         let mut resp = self.serve_one(req, &conn, &mut served).await;
-        self.record(&served, resp.status(), started.elapsed());
+        let total = started.elapsed();
+        self.record(&served, resp.status(), total);
         if let (Some(route), Some(consumer), Some(bytes_in)) =
             (&served.route, &served.consumer, &served.bytes_in)
         {
@@ -1274,20 +1306,38 @@ impl Gateway {
             };
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
         }
-        tracing::info!(
-            target: "apim::gateway::access",
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            duration_us = started.elapsed().as_micros() as u64,
-            upstream_us = served.upstream_us,
-            tenant = served.route.as_ref().map_or("", |r| r.tenant.as_str()),
-            api = served.route.as_ref().map_or("", |r| r.api.as_str()),
-            consumer = served.consumer.as_deref().unwrap_or(""),
-            client = %served.client.unwrap_or(client.ip()),
-            request_id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
-            "gateway request"
-        );
+        if let Some((method, uri, version, ua)) = logged {
+            let route = served.route.as_deref();
+            self.access.write(&access::Entry {
+                method: method.as_str(),
+                path: uri.path(),
+                host: served.host.as_deref().unwrap_or(""),
+                protocol: match version {
+                    hyper::Version::HTTP_2 => "HTTP/2",
+                    hyper::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                status: resp.status().as_u16(),
+                duration_us: total.as_micros() as u64,
+                upstream_us: served.upstream_us,
+                tenant: route.map_or("", |r| r.tenant.as_str()),
+                api: route.map_or("", |r| r.api.as_str()),
+                consumer: served.consumer.as_deref().unwrap_or(""),
+                client: Some(served.client.unwrap_or(conn.peer.ip())),
+                request_id: resp
+                    .headers()
+                    .get(&X_REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                refusal: served.refusal.unwrap_or(""),
+                user_agent: ua.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+                sni: conn
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.sni.as_deref())
+                    .unwrap_or(""),
+            });
+        }
         resp
     }
 
@@ -1337,7 +1387,7 @@ impl Gateway {
         // Every X-Forwarded-For line, joined: a proxy may add its own line rather than append.
         let lines: Vec<&str> = req
             .headers()
-            .get_all("x-forwarded-for")
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
@@ -1347,7 +1397,7 @@ impl Gateway {
         served.client = Some(client);
         let request_id = req
             .headers()
-            .get("x-request-id")
+            .get(&X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_string)
@@ -1386,8 +1436,13 @@ impl Gateway {
                 );
             }
         }
-        let path = req.uri().path().to_string();
-        if !path_is_plain(&path) {
+        if served.want_host {
+            served.host = Some(host.clone());
+        }
+        // the URI shares its bytes: no copy of the path
+        let uri = req.uri().clone();
+        let path = uri.path();
+        if !path_is_plain(path) {
             served.refusal = Some("bad-path");
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -1396,7 +1451,7 @@ impl Gateway {
                 &request_id,
             );
         }
-        let Some(route) = table.lookup(&host, &path).cloned() else {
+        let Some(route) = table.lookup(&host, path).cloned() else {
             served.refusal = Some("no-route");
             return problem(
                 StatusCode::NOT_FOUND,
@@ -1410,7 +1465,7 @@ impl Gateway {
             return preflight;
         }
         let op_scopes: &[String] =
-            match route.operation(req.method().as_str(), &path, req.headers()) {
+            match route.operation(req.method().as_str(), path, req.headers()) {
                 routes::OperationMatch::Any => &[],
                 routes::OperationMatch::Matched(op) => &op.required_scopes,
                 routes::OperationMatch::NoMatch => {
@@ -1495,22 +1550,22 @@ impl Gateway {
             _ => conn.peer_value.clone(),
         };
         if !peer_trusted {
-            h.remove("x-forwarded-proto");
-            h.remove("x-forwarded-host");
+            h.remove(X_FORWARDED_PROTO);
+            h.remove(X_FORWARDED_HOST);
             h.remove(header::FORWARDED);
         }
         if let Some(v) = xff {
-            h.insert("x-forwarded-for", v);
+            h.insert(X_FORWARDED_FOR, v);
         }
-        if !h.contains_key("x-forwarded-proto") {
+        if !h.contains_key(&X_FORWARDED_PROTO) {
             let proto = if conn.tls.is_some() { "https" } else { "http" };
-            h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
-        if let Some(host) = original_host.filter(|_| !h.contains_key("x-forwarded-host")) {
-            h.insert("x-forwarded-host", host);
+        if let Some(host) = original_host.filter(|_| !h.contains_key(&X_FORWARDED_HOST)) {
+            h.insert(X_FORWARDED_HOST, host);
         }
         if let Some(v) = request_id_value.clone() {
-            h.insert("x-request-id", v);
+            h.insert(X_REQUEST_ID, v);
         }
         h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
 
@@ -1537,14 +1592,15 @@ impl Gateway {
         // targets tried so far (at most 6 attempts: retries are capped at 5)
         let mut tried = [0usize; 6];
         let mut n_tried = 0;
-        let deadline = Instant::now() + self.timeouts.response;
         let upstream_started = Instant::now();
+        let deadline = upstream_started + self.timeouts.response;
+        let mut now = upstream_started;
         let mut last_error = None;
         let resp = loop {
-            let Some(idx) = upstream::pick(&route, &tried[..n_tried], self.now_ns()) else {
+            let Some(idx) = upstream::pick(&route, &tried[..n_tried], self.ns_at(now)) else {
                 if let Some((status, slug, detail)) = last_error {
                     // every target was tried: the last failure is the answer
-                    served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+                    served.upstream_us = Some((now - upstream_started).as_micros() as u64);
                     return problem(status, slug, detail, &request_id);
                 }
                 served.refusal = Some("no-healthy-target");
@@ -1621,12 +1677,26 @@ impl Gateway {
             } else {
                 headers.clone().unwrap_or_default()
             };
-            let left = deadline.saturating_duration_since(Instant::now());
-            let sent = match tls_client {
-                Some(c) => c.request(attempt),
-                None => self.client.request(attempt),
+            let left = tokio::time::Instant::from_std(deadline);
+            // (answer, or the failure: whether it came before connecting, whether the
+            // upstream is to blame)
+            let result = match (tls_client, &target.authority) {
+                (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
+                    .await
+                    .map(|r| {
+                        r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+                            .map_err(|e| (e.is_connect(), true))
+                    }),
+                (None, Some(origin)) => {
+                    tokio::time::timeout_at(left, h1::send(origin, attempt, self.timeouts.connect))
+                        .await
+                        .map(|r| {
+                            r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+                                .map_err(|e| (e.is_connect(), !e.is_blameless()))
+                        })
+                }
+                (None, None) => Ok(Err((true, true))),
             };
-            let result = tokio::time::timeout(left, sent).await;
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
             // client may be the cause (a request body that broke off or was slow to come): such
             // attempts never eject a target.
@@ -1644,7 +1714,7 @@ impl Gateway {
                         "the upstream did not answer in time",
                     )),
                 ),
-                Ok(Err(e)) if e.is_connect() => (
+                Ok(Err((true, _))) => (
                     Some(true),
                     true,
                     Err((
@@ -1653,8 +1723,8 @@ impl Gateway {
                         "the upstream could not be reached",
                     )),
                 ),
-                Ok(Err(_)) => (
-                    bodyless.then_some(true),
+                Ok(Err((false, blamed))) => (
+                    (bodyless && blamed).then_some(true),
                     idempotent,
                     Err((
                         StatusCode::BAD_GATEWAY,
@@ -1663,10 +1733,11 @@ impl Gateway {
                     )),
                 ),
             };
-            let now = self.now_ns();
+            now = Instant::now();
+            let now_ns = self.ns_at(now);
             match verdict {
                 Some(true) => {
-                    if attempt_state.failure(now, &route.upstream.ejection) {
+                    if attempt_state.failure(now_ns, &route.upstream.ejection) {
                         tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
                         self.target_health(&route, target, false);
                     }
@@ -1681,37 +1752,51 @@ impl Gateway {
             }
             match answer {
                 Ok(r) => break r,
-                Err(e) if retryable && !last && Instant::now() < deadline => {
+                Err(e) if retryable && !last && now < deadline => {
                     last_error = Some(e);
                     continue;
                 }
                 Err((status, slug, detail)) => {
-                    served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+                    served.upstream_us = Some((now - upstream_started).as_micros() as u64);
                     return problem(status, slug, detail, &request_id);
                 }
             }
         };
-        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+        served.upstream_us = Some((now - upstream_started).as_micros() as u64);
         let mut resp = resp;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let spliced = match (switching, client_upgrade) {
             (true, Some(client)) => {
-                let upstream = hyper::upgrade::on(&mut resp);
+                // the upstream side: a plain connection from the HTTP/1.1 client, or hyper's
+                // (HTTPS upstreams)
+                let plain = resp
+                    .extensions_mut()
+                    .remove::<h1::Upgraded>()
+                    .and_then(|u| u.take());
+                let upstream = plain.is_none().then(|| hyper::upgrade::on(&mut resp));
                 let (tenant, api) = (route.tenant.clone(), route.api.clone());
                 // the spliced connection keeps its slot under max_connections
                 let hold = conn.hold.clone();
                 tokio::spawn(async move {
                     let _hold = hold;
-                    match tokio::try_join!(client, upstream) {
-                        Ok((c, u)) => {
-                            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                                tracing::debug!(tenant = %tenant, api = %api, error = %e, "upgraded connection ended with an error");
+                    let spliced = async {
+                        let mut c = TokioIo::new(client.await?);
+                        match (plain, upstream) {
+                            (Some((mut u, early)), _) => {
+                                use tokio::io::AsyncWriteExt;
+                                c.write_all(&early).await?;
+                                tokio::io::copy_bidirectional(&mut c, &mut u).await?;
                             }
+                            (None, Some(upstream)) => {
+                                let mut u = TokioIo::new(upstream.await?);
+                                tokio::io::copy_bidirectional(&mut c, &mut u).await?;
+                            }
+                            (None, None) => {}
                         }
-                        Err(e) => {
-                            tracing::debug!(tenant = %tenant, api = %api, error = %e, "protocol switch failed")
-                        }
+                        Ok::<_, BoxError>(())
+                    };
+                    if let Err(e) = spliced.await {
+                        tracing::debug!(tenant = %tenant, api = %api, error = %e, "upgraded connection ended with an error");
                     }
                 });
                 true
@@ -1756,7 +1841,7 @@ impl Gateway {
             .headers
             .append(header::VIA, HeaderValue::from_static("1.1 apim"));
         if let Some(v) = request_id_value {
-            parts.headers.insert("x-request-id", v);
+            parts.headers.insert(X_REQUEST_ID, v);
         }
         for (k, v) in extra {
             if k == header::VARY {
@@ -1765,7 +1850,7 @@ impl Gateway {
                 parts.headers.insert(k, v);
             }
         }
-        Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+        Response::from_parts(parts, body)
     }
 }
 
@@ -1845,16 +1930,101 @@ async fn handshake(
     ))
 }
 
+/// Binds `workers` listening sockets on `addr`, all with `SO_REUSEPORT`: the kernel spreads
+/// new connections across them, one per worker (and a new process can bind the address beside
+/// a draining one, the restart design in docs/ARCHITECTURE.md). Port 0: the first socket picks
+/// a free port and the others join it.
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(workers.max(1));
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// The gateway's listening sockets, one of each kind per worker.
+pub struct Listeners {
+    pub http: Vec<std::net::TcpListener>,
+    pub https: Vec<std::net::TcpListener>,
+}
+
+/// Starts the gateway's workers: one thread each, running its own single-threaded event loop
+/// over its own listening sockets, so a request is read, proxied and answered on one thread
+/// (no hand-off between threads, no lock on the upstream connection pool). The returned
+/// receivers complete when each worker has drained after `shutdown`.
+pub fn start_workers(
+    gateway: Arc<Gateway>,
+    listeners: Listeners,
+    shutdown: watch::Receiver<bool>,
+    limits: ListenerLimits,
+) -> std::io::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
+    let http_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let https_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut https = listeners.https.into_iter();
+    let mut done = Vec::new();
+    for (i, http) in listeners.http.into_iter().enumerate() {
+        let tls = https.next();
+        let (gw, stop) = (gateway.clone(), shutdown.clone());
+        let (http_slots, https_slots) = (http_slots.clone(), https_slots.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("apim-gw-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "gateway worker cannot start its event loop");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let plain = async {
+                        match TcpListener::from_std(http) {
+                            Ok(l) => serve(l, gw.clone(), stop.clone(), false, limits, http_slots).await,
+                            Err(e) => tracing::error!(worker = i, error = %e, "gateway worker cannot listen"),
+                        }
+                    };
+                    let secure = async {
+                        if let Some(l) = tls {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => serve(l, gw.clone(), stop.clone(), true, limits, https_slots).await,
+                                Err(e) => tracing::error!(worker = i, error = %e, "gateway worker cannot listen"),
+                            }
+                        }
+                    };
+                    tokio::join!(plain, secure);
+                });
+                let _ = tx.send(());
+            })?;
+        done.push(rx);
+    }
+    Ok(done)
+}
+
 /// Serves `listener` (plain HTTP, or HTTPS when `https`) until `shutdown`, then drains for up
-/// to the grace time.
+/// to the grace time. `slots` bounds the connections open at once on this kind of listener,
+/// across workers.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
     https: bool,
     limits: ListenerLimits,
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder

@@ -171,6 +171,19 @@ impl Node {
         std::fs::read_to_string(self.dir.with_file_name("node.log")).unwrap_or_default()
     }
 
+    /// The log once it holds a line `found` accepts (the access log is written in batches,
+    /// at least every 100 ms); what it holds after 5 s otherwise.
+    pub async fn log_with(&self, found: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log();
+            if log.lines().any(&found) || started.elapsed() > Duration::from_secs(5) {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn wait_ready(&mut self, timeout: Duration) -> bool {
         let started = Instant::now();
         while started.elapsed() < timeout {

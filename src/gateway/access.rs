@@ -1,0 +1,347 @@
+//! The gateway's access log: one line per request, with the fields `gateway.access_log_fields`
+//! names, in the node's log format (JSON, or text).
+//!
+//! Lines are formatted on the request's thread into a shared buffer, written to stderr (where
+//! the rest of the log goes) when it holds 32 KiB, every 100 ms, and at shutdown: one write
+//! for many lines instead of one per request. It is on when the log filter lets
+//! `apim::gateway::access` at `info` through, like any other target.
+//!
+//! Architecture invariant: no field can carry a credential. The path is logged without its
+//! query string (which may hold an API key), and no header but `User-Agent` is a field.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// A field of the access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Timestamp,
+    Method,
+    Path,
+    Host,
+    Protocol,
+    Status,
+    DurationUs,
+    UpstreamUs,
+    Tenant,
+    Api,
+    Consumer,
+    Client,
+    RequestId,
+    Refusal,
+    UserAgent,
+    Sni,
+}
+
+impl Field {
+    pub const ALL: [(&'static str, Field); 16] = [
+        ("timestamp", Field::Timestamp),
+        ("method", Field::Method),
+        ("path", Field::Path),
+        ("host", Field::Host),
+        ("protocol", Field::Protocol),
+        ("status", Field::Status),
+        ("duration_us", Field::DurationUs),
+        ("upstream_us", Field::UpstreamUs),
+        ("tenant", Field::Tenant),
+        ("api", Field::Api),
+        ("consumer", Field::Consumer),
+        ("client", Field::Client),
+        ("request_id", Field::RequestId),
+        ("refusal", Field::Refusal),
+        ("user_agent", Field::UserAgent),
+        ("sni", Field::Sni),
+    ];
+
+    /// The fields written when the configuration names none.
+    pub const DEFAULT: [&'static str; 11] = [
+        "timestamp",
+        "method",
+        "path",
+        "status",
+        "duration_us",
+        "upstream_us",
+        "tenant",
+        "api",
+        "consumer",
+        "client",
+        "request_id",
+    ];
+
+    pub fn parse(name: &str) -> Option<Field> {
+        Field::ALL.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    }
+
+    fn name(self) -> &'static str {
+        Field::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+/// What one line says. Strings are borrowed from the request and its route.
+#[derive(Default)]
+pub struct Entry<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub protocol: &'a str,
+    pub status: u16,
+    pub duration_us: u64,
+    pub upstream_us: Option<u64>,
+    pub tenant: &'a str,
+    pub api: &'a str,
+    pub consumer: &'a str,
+    pub client: Option<std::net::IpAddr>,
+    pub request_id: &'a str,
+    pub refusal: &'a str,
+    pub user_agent: &'a str,
+    pub sni: &'a str,
+}
+
+/// Flush when the buffer holds this much.
+const FLUSH_AT: usize = 32 * 1024;
+/// Flush at least this often.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+pub struct AccessLog {
+    fields: Vec<Field>,
+    json: bool,
+    buf: Mutex<Vec<u8>>,
+}
+
+impl AccessLog {
+    /// `fields` must have been checked by the configuration (unknown names are skipped).
+    pub fn new(fields: &[String], json: bool) -> AccessLog {
+        AccessLog {
+            fields: fields.iter().filter_map(|f| Field::parse(f)).collect(),
+            json,
+            buf: Mutex::new(Vec::with_capacity(FLUSH_AT + 4096)),
+        }
+    }
+
+    /// Whether lines carry `field`.
+    pub fn wants(&self, field: Field) -> bool {
+        self.fields.contains(&field)
+    }
+
+    /// Whether lines are written (the log filter's verdict for the target, at info).
+    pub fn enabled() -> bool {
+        tracing::enabled!(target: "apim::gateway::access", tracing::Level::INFO)
+    }
+
+    pub fn write(&self, e: &Entry<'_>) {
+        let mut line = Vec::with_capacity(320);
+        self.format(e, SystemTime::now(), &mut line);
+        let full = {
+            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            buf.extend_from_slice(&line);
+            (buf.len() >= FLUSH_AT).then(|| std::mem::take(&mut *buf))
+        };
+        if let Some(lines) = full {
+            emit(&lines);
+        }
+    }
+
+    /// Writes the lines buffered so far.
+    pub fn flush(&self) {
+        let lines = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
+        if !lines.is_empty() {
+            emit(&lines);
+        }
+    }
+
+    fn format(&self, e: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
+        let ts = timestamp(now);
+        if self.json {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            out.extend_from_slice(ts.as_bytes());
+            out.extend_from_slice(
+                b"\",\"level\":\"INFO\",\"message\":\"gateway request\",\"target\":\"apim::gateway::access\"",
+            );
+        } else {
+            out.extend_from_slice(ts.as_bytes());
+            out.extend_from_slice(b"  INFO apim::gateway::access: gateway request");
+        }
+        for f in &self.fields {
+            let value = match f {
+                Field::Timestamp => continue, // every line has it
+                Field::Method => Value::Str(e.method),
+                Field::Path => Value::Str(e.path),
+                Field::Host => Value::Str(e.host),
+                Field::Protocol => Value::Str(e.protocol),
+                Field::Status => Value::Num(u64::from(e.status)),
+                Field::DurationUs => Value::Num(e.duration_us),
+                Field::UpstreamUs => match e.upstream_us {
+                    Some(n) => Value::Num(n),
+                    None => continue,
+                },
+                Field::Tenant => Value::Str(e.tenant),
+                Field::Api => Value::Str(e.api),
+                Field::Consumer => Value::Str(e.consumer),
+                Field::Client => Value::Owned(e.client.map(|c| c.to_string()).unwrap_or_default()),
+                Field::RequestId => Value::Str(e.request_id),
+                Field::Refusal => Value::Str(e.refusal),
+                Field::UserAgent => Value::Str(e.user_agent),
+                Field::Sni => Value::Str(e.sni),
+            };
+            if self.json {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(f.name().as_bytes());
+                out.extend_from_slice(b"\":");
+            } else {
+                out.push(b' ');
+                out.extend_from_slice(f.name().as_bytes());
+                out.push(b'=');
+            }
+            match value {
+                Value::Num(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                Value::Str(s) => quoted(s, self.json, out),
+                Value::Owned(s) => quoted(&s, self.json, out),
+            }
+        }
+        if self.json {
+            out.push(b'}');
+        }
+        out.push(b'\n');
+    }
+}
+
+enum Value<'a> {
+    Num(u64),
+    Str(&'a str),
+    Owned(String),
+}
+
+/// A string as a JSON string (escaped), or for text lines as is when it is plain and quoted
+/// and escaped otherwise.
+fn quoted(s: &str, json: bool, out: &mut Vec<u8>) {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if !json && plain {
+        out.extend_from_slice(s.as_bytes());
+        return;
+    }
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+            }
+            c => {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// RFC 3339 UTC with microseconds. The date and time of day are formatted once per second.
+fn timestamp(now: SystemTime) -> String {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != secs {
+            let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            cached.1 = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            cached.0 = secs;
+        }
+        format!("{}.{:06}Z", cached.1, since.subsec_micros())
+    })
+}
+
+fn emit(lines: &[u8]) {
+    // the standard error lock is the one the rest of the log takes: lines never interleave
+    let _ = std::io::stderr().lock().write_all(lines);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            method: "GET",
+            path: "/a\"b\\c\n",
+            status: 200,
+            duration_us: 42,
+            upstream_us: Some(40),
+            tenant: "acme",
+            api: "payments",
+            consumer: "",
+            client: Some("10.0.0.1".parse().unwrap()),
+            request_id: "r-1",
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn json_lines_escape_and_follow_the_configured_fields() {
+        let fields: Vec<String> = Field::DEFAULT.iter().map(|s| s.to_string()).collect();
+        let log = AccessLog::new(&fields, true);
+        let mut out = Vec::new();
+        log.format(
+            &entry(),
+            SystemTime::UNIX_EPOCH + Duration::from_micros(1_500_000),
+            &mut out,
+        );
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["timestamp"], "1970-01-01T00:00:01.500000Z");
+        assert_eq!(v["target"], "apim::gateway::access");
+        assert_eq!(v["path"], "/a\"b\\c\n");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["upstream_us"], 40);
+        assert_eq!(v["client"], "10.0.0.1");
+        assert_eq!(v["consumer"], "");
+        assert!(v.get("user_agent").is_none());
+
+        let log = AccessLog::new(&["status".into(), "user_agent".into()], true);
+        let mut out = Vec::new();
+        let e = Entry {
+            user_agent: "curl/8",
+            ..entry()
+        };
+        log.format(&e, SystemTime::UNIX_EPOCH, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["user_agent"], "curl/8");
+        assert!(v.get("path").is_none() && v.get("client").is_none());
+    }
+
+    #[test]
+    fn text_lines_quote_what_is_not_plain() {
+        let log = AccessLog::new(&["method".into(), "path".into(), "consumer".into()], false);
+        let mut out = Vec::new();
+        log.format(&entry(), SystemTime::UNIX_EPOCH, &mut out);
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:00.000000Z  INFO apim::gateway::access: gateway request method=GET path=\"/a\\\"b\\\\c\\n\" consumer=\"\"\n"
+        );
+    }
+}

@@ -1,0 +1,831 @@
+//! The gateway's HTTP/1.1 client for plain-HTTP upstream targets.
+//!
+//! A request is written and its answer read in the request's own task, on a keep-alive
+//! connection taken from a pool kept per thread (each gateway worker thread runs its own
+//! runtime, so a pooled connection never changes threads and never needs a lock). hyper's
+//! pooled client hands every request through a channel to a connection task instead, which cost
+//! about a third of the gateway's CPU per request (measured with `perf`, see the README).
+//!
+//! Framing follows RFC 9112 strictly, since an upstream's answer is relayed to clients:
+//! `Transfer-Encoding` wins over `Content-Length` (and the connection is then not reused),
+//! several `Content-Length` values must agree, chunk sizes are bounded hexadecimal, lines end
+//! in CRLF, heads and chunk lines are size-limited. A connection is reused only after an answer
+//! read to its exact end with nothing behind it.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, Response, StatusCode};
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Largest response head (status line and headers) accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in an upstream's response head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) and trailer section.
+const MAX_LINE: usize = 4 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Read size for answer bodies.
+const READ_CHUNK: usize = 32 * 1024;
+/// Idle connections kept per upstream origin and thread.
+const MAX_IDLE_PER_ORIGIN: usize = 256;
+/// An idle connection older than this is closed rather than reused (upstream servers close
+/// theirs after 60 to 75 s by default; reusing one they are closing fails the request).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Why an upstream exchange failed.
+#[derive(Debug)]
+pub enum Error {
+    /// No connection could be opened (refused, unreachable, timed out): the request never left.
+    Connect(io::Error),
+    /// A kept-alive connection turned out closed before any byte of an answer: the upstream
+    /// never processed the request (it had closed the idle connection).
+    Stale,
+    /// The connection failed during the exchange.
+    Io(io::Error),
+    /// The upstream broke the protocol.
+    Protocol(&'static str),
+    /// The request body failed (the client's side broke off).
+    Body(BoxError),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Connect(e) => write!(f, "cannot connect to the upstream: {e}"),
+            Error::Stale => f.write_str("the upstream closed a kept-alive connection"),
+            Error::Io(e) => write!(f, "upstream connection failed: {e}"),
+            Error::Protocol(what) => write!(f, "upstream protocol error: {what}"),
+            Error::Body(e) => write!(f, "request body failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect(_))
+    }
+
+    /// The upstream is not to blame: the client's body failed, or a kept-alive connection
+    /// was closed under the request.
+    pub fn is_blameless(&self) -> bool {
+        matches!(self, Error::Stale | Error::Body(_))
+    }
+}
+
+/// The upstream side of a protocol switch (101): the connection and the bytes the upstream
+/// sent after its head. Taken once, by the code that splices it to the client.
+#[derive(Clone, Default)]
+pub struct Upgraded(Arc<Mutex<Option<(TcpStream, Bytes)>>>);
+
+impl Upgraded {
+    pub fn take(&self) -> Option<(TcpStream, Bytes)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<Authority, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+/// A pooled connection to `origin`, the most recently used first. With `probe`, a connection
+/// the upstream has closed meanwhile is detected (a non-blocking read) and skipped.
+fn checkout(origin: &Authority, probe: bool) -> Option<TcpStream> {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.get_mut(origin)?;
+        while let Some(idle) = list.pop_back() {
+            if idle.since.elapsed() >= IDLE_TIMEOUT {
+                // the rest are older still
+                list.clear();
+                return None;
+            }
+            if !probe {
+                return Some(idle.stream);
+            }
+            let mut byte = [0u8; 1];
+            match idle.stream.try_read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(idle.stream),
+                // closed by the upstream, or bytes nobody asked for
+                _ => continue,
+            }
+        }
+        None
+    })
+}
+
+fn checkin(origin: &Authority, stream: TcpStream) {
+    IDLE.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.entry(origin.clone()).or_default();
+        while list
+            .front()
+            .is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT)
+        {
+            list.pop_front();
+        }
+        if list.len() >= MAX_IDLE_PER_ORIGIN {
+            list.pop_front();
+        }
+        list.push_back(Idle {
+            stream,
+            since: Instant::now(),
+        });
+    })
+}
+
+async fn connect(origin: &Authority, timeout: Duration) -> Result<TcpStream, Error> {
+    let addr = match origin.port_u16() {
+        Some(_) => tokio::time::timeout(timeout, TcpStream::connect(origin.as_str())).await,
+        None => tokio::time::timeout(timeout, TcpStream::connect((origin.host(), 80))).await,
+    };
+    let stream = addr
+        .map_err(|_| Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+        .map_err(Error::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn encode_head(
+    parts: &hyper::http::request::Parts,
+    origin: &Authority,
+    framing: Framing,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(origin.as_str().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::None => {}
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Sends `req` to the plain-HTTP upstream `origin` and returns its answer once the head is
+/// read; the body streams from the connection, which returns to the pool at its end.
+pub async fn send(
+    origin: &Authority,
+    req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<UpBody>, Error> {
+    let (parts, mut body) = req.into_parts();
+    let bodyless = body.is_end_stream();
+    let framing = if bodyless {
+        if parts.headers.contains_key(header::CONTENT_LENGTH)
+            || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        {
+            Framing::Length(0)
+        } else {
+            Framing::None
+        }
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => Framing::Length(n),
+            None => Framing::Chunked,
+        }
+    };
+    let head = encode_head(&parts, origin, framing);
+    let head_request = parts.method == Method::HEAD;
+    // A request that may be sent again if a kept-alive connection turns out closed (nothing
+    // of it can have been processed); others check the connection before using it.
+    let replayable = bodyless && idempotent(&parts.method);
+    let mut pooled = checkout(origin, !replayable);
+    loop {
+        let reused = pooled.is_some();
+        let stream = match pooled.take() {
+            Some(s) => s,
+            None => connect(origin, connect_timeout).await?,
+        };
+        let body = (!bodyless).then_some(&mut body);
+        match exchange(stream, &head, body, framing, head_request, reused, origin).await {
+            // once, on a fresh connection (which cannot be stale)
+            Err(Error::Stale) if replayable => continue,
+            other => return other,
+        }
+    }
+}
+
+fn io_error(e: io::Error, reused: bool, answered: bool) -> Error {
+    let closed = matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    );
+    if reused && !answered && closed {
+        Error::Stale
+    } else {
+        Error::Io(e)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    mut stream: TcpStream,
+    head: &[u8],
+    body: Option<&mut Body>,
+    framing: Framing,
+    head_request: bool,
+    reused: bool,
+    origin: &Authority,
+) -> Result<Response<UpBody>, Error> {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut answered = false;
+    let mut early = false;
+    let parsed = {
+        let (mut rd, mut wr) = stream.split();
+        wr.write_all(head)
+            .await
+            .map_err(|e| io_error(e, reused, false))?;
+        let reading = read_head(&mut rd, &mut buf, &mut answered, reused, head_request);
+        match body {
+            None => reading.await,
+            Some(body) => {
+                let writing = write_body(&mut wr, body, framing);
+                tokio::pin!(reading, writing);
+                let mut written = false;
+                let parsed = loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut reading => break r,
+                        w = &mut writing, if !written => {
+                            w.map_err(|e| match e {
+                                Error::Io(e) => io_error(e, reused, false),
+                                other => other,
+                            })?;
+                            written = true;
+                        }
+                    }
+                };
+                // an answer before the whole body: the rest is not sent, and the connection
+                // cannot carry another request
+                early = !written;
+                parsed
+            }
+        }
+    }?;
+    let (mut resp, kind) = parsed;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let leftover = buf.split().freeze();
+        resp.extensions_mut()
+            .insert(Upgraded(Arc::new(Mutex::new(Some((stream, leftover))))));
+        return Ok(resp.map(|()| UpBody::done()));
+    }
+    let (kind, keep) = kind;
+    let mut body = UpBody {
+        stream: Some(stream),
+        buf,
+        kind,
+        keep: keep && !early,
+        origin: origin.clone(),
+    };
+    if body.kind == Kind::Length(0) {
+        // nothing to read: the connection is free now (hyper never polls an empty body)
+        body.finish();
+    }
+    Ok(resp.map(|()| body))
+}
+
+async fn write_body(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    body: &mut Body,
+    framing: Framing,
+) -> Result<(), Error> {
+    let mut sent: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Error::Body)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        match framing {
+            Framing::Chunked => {
+                let mut chunk = Vec::with_capacity(data.len() + 20);
+                chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                wr.write_all(&chunk).await.map_err(Error::Io)?;
+            }
+            Framing::Length(n) if sent > n => {
+                return Err(Error::Body(
+                    "the request body is longer than announced".into(),
+                ))
+            }
+            _ => wr.write_all(&data).await.map_err(Error::Io)?,
+        }
+    }
+    match framing {
+        Framing::Chunked => wr.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?,
+        Framing::Length(n) if sent != n => {
+            return Err(Error::Body(
+                "the request body is shorter than announced".into(),
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+type Head = (Response<()>, (Kind, bool));
+
+async fn read_head(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+    answered: &mut bool,
+    reused: bool,
+    head_request: bool,
+) -> Result<Head, Error> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf, head_request)? {
+                return Ok(head);
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(Error::Protocol("response head too large"));
+            }
+        }
+        buf.reserve(8 * 1024);
+        let n = rd
+            .read_buf(buf)
+            .await
+            .map_err(|e| io_error(e, reused, *answered))?;
+        if n == 0 {
+            return Err(if reused && !*answered {
+                Error::Stale
+            } else {
+                Error::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the upstream closed the connection before answering",
+                ))
+            });
+        }
+        *answered = true;
+    }
+}
+
+/// Parses one response head at the start of `buf` (skipping interim 1xx answers other than
+/// 101), consuming it. `None`: more bytes are needed.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Protocol("too many response headers"))
+            }
+            Err(_) => return Err(Error::Protocol("malformed response head")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let http11 = parsed.version == Some(1);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::Protocol("invalid response status"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| Error::Protocol("invalid response header name"))?;
+            let value = HeaderValue::from_bytes(h.value)
+                .map_err(|_| Error::Protocol("invalid response header value"))?;
+            headers.append(name, value);
+        }
+        buf.advance(len);
+        let mut keep = http11 && !lists_token(&headers, header::CONNECTION, "close");
+        let kind = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || status == StatusCode::SWITCHING_PROTOCOLS
+        {
+            Kind::Length(0)
+        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding wins; with Content-Length beside it, the message is suspect
+            // and the connection is not reused (RFC 9112 §6.3)
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                keep = false;
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            if last_coding_is_chunked(&headers) {
+                Kind::Chunked(Chunk::Size)
+            } else {
+                keep = false;
+                Kind::Close
+            }
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            Kind::Length(content_length(&headers)?)
+        } else {
+            keep = false;
+            Kind::Close
+        };
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        return Ok(Some((resp, (kind, keep))));
+    }
+}
+
+fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
+    let last = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim);
+    last.is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+}
+
+/// The `Content-Length` of an answer: every value (and every comma-separated item) the same
+/// decimal number.
+fn content_length(headers: &HeaderMap) -> Result<u64, Error> {
+    let bad = || Error::Protocol("invalid Content-Length");
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for item in v.to_str().map_err(|_| bad())?.split(',') {
+            let item = item.trim();
+            if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let n: u64 = item.parse().map_err(|_| bad())?;
+            if found.is_some_and(|f| f != n) {
+                return Err(bad());
+            }
+            found = Some(n);
+        }
+    }
+    found.ok_or_else(bad)
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data: bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section: bytes seen so far.
+    Trailers(usize),
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Length(u64),
+    Chunked(Chunk),
+    /// Delimited by the connection's end.
+    Close,
+    Done,
+}
+
+/// An upstream answer's body, read from its connection as the client takes it.
+pub struct UpBody {
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+    kind: Kind,
+    keep: bool,
+    origin: Authority,
+}
+
+impl UpBody {
+    fn done() -> UpBody {
+        UpBody {
+            stream: None,
+            buf: BytesMut::new(),
+            kind: Kind::Done,
+            keep: false,
+            origin: Authority::from_static("upgraded"),
+        }
+    }
+
+    /// The answer is complete: the connection goes back to the pool if it can carry another
+    /// request (kept alive, nothing unread behind the answer).
+    fn finish(&mut self) {
+        self.kind = Kind::Done;
+        if let Some(stream) = self.stream.take() {
+            if self.keep && self.buf.is_empty() {
+                checkin(&self.origin, stream);
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(stream) = &self.stream else {
+            return Poll::Ready(Ok(0));
+        };
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            match stream.try_read_buf(&mut self.buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Fills the buffer, an early end being an error.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(self.poll_fill(cx))? {
+            0 => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the upstream closed the connection before the end of its answer",
+            ))),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn take_data(&mut self, left: u64) -> (Bytes, u64) {
+        let n = (self.buf.len() as u64).min(left) as usize;
+        (self.buf.split_to(n).freeze(), left - n as u64)
+    }
+}
+
+fn protocol(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Parses a chunk-size line (`1*HEXDIG [ BWS ";" ext ]`, no CRLF), the size.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty() || {
+        let mut ext = rest.iter().skip_while(|b| **b == b' ' || **b == b'\t');
+        ext.clone().next() == Some(&b';') && ext.all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+    };
+    if !rest_ok {
+        return None;
+    }
+    let hex = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.kind {
+                Kind::Done => return Poll::Ready(None),
+                Kind::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Kind::Length(left) => {
+                    if this.buf.is_empty() {
+                        ready!(this.poll_more(cx))?;
+                        continue;
+                    }
+                    let (data, left) = this.take_data(left);
+                    this.kind = Kind::Length(left);
+                    if left == 0 {
+                        // hyper stops polling once the body says it is complete
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Kind::Close => {
+                    if !this.buf.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))));
+                    }
+                    if ready!(this.poll_fill(cx))? == 0 {
+                        this.keep = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                Kind::Chunked(Chunk::Size) => {
+                    let Some(end) = find_crlf(&this.buf) else {
+                        if this.buf.len() > MAX_LINE {
+                            return Poll::Ready(Some(Err(protocol("chunk-size line too long"))));
+                        }
+                        ready!(this.poll_more(cx))?;
+                        continue;
+                    };
+                    let size = chunk_size(&this.buf[..end])
+                        .ok_or_else(|| protocol("invalid chunk size"))?;
+                    this.buf.advance(end + 2);
+                    this.kind = Kind::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Kind::Chunked(Chunk::Data(left)) => {
+                    if this.buf.is_empty() {
+                        ready!(this.poll_more(cx))?;
+                        continue;
+                    }
+                    let (data, left) = this.take_data(left);
+                    this.kind = Kind::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Kind::Chunked(Chunk::DataEnd) => {
+                    if this.buf.len() < 2 {
+                        ready!(this.poll_more(cx))?;
+                        continue;
+                    }
+                    if &this.buf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err(protocol("chunk data not followed by CRLF"))));
+                    }
+                    this.buf.advance(2);
+                    this.kind = Kind::Chunked(Chunk::Size);
+                }
+                Kind::Chunked(Chunk::Trailers(seen)) => {
+                    let Some(end) = find_crlf(&this.buf) else {
+                        if seen + this.buf.len() > MAX_TRAILERS {
+                            return Poll::Ready(Some(Err(protocol("trailer section too long"))));
+                        }
+                        ready!(this.poll_more(cx))?;
+                        continue;
+                    };
+                    this.buf.advance(end + 2);
+                    if end == 0 {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    // trailer fields are not relayed
+                    this.kind = Kind::Chunked(Chunk::Trailers(seen + end + 2));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, Kind::Done | Kind::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            Kind::Length(n) => SizeHint::with_exact(n),
+            Kind::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_strict() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        assert_eq!(chunk_size(b"10;name=value"), Some(16));
+        assert_eq!(chunk_size(b"10 ; ext"), Some(16));
+        assert_eq!(chunk_size(b""), None);
+        assert_eq!(chunk_size(b"-1"), None);
+        assert_eq!(chunk_size(b"0x10"), None);
+        assert_eq!(chunk_size(b"10 junk"), None);
+        assert_eq!(chunk_size(b"11111111111111111"), None, "more than 64 bits");
+        assert_eq!(chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn content_lengths_must_agree() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(content_length(&h).unwrap(), 5);
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        assert_eq!(content_length(&h).unwrap(), 5);
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(content_length(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("+5"));
+        assert!(content_length(&h).is_err());
+    }
+
+    #[test]
+    fn heads_skip_interim_answers_and_frame_bodies() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+        );
+        let (resp, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(kind, Kind::Length(2));
+        assert!(keep);
+        assert_eq!(&buf[..], b"ok");
+
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n"[..],
+        );
+        let (resp, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(kind, Kind::Chunked(Chunk::Size));
+        assert!(!keep, "TE with CL: not reused");
+        assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+
+        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nbody"[..]);
+        let (_, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(kind, Kind::Close);
+        assert!(!keep);
+
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]);
+        let (_, (kind, _)) = parse_head(&mut buf, true).unwrap().unwrap();
+        assert_eq!(kind, Kind::Length(0), "HEAD answers have no body");
+
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false).is_err());
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false).is_err(), "obs-fold");
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent"[..]);
+        assert!(parse_head(&mut buf, false).unwrap().is_none());
+    }
+}
