@@ -1290,7 +1290,9 @@ impl Gateway {
             want_host: logged.is_some() && self.access.wants(access::Field::Host),
             ..Served::default()
         };
-        let mut resp = self.serve_one(req, &conn, &mut served).await;
+        // boxed: the service future hyper keeps per connection stays small while the
+        // connection idles (the request path's state lives only during a request)
+        let mut resp = Box::pin(self.serve_one(req, &conn, &mut served)).await;
         let total = started.elapsed();
         self.record(&served, resp.status(), total);
         if let (Some(route), Some(consumer), Some(bytes_in)) =
@@ -1464,33 +1466,33 @@ impl Gateway {
         if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
             return preflight;
         }
-        let op_scopes: &[String] =
-            match route.operation(req.method().as_str(), path, req.headers()) {
-                routes::OperationMatch::Any => &[],
-                routes::OperationMatch::Matched(op) => &op.required_scopes,
-                routes::OperationMatch::NoMatch => {
-                    served.refusal = Some("no-route");
-                    return problem(
-                        StatusCode::NOT_FOUND,
-                        "no-route",
-                        "no operation of this API matches the request",
-                        &request_id,
-                    );
+        let op_scopes: &[String] = match route.operation(req.method().as_str(), path, req.headers())
+        {
+            routes::OperationMatch::Any => &[],
+            routes::OperationMatch::Matched(op) => &op.required_scopes,
+            routes::OperationMatch::NoMatch => {
+                served.refusal = Some("no-route");
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "no-route",
+                    "no operation of this API matches the request",
+                    &request_id,
+                );
+            }
+            routes::OperationMatch::MethodNotAllowed(allowed) => {
+                served.refusal = Some("method-not-allowed");
+                let mut r = problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "this operation does not accept the request's method",
+                    &request_id,
+                );
+                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
+                    r.headers_mut().insert(header::ALLOW, v);
                 }
-                routes::OperationMatch::MethodNotAllowed(allowed) => {
-                    served.refusal = Some("method-not-allowed");
-                    let mut r = problem(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "method-not-allowed",
-                        "this operation does not accept the request's method",
-                        &request_id,
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
-                        r.headers_mut().insert(header::ALLOW, v);
-                    }
-                    return r;
-                }
-            };
+                return r;
+            }
+        };
         let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
             Ok(h) if served.consumer.is_some() => {
                 served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
@@ -2025,18 +2027,18 @@ pub async fn serve(
     limits: ListenerLimits,
     slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    // held by every connection task: the drain waits until only this one is left
+    let live = Arc::new(());
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builders = Arc::new((h1, h2));
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -2056,11 +2058,12 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let gw = gateway.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let builders = builders.clone();
+        let (live, stop) = (live.clone(), shutdown.clone());
         let open = gateway.metrics.gateway_connections.clone();
         open.inc();
-        tokio::spawn(async move {
+        let task = async move {
+            let _live = live;
             let hold = Arc::new(Hold { _slot: slot, open });
             let svc = |conn: Arc<Conn>| {
                 let gw = gw.clone();
@@ -2070,13 +2073,24 @@ pub async fn serve(
                     async move { Ok::<_, std::convert::Infallible>(gw.handle(req, conn).await) }
                 })
             };
+            // HTTP/2 when TLS negotiated it by ALPN, or a plain client opens with the HTTP/2
+            // preface (prior knowledge); HTTP/1.1 otherwise (hyper's version-sniffing server
+            // is not used: it costs on every request)
             let result = if https {
-                match tokio::time::timeout(limits.handshake_timeout, handshake(&gw, tcp)).await {
+                // boxed, like the HTTP/2 state below: a task serving HTTP/1.1 holds neither
+                match tokio::time::timeout(limits.handshake_timeout, Box::pin(handshake(&gw, tcp)))
+                    .await
+                {
                     Ok(Ok((stream, info))) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                         let conn = Arc::new(Conn::new(peer, Some(info), Some(hold)));
-                        let c =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc(conn));
-                        watcher.watch(c.into_owned()).await
+                        let io = TokioIo::new(stream);
+                        if h2 {
+                            Box::pin(drive(builders.1.serve_connection(io, svc(conn)), stop)).await
+                        } else {
+                            let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
+                            drive(c, stop).await
+                        }
                     }
                     Ok(Err(cause)) => {
                         gw.tls_failure(cause, peer);
@@ -2088,18 +2102,82 @@ pub async fn serve(
                     }
                 }
             } else {
-                let conn = Arc::new(Conn::new(peer, None, Some(hold)));
-                let c = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc(conn));
-                watcher.watch(c.into_owned()).await
+                let mut first = [0u8; 3];
+                match tokio::time::timeout(limits.header_timeout, tcp.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        let conn = Arc::new(Conn::new(peer, None, Some(hold)));
+                        let io = TokioIo::new(tcp);
+                        if first[..n] == b"PRI"[..n] && n == 3 {
+                            Box::pin(drive(builders.1.serve_connection(io, svc(conn)), stop)).await
+                        } else {
+                            let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
+                            drive(c, stop).await
+                        }
+                    }
+                    // closed, failed, or silent for the header timeout
+                    _ => Ok(()),
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "gateway connection ended with an error");
             }
-        });
+        };
+        tokio::spawn(task);
     }
     drop(listener);
+    let drained = async {
+        while Arc::strong_count(&live) > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("gateway drained"),
+        _ = drained => tracing::info!("gateway drained"),
         _ = tokio::time::sleep(limits.grace) => tracing::warn!("gateway drain timed out"),
     }
+}
+
+/// A served connection that can be asked to finish its in-flight requests and close.
+trait Graceful {
+    fn start_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+{
+    fn start_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S::ResBody: hyper::body::Body + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn start_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves a connection until it ends; on shutdown, lets it finish what is in flight and close.
+async fn drive<C>(conn: C, mut stop: watch::Receiver<bool>) -> hyper::Result<()>
+where
+    C: std::future::Future<Output = hyper::Result<()>> + Graceful,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.wait_for(|stopping| *stopping) => {}
+    }
+    conn.as_mut().start_shutdown();
+    conn.await
 }
