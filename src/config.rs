@@ -511,5 +511,29 @@ mod tests {
         assert!(e.to_string().contains("log.format"), "{e}");
         let e = Config::parse("node_id = \"one\"\n", "apim.toml").unwrap_err();
         assert!(e.to_string().contains("node_id"), "{e}");
+        let e = Config::parse(
+            "[gateway]\naccess_log_fields = [\"status\", \"authorization\"]\n",
+            "apim.toml",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("gateway.access_log_fields[1]") && msg.contains("user_agent"),
+            "{msg}"
+        );
+        let e = Config::parse(
+            "[gateway]\naccess_log_fields = [\"status\", \"status\"]\n",
+            "apim.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+        let e = Config::parse("[gateway]\nworkers = 1000\n", "apim.toml").unwrap_err();
+        assert!(e.to_string().contains("gateway.workers"), "{e}");
+        let ok = Config::parse(
+            "[gateway]\nworkers = 2\naccess_log_fields = [\"method\", \"user_agent\"]\n",
+            "apim.toml",
+        )
+        .expect("valid");
+        assert_eq!(ok.gateway.workers, 2);
     }
 }

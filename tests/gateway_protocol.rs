@@ -334,3 +334,47 @@ async fn websocket_echo_and_expect_continue_through_the_gateway() {
     assert!(answer.contains(" 200 "), "{answer}");
     assert!(answer.contains("\"body\":\"hello\""), "{answer}");
 }
+
+/// The access log carries the fields the configuration names, in its order, and no others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_fields_follow_the_configuration() {
+    let n = Node::start_with(
+        "[gateway]\naccess_log_fields = [\"status\", \"user_agent\", \"protocol\", \"host\", \"refusal\"]\n",
+    )
+    .await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let up = echo_upstream().await;
+    publish(&n, "logged", up, json!([])).await;
+    let port = n.gateway_port;
+    wait_routed(port, "logged.example").await;
+    let answer = exchange(
+        port,
+        b"GET /x?api_key=secret-in-query HTTP/1.1\r\nHost: logged.example\r\nUser-Agent: partner-sdk/2.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains("partner-sdk/2.1"))
+        .await;
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["user_agent"] == "partner-sdk/2.1")
+        .expect("an access line with the user agent");
+    assert_eq!(line["target"], "apim::gateway::access");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["protocol"], "HTTP/1.1");
+    assert_eq!(line["host"], "logged.example");
+    assert_eq!(line["refusal"], "");
+    assert!(line["timestamp"].is_string(), "{line}");
+    for absent in ["path", "client", "method", "api", "consumer"] {
+        assert!(
+            line.get(absent).is_none(),
+            "{absent} is not configured: {line}"
+        );
+    }
+    assert!(
+        !log.contains("secret-in-query"),
+        "the query string is never logged"
+    );
+}

@@ -413,3 +413,111 @@ async fn least_requests_avoids_the_busy_target() {
     );
     assert_eq!(busy.await.unwrap().0, 504);
 }
+
+/// An upstream that answers each request on a connection with its connection number and, after
+/// the first answer on a connection, sends an answer nobody asked for (a desynchronised or
+/// hostile upstream). `/stall` sends half of its body and then nothing.
+async fn poisoning_upstream() -> SocketAddr {
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let id = conns.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let stall = head.starts_with(b"GET /stall ");
+                    head.clear();
+                    if stall {
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf.")
+                            .await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let body = json!({"conn": id}).to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let poison = r#"{"poisoned":true}"#;
+                    let stray = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{poison}",
+                        poison.len()
+                    );
+                    if tcp.write_all(stray.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_alive_upstream_connections_never_relay_stray_bytes_and_stalls_end() {
+    // one worker: every request goes through the one connection pool
+    let n =
+        Node::start_with("[gateway]\nworkers = 1\nupstream_response_timeout_seconds = 1\n").await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let gw = Gw {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap(),
+        base: format!("http://127.0.0.1:{}", n.gateway_port),
+    };
+    let up = poisoning_upstream().await;
+    publish(&n, "poison", json!({"targets": targets(&[up])})).await;
+    gw.ready("poison.example").await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        // the stray answer reaches the pooled connection meanwhile
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (s, b) = gw.get("poison.example", "/").await;
+        assert_eq!(s, 200, "{b}");
+        assert!(
+            b.get("poisoned").is_none(),
+            "a stray answer was relayed: {b}"
+        );
+        let conn = b["conn"].as_u64().expect("a connection number");
+        assert!(
+            seen.insert(conn),
+            "connection {conn} was reused after it sent bytes nobody asked for"
+        );
+    }
+    // an answer whose body stops coming ends (the client sees it cut), it does not hang
+    // (after the last stray answer has arrived: bytes that come after a request is sent are
+    // indistinguishable from its answer, for any HTTP/1.1 client)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let cut = gw
+        .http
+        .get(format!("{}/stall", gw.base))
+        .header("host", "poison.example")
+        .send()
+        .await
+        .expect("the head arrives");
+    assert_eq!(cut.status(), 200);
+    let body = cut.bytes().await;
+    assert!(body.is_err(), "the body cannot be complete: {body:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the stalled body was cut by the upstream timeout"
+    );
+}

@@ -20,6 +20,7 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -108,9 +109,12 @@ thread_local! {
     static IDLE: RefCell<HashMap<Authority, VecDeque<Idle>>> = RefCell::new(HashMap::new());
 }
 
-/// A pooled connection to `origin`, the most recently used first. With `probe`, a connection
-/// the upstream has closed meanwhile is detected (a non-blocking read) and skipped.
-fn checkout(origin: &Authority, probe: bool) -> Option<TcpStream> {
+/// A pooled connection to `origin`, the most recently used first. A connection on which
+/// anything arrived while it idled (the upstream closed it, or sent bytes nobody asked for) is
+/// closed instead. Reads leave the socket's readiness clear once drained (a short read, or
+/// would-block), so a clean idle connection is known without a system call; only one that
+/// became readable is read.
+fn checkout(origin: &Authority) -> Option<TcpStream> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.get_mut(origin)?;
@@ -120,7 +124,8 @@ fn checkout(origin: &Authority, probe: bool) -> Option<TcpStream> {
                 list.clear();
                 return None;
             }
-            if !probe {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if idle.stream.poll_read_ready(&mut cx).is_pending() {
                 return Some(idle.stream);
             }
             let mut byte = [0u8; 1];
@@ -135,8 +140,23 @@ fn checkout(origin: &Authority, probe: bool) -> Option<TcpStream> {
 }
 
 fn checkin(origin: &Authority, stream: TcpStream) {
+    thread_local! {
+        static CHECKINS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
+        // now and then, expired connections of every origin are closed (an origin no longer
+        // used would keep its idle connections otherwise)
+        let n = CHECKINS.with(|c| {
+            c.set(c.get().wrapping_add(1));
+            c.get()
+        });
+        if n % 1024 == 0 {
+            pool.retain(|_, list| {
+                list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+                !list.is_empty()
+            });
+        }
         let list = pool.entry(origin.clone()).or_default();
         while list
             .front()
@@ -157,7 +177,11 @@ fn checkin(origin: &Authority, stream: TcpStream) {
 async fn connect(origin: &Authority, timeout: Duration) -> Result<TcpStream, Error> {
     let addr = match origin.port_u16() {
         Some(_) => tokio::time::timeout(timeout, TcpStream::connect(origin.as_str())).await,
-        None => tokio::time::timeout(timeout, TcpStream::connect((origin.host(), 80))).await,
+        // the host keeps an IPv6 literal's brackets: "[::1]:80" parses as an address
+        None => {
+            let addr = format!("{}:80", origin.host());
+            tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await
+        }
     };
     let stream = addr
         .map_err(|_| Error::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
@@ -230,6 +254,7 @@ pub async fn send(
     origin: &Authority,
     req: Request<Body>,
     connect_timeout: Duration,
+    body_idle_timeout: Duration,
 ) -> Result<Response<UpBody>, Error> {
     let (parts, mut body) = req.into_parts();
     let bodyless = body.is_end_stream();
@@ -249,10 +274,10 @@ pub async fn send(
     };
     let head = encode_head(&parts, origin, framing);
     let head_request = parts.method == Method::HEAD;
-    // A request that may be sent again if a kept-alive connection turns out closed (nothing
-    // of it can have been processed); others check the connection before using it.
+    // A request that may be sent again if a kept-alive connection turns out closed under it
+    // (nothing of it can have been processed).
     let replayable = bodyless && idempotent(&parts.method);
-    let mut pooled = checkout(origin, !replayable);
+    let mut pooled = checkout(origin);
     loop {
         let reused = pooled.is_some();
         let stream = match pooled.take() {
@@ -260,7 +285,11 @@ pub async fn send(
             None => connect(origin, connect_timeout).await?,
         };
         let body = (!bodyless).then_some(&mut body);
-        match exchange(stream, &head, body, framing, head_request, reused, origin).await {
+        let sent = exchange(stream, &head, body, framing, head_request, reused, origin);
+        match sent.await.map(|mut r| {
+            r.body_mut().idle_timeout = body_idle_timeout;
+            r
+        }) {
             // once, on a fresh connection (which cannot be stale)
             Err(Error::Stale) if replayable => continue,
             other => return other,
@@ -296,6 +325,7 @@ async fn exchange(
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut answered = false;
     let mut early = false;
+    let mut failed_write = None;
     let parsed = {
         let (mut rd, mut wr) = stream.split();
         wr.write_all(head)
@@ -308,25 +338,33 @@ async fn exchange(
                 let writing = write_body(&mut wr, body, framing);
                 tokio::pin!(reading, writing);
                 let mut written = false;
+                let mut write_failed = None;
                 let parsed = loop {
                     tokio::select! {
                         biased;
                         r = &mut reading => break r,
-                        w = &mut writing, if !written => {
-                            w.map_err(|e| match e {
-                                Error::Io(e) => io_error(e, reused, false),
-                                other => other,
-                            })?;
-                            written = true;
-                        }
+                        w = &mut writing, if !written && write_failed.is_none() => match w {
+                            Ok(()) => written = true,
+                            // the client's body failed: nothing more to wait for
+                            Err(e @ Error::Body(_)) => return Err(e),
+                            // the upstream may have answered and closed (a 413 before the
+                            // whole body): its answer, if it comes, is what the client gets
+                            Err(e) => write_failed = Some(e),
+                        },
                     }
                 };
+                failed_write = write_failed;
                 // an answer before the whole body: the rest is not sent, and the connection
                 // cannot carry another request
                 early = !written;
                 parsed
             }
         }
+    };
+    let parsed = match (parsed, failed_write) {
+        (Err(_), Some(Error::Io(e))) => Err(io_error(e, reused, answered)),
+        (Err(_), Some(other)) => Err(other),
+        (parsed, _) => parsed,
     }?;
     let (mut resp, kind) = parsed;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -342,6 +380,9 @@ async fn exchange(
         kind,
         keep: keep && !early,
         origin: origin.clone(),
+        idle_timeout: Duration::from_secs(30),
+        idle: None,
+        progress: false,
     };
     if body.kind == Kind::Length(0) {
         // nothing to read: the connection is free now (hyper never polls an empty body)
@@ -478,14 +519,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 keep = false;
                 headers.remove(header::CONTENT_LENGTH);
             }
-            if last_coding_is_chunked(&headers) {
-                Kind::Chunked(Chunk::Size)
-            } else {
-                keep = false;
-                Kind::Close
+            // only plain `chunked` is relayed: another coding would reach the client
+            // undeclared once Transfer-Encoding (hop-by-hop) is dropped
+            if !http11 || !only_chunked(&headers) {
+                return Err(Error::Protocol("unsupported Transfer-Encoding"));
             }
+            Kind::Chunked(Chunk::Size)
         } else if headers.contains_key(header::CONTENT_LENGTH) {
-            Kind::Length(content_length(&headers)?)
+            let n = content_length(&headers)?;
+            // one value on to the client, whatever repetition the upstream sent
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Kind::Length(n)
         } else {
             keep = false;
             Kind::Close
@@ -504,15 +548,16 @@ fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-fn last_coding_is_chunked(headers: &HeaderMap) -> bool {
-    let last = headers
+fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim);
-    last.is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        && codings.next().is_none()
 }
 
 /// The `Content-Length` of an answer: every value (and every comma-separated item) the same
@@ -564,6 +609,11 @@ pub struct UpBody {
     kind: Kind,
     keep: bool,
     origin: Authority,
+    /// Longest wait for the next bytes of the body; the answer fails after it.
+    idle_timeout: Duration,
+    /// Armed while waiting for bytes; `progress`: bytes came since it was armed.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    progress: bool,
 }
 
 impl UpBody {
@@ -574,6 +624,9 @@ impl UpBody {
             kind: Kind::Done,
             keep: false,
             origin: Authority::from_static("upgraded"),
+            idle_timeout: Duration::ZERO,
+            idle: None,
+            progress: false,
         }
     }
 
@@ -589,18 +642,35 @@ impl UpBody {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some(stream) = &self.stream else {
+        let Some(stream) = &mut self.stream else {
             return Poll::Ready(Ok(0));
         };
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(&mut self.buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+        // poll_read (not try_read): a short read clears the socket's readiness, which the
+        // pool's check of an idle connection relies on
+        match tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut self.buf) {
+            Poll::Ready(r) => {
+                self.progress = true;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                // the wait for the next bytes is bounded; the timer is armed only when waiting
+                let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                let idle = self
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if std::mem::take(&mut self.progress) {
+                    idle.as_mut().reset(deadline);
+                }
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the upstream stopped sending its answer",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
     }
@@ -695,6 +765,9 @@ impl hyper::body::Body for UpBody {
                         ready!(this.poll_more(cx))?;
                         continue;
                     };
+                    if end > MAX_LINE {
+                        return Poll::Ready(Some(Err(protocol("chunk-size line too long"))));
+                    }
                     let size = chunk_size(&this.buf[..end])
                         .ok_or_else(|| protocol("invalid chunk size"))?;
                     this.buf.advance(end + 2);
@@ -811,6 +884,22 @@ mod tests {
         assert_eq!(kind, Kind::Chunked(Chunk::Size));
         assert!(!keep, "TE with CL: not reused");
         assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..]);
+        assert!(
+            parse_head(&mut buf, false).is_err(),
+            "codings other than chunked"
+        );
+        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, false).is_err(), "chunked in HTTP/1.0");
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok"[..]);
+        let (resp, _) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(
+            resp.headers()[header::CONTENT_LENGTH],
+            "2",
+            "one value relayed"
+        );
 
         let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nbody"[..]);
         let (_, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();

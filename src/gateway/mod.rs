@@ -1689,14 +1689,20 @@ impl Gateway {
                         r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
                             .map_err(|e| (e.is_connect(), true))
                     }),
-                (None, Some(origin)) => {
-                    tokio::time::timeout_at(left, h1::send(origin, attempt, self.timeouts.connect))
-                        .await
-                        .map(|r| {
-                            r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
-                                .map_err(|e| (e.is_connect(), !e.is_blameless()))
-                        })
-                }
+                (None, Some(origin)) => tokio::time::timeout_at(
+                    left,
+                    h1::send(
+                        origin,
+                        attempt,
+                        self.timeouts.connect,
+                        self.timeouts.response,
+                    ),
+                )
+                .await
+                .map(|r| {
+                    r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+                        .map_err(|e| (e.is_connect(), !e.is_blameless()))
+                }),
                 (None, None) => Ok(Err((true, true))),
             };
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
