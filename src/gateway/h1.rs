@@ -151,7 +151,7 @@ fn checkin(origin: &Authority, stream: TcpStream) {
             c.set(c.get().wrapping_add(1));
             c.get()
         });
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             pool.retain(|_, list| {
                 list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
                 !list.is_empty()
