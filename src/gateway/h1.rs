@@ -124,10 +124,7 @@ fn checkout(origin: &Authority) -> Option<TcpStream> {
                 list.clear();
                 return None;
             }
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            if idle.stream.poll_read_ready(&mut cx).is_pending() {
-                return Some(idle.stream);
-            }
+            // no system call unless the socket became readable (tokio's try_read)
             let mut byte = [0u8; 1];
             match idle.stream.try_read(&mut byte) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(idle.stream),

@@ -1290,9 +1290,7 @@ impl Gateway {
             want_host: logged.is_some() && self.access.wants(access::Field::Host),
             ..Served::default()
         };
-        // boxed: the service future hyper keeps per connection stays small while the
-        // connection idles (the request path's state lives only during a request)
-        let mut resp = Box::pin(self.serve_one(req, &conn, &mut served)).await;
+        let mut resp = self.serve_one(req, &conn, &mut served).await;
         let total = started.elapsed();
         self.record(&served, resp.status(), total);
         if let (Some(route), Some(consumer), Some(bytes_in)) =
@@ -1525,11 +1523,16 @@ impl Gateway {
                 .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
                 .map(str::to_string)
         });
-        let original_host = HeaderValue::from_str(&match port {
-            Some(p) => format!("{host}:{p}"),
-            None => host.clone(),
-        })
-        .ok();
+        let original_host = match port {
+            Some(p) => {
+                let mut v = String::with_capacity(host.len() + 1 + p.len());
+                v.push_str(&host);
+                v.push(':');
+                v.push_str(&p);
+                HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+            }
+            None => HeaderValue::from_str(&host).ok(),
+        };
         // one shared value for the upstream request and the answer
         let request_id_value = HeaderValue::from_maybe_shared(Bytes::from(request_id.clone())).ok();
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
