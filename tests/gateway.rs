@@ -196,6 +196,34 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
         (403, Some("urn:apim:problem:gateway:not-subscribed"))
     );
 
+    // a key past its expiry is refused like an unknown one
+    let soon = (time::OffsetDateTime::now_utc() + time::Duration::seconds(3))
+        .replace_nanosecond(0)
+        .expect("whole seconds")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/acme/consumers/app/keys",
+            Some(json!({"expires_at": soon})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let short = r.body["key"].as_str().expect("key").to_string();
+    let (s, _, _) = gw
+        .until("api.bank.example", "/payments/x", Some(&short), 200)
+        .await;
+    assert_eq!(s, 200, "the key works until it expires");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (s, _, b) = gw
+        .get("api.bank.example", "/payments/x", Some(&short))
+        .await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (401, Some("urn:apim:problem:gateway:invalid-credential"))
+    );
+
     // every request has a JSON access-log line, without the key
     let log = n
         .log_with(|l| l.contains("apim::gateway::access") && l.contains("\"status\":403"))

@@ -134,7 +134,11 @@ impl Gw {
 }
 
 async fn node() -> (Node, Gw) {
-    let n = Node::start_with("[gateway]\nupstream_response_timeout_seconds = 1\n").await;
+    node_with("[gateway]\nupstream_response_timeout_seconds = 1\n").await
+}
+
+async fn node_with(config: &str) -> (Node, Gw) {
+    let n = Node::start_with(config).await;
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     let gw = Gw {
         http: reqwest::Client::builder()
@@ -472,16 +476,8 @@ async fn poisoning_upstream() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_alive_upstream_connections_never_relay_stray_bytes_and_stalls_end() {
     // one worker: every request goes through the one connection pool
-    let n =
-        Node::start_with("[gateway]\nworkers = 1\nupstream_response_timeout_seconds = 1\n").await;
-    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
-    let gw = Gw {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap(),
-        base: format!("http://127.0.0.1:{}", n.gateway_port),
-    };
+    let (n, gw) =
+        node_with("[gateway]\nworkers = 1\nupstream_response_timeout_seconds = 1\n").await;
     let up = poisoning_upstream().await;
     publish(&n, "poison", json!({"targets": targets(&[up])})).await;
     gw.ready("poison.example").await;

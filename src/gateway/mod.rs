@@ -877,11 +877,10 @@ impl Gateway {
                         strip_query_param(req, q);
                     }
                     let hash = crate::pki::secret_hash(key.trim());
-                    let now_s = crate::model::format_time(now);
-                    let entry = table
-                        .keys
-                        .get(&hash)
-                        .filter(|k| k.tenant == route.tenant && !k.revoked && k.expires_at > now_s);
+                    let now_unix = now.unix_timestamp();
+                    let entry = table.keys.get(&hash).filter(|k| {
+                        k.tenant == route.tenant && !k.revoked && k.expires_unix > now_unix
+                    });
                     let Some(entry) = entry else {
                         return Err(refuse(
                             StatusCode::UNAUTHORIZED,
@@ -1198,8 +1197,11 @@ impl Gateway {
             if m.len() > 100_000 {
                 m.retain(|_, tat| *tat > now); // expired states equal a fresh one
             }
-            let tat = m.entry(key.to_string()).or_insert(0);
-            gcra.check(tat, now)
+            // the key is copied only the first time it is seen
+            match m.get_mut(key) {
+                Some(tat) => gcra.check(tat, now),
+                None => gcra.check(m.entry(key.to_string()).or_insert(0), now),
+            }
         };
         let policy = HeaderValue::from_str(&format!(
             "\"default\";q={};w={}",

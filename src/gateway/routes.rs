@@ -239,7 +239,8 @@ impl Route {
 pub struct KeyEntry {
     pub tenant: String,
     pub consumer: String,
-    pub expires_at: String,
+    /// Expiry, in Unix seconds (parsed once per table; unparsable: already expired).
+    pub expires_unix: i64,
     pub revoked: bool,
 }
 
@@ -429,7 +430,11 @@ impl RouteTable {
                         KeyEntry {
                             tenant: t.clone(),
                             consumer: k.consumer,
-                            expires_at: k.expires_at,
+                            expires_unix: time::OffsetDateTime::parse(
+                                &k.expires_at,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .map_or(i64::MIN, |t| t.unix_timestamp()),
                             revoked: k.revoked,
                         },
                     );
