@@ -50,10 +50,15 @@ pub fn random_id(prefix: &str) -> anyhow::Result<String> {
 /// Hex SHA-256 of a secret: what the store keeps of API keys and tokens. Secrets are 256-bit
 /// random values, so a plain hash (no salt, no stretching) cannot be reversed.
 pub fn secret_hash(secret: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        secret.as_bytes(),
-    ))
+    // lower-case hex, written directly (this runs on every API-key request)
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest.as_ref() {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// Creates a directory (and its parents) readable by the owner only.

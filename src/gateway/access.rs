@@ -197,7 +197,7 @@ impl AccessLog {
                 out.push(b'=');
             }
             match value {
-                Value::Num(n) => out.extend_from_slice(n.to_string().as_bytes()),
+                Value::Num(n) => push_u64(out, n),
                 Value::Str(s) => quoted(s, self.json, out),
                 Value::Owned(s) => quoted(&s, self.json, out),
             }
@@ -215,6 +215,24 @@ enum Value<'a> {
     Owned(String),
 }
 
+/// The decimal digits of `n`, written into `buf` without the formatter (request path).
+pub(crate) fn digits(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(digits(n, &mut [0u8; 20]).as_bytes());
+}
+
 /// A string as a JSON string (escaped), or for text lines as is when it is plain and quoted
 /// and escaped otherwise.
 fn quoted(s: &str, json: bool, out: &mut Vec<u8>) {
@@ -226,6 +244,14 @@ fn quoted(s: &str, json: bool, out: &mut Vec<u8>) {
         return;
     }
     out.push(b'"');
+    // most values need no escape: copied at once
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != 0x7f && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.extend_from_slice(b"\\\""),
@@ -270,7 +296,15 @@ fn timestamp(now: SystemTime) -> String {
             );
             cached.0 = secs;
         }
-        format!("{}.{:06}Z", cached.1, since.subsec_micros())
+        let mut ts = String::with_capacity(27);
+        ts.push_str(&cached.1);
+        ts.push('.');
+        let micros = since.subsec_micros();
+        for div in [100_000, 10_000, 1_000, 100, 10, 1] {
+            ts.push(char::from(b'0' + ((micros / div) % 10) as u8));
+        }
+        ts.push('Z');
+        ts
     })
 }
 

@@ -517,6 +517,10 @@ struct Refusal(
     Vec<(HeaderName, HeaderValue)>,
 );
 
+fn push_num(out: &mut String, n: u64) {
+    out.push_str(access::digits(n, &mut [0u8; 20]));
+}
+
 fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Refusal {
     Refusal(status, slug, detail.into(), Vec::new())
 }
@@ -1166,13 +1170,21 @@ impl Gateway {
         let Some(plan) = plan else {
             return Ok(());
         };
-        let base = format!("{}/{}/{consumer}", route.tenant, route.api);
+        let mut base =
+            String::with_capacity(route.tenant.len() + route.api.len() + consumer.len() + 8);
+        for part in [
+            route.tenant.as_str(),
+            "/",
+            route.api.as_str(),
+            "/",
+            consumer,
+        ] {
+            base.push_str(part);
+        }
         if let Some(rl) = &plan.rate_limit {
-            self.rate_limit(
-                &format!("{base}/plan"),
-                Gcra::new(rl.requests, rl.per_seconds),
-                answer_headers,
-            )?;
+            let mut key = base.clone();
+            key.push_str("/plan");
+            self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer_headers)?;
         }
         if let Some(q) = &plan.quota {
             if let Some(limit) = q.per_day {
@@ -1203,11 +1215,12 @@ impl Gateway {
                 None => gcra.check(m.entry(key.to_string()).or_insert(0), now),
             }
         };
-        let policy = HeaderValue::from_str(&format!(
-            "\"default\";q={};w={}",
-            gcra.requests, gcra.per_seconds
-        ))
-        .ok();
+        let mut policy = String::with_capacity(32);
+        policy.push_str("\"default\";q=");
+        push_num(&mut policy, u64::from(gcra.requests));
+        policy.push_str(";w=");
+        push_num(&mut policy, u64::from(gcra.per_seconds));
+        let policy = HeaderValue::from_maybe_shared(Bytes::from(policy)).ok();
         match decision {
             Decision::Allow {
                 remaining,
@@ -1216,9 +1229,12 @@ impl Gateway {
                 if let Some(p) = policy {
                     answer.push((HeaderName::from_static("ratelimit-policy"), p));
                 }
-                if let Ok(v) =
-                    HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset_secs}"))
-                {
+                let mut state = String::with_capacity(32);
+                state.push_str("\"default\";r=");
+                push_num(&mut state, u64::from(remaining));
+                state.push_str(";t=");
+                push_num(&mut state, reset_secs);
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
                     answer.push((HeaderName::from_static("ratelimit"), v));
                 }
                 Ok(())
