@@ -377,4 +377,28 @@ async fn access_log_fields_follow_the_configuration() {
         !log.contains("secret-in-query"),
         "the query string is never logged"
     );
+
+    // HTTP/2 with prior knowledge on the plain listener (the client opens with the preface)
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("logged.example", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let r = h2c
+        .get(format!("http://logged.example:{port}/h2"))
+        .header("user-agent", "h2c-client/1")
+        .send()
+        .await
+        .expect("an HTTP/2 answer");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains("h2c-client/1"))
+        .await;
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["user_agent"] == "h2c-client/1")
+        .expect("an access line for the HTTP/2 request");
+    assert_eq!(line["protocol"], "HTTP/2");
 }

@@ -135,21 +135,21 @@ impl AccessLog {
     pub fn write(&self, e: &Entry<'_>) {
         let mut line = Vec::with_capacity(320);
         self.format(e, SystemTime::now(), &mut line);
-        let full = {
-            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-            buf.extend_from_slice(&line);
-            (buf.len() >= FLUSH_AT).then(|| std::mem::take(&mut *buf))
-        };
-        if let Some(lines) = full {
-            emit(&lines);
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        buf.extend_from_slice(&line);
+        if buf.len() >= FLUSH_AT {
+            // written under the lock: batches reach the log in order
+            emit(&buf);
+            buf.clear();
         }
     }
 
     /// Writes the lines buffered so far.
     pub fn flush(&self) {
-        let lines = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
-        if !lines.is_empty() {
-            emit(&lines);
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        if !buf.is_empty() {
+            emit(&buf);
+            buf.clear();
         }
     }
 

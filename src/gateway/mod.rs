@@ -1999,43 +1999,61 @@ pub fn start_workers(
 ) -> std::io::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
     let http_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let https_slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // Every worker's event loop and sockets are made here, so a worker that cannot start
+    // stops the node's start instead of leaving it "ready" with fewer (or no) listeners.
     let mut https = listeners.https.into_iter();
+    let mut workers = Vec::new();
+    for http in listeners.http {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (plain, tls) = {
+            let _in = runtime.enter();
+            let tls = https.next().map(TcpListener::from_std).transpose()?;
+            (TcpListener::from_std(http)?, tls)
+        };
+        workers.push((runtime, plain, tls));
+    }
+    // Workers that have drained wait for the others before their event loops stop: a
+    // connection one worker opened (an HTTPS upstream's, in a shared pool) may still serve
+    // another worker's request.
+    let drained = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
+    let total = workers.len();
     let mut done = Vec::new();
-    for (i, http) in listeners.http.into_iter().enumerate() {
-        let tls = https.next();
+    for (i, (runtime, plain, tls)) in workers.into_iter().enumerate() {
         let (gw, stop) = (gateway.clone(), shutdown.clone());
         let (http_slots, https_slots) = (http_slots.clone(), https_slots.clone());
+        let drained = drained.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name(format!("apim-gw-{i}"))
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(worker = i, error = %e, "gateway worker cannot start its event loop");
-                        return;
-                    }
-                };
                 runtime.block_on(async move {
-                    let plain = async {
-                        match TcpListener::from_std(http) {
-                            Ok(l) => serve(l, gw.clone(), stop.clone(), false, limits, http_slots).await,
-                            Err(e) => tracing::error!(worker = i, error = %e, "gateway worker cannot listen"),
-                        }
-                    };
+                    let plain = serve(plain, gw.clone(), stop.clone(), false, limits, http_slots);
                     let secure = async {
                         if let Some(l) = tls {
-                            match TcpListener::from_std(l) {
-                                Ok(l) => serve(l, gw.clone(), stop.clone(), true, limits, https_slots).await,
-                                Err(e) => tracing::error!(worker = i, error = %e, "gateway worker cannot listen"),
-                            }
+                            serve(l, gw.clone(), stop.clone(), true, limits, https_slots).await
                         }
                     };
                     tokio::join!(plain, secure);
                 });
+                {
+                    let (count, all) = &*drained;
+                    let mut n = lock(count);
+                    *n += 1;
+                    all.notify_all();
+                    let deadline = Instant::now() + limits.grace + Duration::from_secs(1);
+                    while *n < total && Instant::now() < deadline {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        n = all
+                            .wait_timeout(n, left)
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                }
+                // what is left (connections past the grace time) ends now, not in the
+                // background of the node's last usage flush
+                runtime.shutdown_timeout(Duration::from_millis(500));
                 let _ = tx.send(());
             })?;
         done.push(rx);
@@ -2064,7 +2082,10 @@ pub async fn serve(
         .max_headers(limits.max_headers);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // a silent HTTP/2 peer is found out and its connection (and slot) released
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builders = Arc::new((h1, h2));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -2130,7 +2151,13 @@ pub async fn serve(
                 }
             } else {
                 let mut first = [0u8; 3];
-                match tokio::time::timeout(limits.header_timeout, tcp.peek(&mut first)).await {
+                let mut stop_peek = stop.clone();
+                let peeked = tokio::select! {
+                    r = tokio::time::timeout(limits.header_timeout, tcp.peek(&mut first)) => r,
+                    // a connection that has sent nothing is not waited for at shutdown
+                    _ = stop_peek.wait_for(|stopping| *stopping) => return,
+                };
+                match peeked {
                     Ok(Ok(n)) if n > 0 => {
                         let conn = Arc::new(Conn::new(peer, None, Some(hold)));
                         let io = TokioIo::new(tcp);
@@ -2202,6 +2229,8 @@ where
 {
     tokio::pin!(conn);
     tokio::select! {
+        // the connection first: one accepted as the shutdown begins serves what it was sent
+        biased;
         r = conn.as_mut() => return r,
         _ = stop.wait_for(|stopping| *stopping) => {}
     }
