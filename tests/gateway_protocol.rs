@@ -335,6 +335,19 @@ async fn websocket_echo_and_expect_continue_through_the_gateway() {
     assert!(answer.contains("\"body\":\"hello\""), "{answer}");
 }
 
+/// The log once it has the access line of the request sent with `user_agent`, and that line.
+async fn access_line(n: &Node, user_agent: &str) -> (String, serde_json::Value) {
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains(user_agent))
+        .await;
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["user_agent"] == user_agent)
+        .unwrap_or_else(|| panic!("no access line for {user_agent}"));
+    (log, line)
+}
+
 /// The access log carries the fields the configuration names, in its order, and no others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_fields_follow_the_configuration() {
@@ -353,14 +366,7 @@ async fn access_log_fields_follow_the_configuration() {
     )
     .await;
     assert_eq!(status_of(&answer), 200, "{answer}");
-    let log = n
-        .log_with(|l| l.contains("apim::gateway::access") && l.contains("partner-sdk/2.1"))
-        .await;
-    let line: serde_json::Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["user_agent"] == "partner-sdk/2.1")
-        .expect("an access line with the user agent");
+    let (log, line) = access_line(&n, "partner-sdk/2.1").await;
     assert_eq!(line["target"], "apim::gateway::access");
     assert_eq!(line["status"], 200);
     assert_eq!(line["protocol"], "HTTP/1.1");
@@ -392,13 +398,23 @@ async fn access_log_fields_follow_the_configuration() {
         .expect("an HTTP/2 answer");
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let log = n
-        .log_with(|l| l.contains("apim::gateway::access") && l.contains("h2c-client/1"))
-        .await;
-    let line: serde_json::Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["user_agent"] == "h2c-client/1")
-        .expect("an access line for the HTTP/2 request");
+    let (_, line) = access_line(&n, "h2c-client/1").await;
     assert_eq!(line["protocol"], "HTTP/2");
+
+    // the buffered lines are written at shutdown: a request answered just before SIGTERM
+    // has its line once the node has exited
+    let mut n = n;
+    let answer = exchange(
+        port,
+        b"GET /last HTTP/1.1\r\nHost: logged.example\r\nUser-Agent: last-before-stop/1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert_eq!(n.terminate(), Some(0), "a clean exit");
+    assert!(
+        n.log()
+            .lines()
+            .any(|l| l.contains("apim::gateway::access") && l.contains("last-before-stop/1")),
+        "the last access line was flushed at shutdown"
+    );
 }
