@@ -1902,6 +1902,7 @@ pub struct ListenerLimits {
 async fn handshake(
     gateway: &Gateway,
     tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
 ) -> Result<
     (
         tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
@@ -1923,7 +1924,12 @@ async fn handshake(
     let sni = named.unwrap_or(local);
     let served = match gateway.tls.resolver.table.load().lookup(&sni) {
         Some(c) => c.clone(),
-        None => return Err("unknown-sni"),
+        None => {
+            // counted while the connection is still open: whoever sees it refused can read
+            // the count
+            gateway.tls_failure("unknown-sni", peer);
+            return Err("counted");
+        }
     };
     let client_auth_requested = gateway.table.load().requires_client_cert(&sni);
     let mut config = if client_auth_requested {
@@ -2126,8 +2132,11 @@ pub async fn serve(
             // is not used: it costs on every request)
             let result = if https {
                 // boxed, like the HTTP/2 state below: a task serving HTTP/1.1 holds neither
-                match tokio::time::timeout(limits.handshake_timeout, Box::pin(handshake(&gw, tcp)))
-                    .await
+                match tokio::time::timeout(
+                    limits.handshake_timeout,
+                    Box::pin(handshake(&gw, tcp, peer)),
+                )
+                .await
                 {
                     Ok(Ok((stream, info))) => {
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -2140,6 +2149,8 @@ pub async fn serve(
                             drive(c, stop).await
                         }
                     }
+                    // the handshake counted its failure itself, before closing
+                    Ok(Err("counted")) => Ok(()),
                     Ok(Err(cause)) => {
                         gw.tls_failure(cause, peer);
                         Ok(())
