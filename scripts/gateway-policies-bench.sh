@@ -27,54 +27,23 @@ done
 [ -x "$here/target/release/apim" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 
 up_port=18280 ngx_port=18281 apim_port=18290
-work="$(mktemp -d)"
-groups=()
-cleanup() {
-  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-  sleep 0.5
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-nginx_conf() { # dir body
-  mkdir -p "$1"
-  cat >"$1/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $1/cb; proxy_temp_path $1/px; fastcgi_temp_path $1/fc;
-  uwsgi_temp_path $1/uw; scgi_temp_path $1/sc;
-  keepalive_requests 10000000;
-  keepalive_timeout 120s;
-  $2
-}
-EOF
-}
+# shellcheck source=scripts/loopback.sh
+. "$here/scripts/loopback.sh"
 nginx_conf "$work/up" "server { listen 127.0.0.1:$up_port backlog=4096; location / { default_type text/plain; return 200 \"ok\"; } }"
 nginx_conf "$work/px" "upstream backend { server 127.0.0.1:$up_port; keepalive 256; keepalive_requests 10000000; keepalive_timeout 120s; }
   server { listen 127.0.0.1:$ngx_port backlog=4096; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-
-start() { # command... ; prints the process group
-  setsid taskset -c 1 "$@" >"$work/out.$#.$RANDOM" 2>&1 &
-  echo $!
-}
-groups+=("$(start nginx -c "$work/up/nginx.conf" -p "$work/up")")
-groups+=("$(start nginx -c "$work/px/nginx.conf" -p "$work/px")")
-ngx_group="${groups[1]}"
+start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
+start 1 nginx -c "$work/px/nginx.conf" -p "$work/px"
+ngx_group=$started
 GW_UPSTREAM="127.0.0.1:$up_port" GW_LISTEN="127.0.0.1:$apim_port" GW_PORT="$apim_port" \
   APIM_BENCH_POLICIES=1 APIM_BENCH_KEY_FILE="$work/key" APIM_BENCH_LOG_FILE="$work/apim.log" \
-  setsid taskset -c 1 "$here/scripts/gateway-candidate.sh" >"$work/apim.out" 2>&1 &
-apim_group=$!
-groups+=("$apim_group")
+  start 1 "$here/scripts/gateway-candidate.sh"
+apim_group=$started
 for _ in $(seq 1 100); do
   [ -s "$work/key" ] && break
   sleep 0.1
 done
-[ -s "$work/key" ] || { echo "the gateway did not start:" >&2; cat "$work/apim.out" >&2; exit 1; }
+[ -s "$work/key" ] || { echo "the gateway did not start:" >&2; cat "$work/out.2" >&2; exit 1; }
 key="$(cat "$work/key")"
 for _ in $(seq 1 100); do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: $key" "http://127.0.0.1:$apim_port/" || true)

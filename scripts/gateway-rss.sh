@@ -13,38 +13,19 @@ n="${1:-1000}"
 command -v nginx >/dev/null || { echo "missing nginx (apt-get install -y nginx)" >&2; exit 2; }
 [ -x "$here/target/release/apim" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 up_port=18380 gw_port=18390
-work="$(mktemp -d)"
-groups=()
-cleanup() {
-  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-  sleep 0.5
-  rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-cat >"$work/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $work/cb; proxy_temp_path $work/px; fastcgi_temp_path $work/fc;
-  uwsgi_temp_path $work/uw; scgi_temp_path $work/sc;
-  server { listen 127.0.0.1:$up_port backlog=4096; location / { return 200 "ok"; } }
-}
-EOF
-setsid nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
-groups+=($!)
+# shellcheck source=scripts/loopback.sh
+. "$here/scripts/loopback.sh"
+nginx_conf "$work/up" "server { listen 127.0.0.1:$up_port backlog=4096; location / { return 200 \"ok\"; } }"
+start "" nginx -c "$work/up/nginx.conf" -p "$work/up"
 GW_UPSTREAM="127.0.0.1:$up_port" GW_LISTEN="127.0.0.1:$gw_port" GW_PORT="$gw_port" \
-  setsid "$here/scripts/gateway-candidate.sh" >"$work/apim.out" 2>&1 &
-groups+=($!)
+  start "" "$here/scripts/gateway-candidate.sh"
+node_group=$started
 for _ in $(seq 1 100); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gw_port/" || true)" = 200 ] && break
   sleep 0.1
 done
-pid=$(pgrep -g "${groups[1]}" -f "apim serve" | head -1)
-[ -n "$pid" ] || { echo "the node did not start:" >&2; cat "$work/apim.out" >&2; exit 1; }
+pid=$(pgrep -g "$node_group" -f "apim serve" | head -1)
+[ -n "$pid" ] || { echo "the node did not start:" >&2; cat "$work/out.1" >&2; exit 1; }
 python3 - "$gw_port" "$pid" "$n" <<'EOF'
 import re, socket, sys, time
 port, pid, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])

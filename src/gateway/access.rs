@@ -135,7 +135,7 @@ impl AccessLog {
     pub fn write(&self, e: &Entry<'_>) {
         let mut line = Vec::with_capacity(320);
         self.format(e, SystemTime::now(), &mut line);
-        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = super::lock(&self.buf);
         buf.extend_from_slice(&line);
         if buf.len() >= FLUSH_AT {
             // written under the lock: batches reach the log in order
@@ -146,7 +146,7 @@ impl AccessLog {
 
     /// Writes the lines buffered so far.
     pub fn flush(&self) {
-        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = super::lock(&self.buf);
         if !buf.is_empty() {
             emit(&buf);
             buf.clear();

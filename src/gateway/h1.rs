@@ -96,7 +96,7 @@ pub struct Upgraded(Arc<Mutex<Option<(TcpStream, Bytes)>>>);
 
 impl Upgraded {
     pub fn take(&self) -> Option<(TcpStream, Bytes)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        super::lock(&self.0).take()
     }
 }
 
@@ -195,7 +195,8 @@ enum Framing {
     Chunked,
 }
 
-fn idempotent(m: &Method) -> bool {
+/// Whether a method is idempotent (RFC 9110 §9.2.2): such a request may be sent again.
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -1595,15 +1595,7 @@ impl Gateway {
         // Attempts: a retry goes to another target, and only when it is safe: the request has
         // no body, and its method is idempotent or it never reached the upstream.
         let bodyless = hyper::body::Body::is_end_stream(&body);
-        let idempotent = matches!(
-            parts.method,
-            hyper::Method::GET
-                | hyper::Method::HEAD
-                | hyper::Method::OPTIONS
-                | hyper::Method::TRACE
-                | hyper::Method::PUT
-                | hyper::Method::DELETE
-        );
+        let idempotent = h1::idempotent(&parts.method);
         // a retry goes to another target: never more attempts than targets
         let max_attempts = if bodyless {
             (1 + route.upstream.retries as usize).min(route.targets.len())
@@ -1898,24 +1890,31 @@ pub struct ListenerLimits {
 }
 
 /// Completes the TLS handshake of an HTTPS connection: the certificate by SNI, a client
-/// certificate requested only for hosts that serve `mutual-tls` APIs.
+/// certificate requested only for hosts that serve `mutual-tls` APIs. A failure is counted
+/// here, by cause, while the connection is still held where it can be (so a client that sees
+/// the refusal can read the count); `None` then.
 async fn handshake(
     gateway: &Gateway,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-) -> Result<
-    (
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        tls::TlsConn,
-    ),
-    &'static str,
-> {
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    tls::TlsConn,
+)> {
+    let fail = |cause| {
+        gateway.tls_failure(cause, peer);
+        None
+    };
     // A client that sends no SNI (or an IP address, which SNI cannot carry) gets the
     // certificate naming the address it connected to.
-    let local = tcp.local_addr().map_err(|_| "no-sni")?.ip().to_string();
-    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
-        .await
-        .map_err(|_| "bad-client-hello")?;
+    let Ok(local) = tcp.local_addr() else {
+        return fail("no-sni");
+    };
+    let local = local.ip().to_string();
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let Ok(start) = acceptor.await else {
+        return fail("bad-client-hello");
+    };
     let named = start
         .client_hello()
         .server_name()
@@ -1924,12 +1923,7 @@ async fn handshake(
     let sni = named.unwrap_or(local);
     let served = match gateway.tls.resolver.table.load().lookup(&sni) {
         Some(c) => c.clone(),
-        None => {
-            // counted while the connection is still open: whoever sees it refused can read
-            // the count
-            gateway.tls_failure("unknown-sni", peer);
-            return Err("counted");
-        }
+        None => return fail("unknown-sni"),
     };
     let client_auth_requested = gateway.table.load().requires_client_cert(&sni);
     let mut config = if client_auth_requested {
@@ -1944,17 +1938,16 @@ async fn handshake(
         config = Arc::new(own);
     }
     let served_hosts = served.hosts.clone();
-    let stream = start
-        .into_stream(config)
-        .await
-        .map_err(|_| "handshake-failed")?;
+    let Ok(stream) = start.into_stream(config).await else {
+        return fail("handshake-failed");
+    };
     let client_chain = stream
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
         .unwrap_or_default();
-    Ok((
+    Some((
         stream,
         tls::TlsConn {
             sni: Some(sni),
@@ -2138,7 +2131,7 @@ pub async fn serve(
                 )
                 .await
                 {
-                    Ok(Ok((stream, info))) => {
+                    Ok(Some((stream, info))) => {
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                         let conn = Arc::new(Conn::new(peer, Some(info), Some(hold)));
                         let io = TokioIo::new(stream);
@@ -2149,12 +2142,8 @@ pub async fn serve(
                             drive(c, stop).await
                         }
                     }
-                    // the handshake counted its failure itself, before closing
-                    Ok(Err("counted")) => Ok(()),
-                    Ok(Err(cause)) => {
-                        gw.tls_failure(cause, peer);
-                        Ok(())
-                    }
+                    // counted by the handshake
+                    Ok(None) => Ok(()),
                     Err(_) => {
                         gw.tls_failure("timeout", peer);
                         Ok(())
