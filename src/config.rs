@@ -84,6 +84,9 @@ pub struct GatewayConfig {
     pub upstream_response_timeout_seconds: u64,
     /// Time allowed for each request's headers, in seconds (slow clients are cut off).
     pub header_timeout_seconds: u64,
+    /// How long an HTTP/2 connection with no request in flight, or a WebSocket spliced
+    /// through the gateway, may stay without traffic before it is closed, in seconds.
+    pub idle_timeout_seconds: u64,
     /// Most client connections open at once; more are closed as soon as accepted.
     pub max_connections: usize,
     /// CIDRs of the proxies or load balancers in front of the gateway: only their
@@ -109,6 +112,7 @@ impl Default for GatewayConfig {
             upstream_connect_timeout_ms: 2000,
             upstream_response_timeout_seconds: 30,
             header_timeout_seconds: 10,
+            idle_timeout_seconds: 60,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
             workers: 0,
@@ -396,6 +400,12 @@ impl Config {
             return Err(bad(
                 "gateway.header_timeout_seconds",
                 "must be between 1 and 300".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.gateway.idle_timeout_seconds) {
+            return Err(bad(
+                "gateway.idle_timeout_seconds",
+                "must be between 1 and 86400".into(),
             ));
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {

@@ -489,6 +489,7 @@ async fn start_gateway(
         max_connections: cfg.gateway.max_connections,
         max_header_bytes: cfg.gateway.max_header_bytes,
         max_headers: cfg.gateway.max_headers,
+        idle_timeout: Duration::from_secs(cfg.gateway.idle_timeout_seconds),
         grace,
     };
     tracing::info!(

@@ -241,45 +241,51 @@ async fn websocket_echo() -> SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_echo_and_expect_continue_through_the_gateway() {
-    let n = Node::start().await;
-    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
-    let ws = websocket_echo().await;
-    let up = echo_upstream().await;
-    publish(&n, "ws", ws, json!([])).await;
+/// Publishes `name` (host `{name}.example`, to `up`) behind an API key, subscribes consumer `c`
+/// (created once per node) and returns a key of `c`.
+async fn keyed_api(n: &Node, name: &str, up: SocketAddr) -> String {
     publish(
-        &n,
-        "keyed",
+        n,
+        name,
         up,
         json!([{"type": "api-key", "header": "x-api-key"}]),
     )
     .await;
-    created(&n, "/admin/v1/tenants/acme/plans", json!({"name": "p"})).await;
-    created(&n, "/admin/v1/tenants/acme/consumers", json!({"name": "c"})).await;
+    let t = "/admin/v1/tenants/acme";
+    if n.admin(Method::GET, &format!("{t}/consumers/c"), None)
+        .await
+        .status
+        == 404
+    {
+        created(n, &format!("{t}/plans"), json!({"name": "p"})).await;
+        created(n, &format!("{t}/consumers"), json!({"name": "c"})).await;
+    }
     created(
-        &n,
-        "/admin/v1/tenants/acme/subscriptions",
-        json!({"consumer": "c", "api": "keyed", "plan": "p", "status": "active"}),
+        n,
+        &format!("{t}/subscriptions"),
+        json!({"consumer": "c", "api": name, "plan": "p", "status": "active"}),
     )
     .await;
-    let key = n
-        .admin(
-            Method::POST,
-            "/admin/v1/tenants/acme/consumers/c/keys",
-            Some(json!({})),
-        )
-        .await
-        .body["key"]
+    n.admin(
+        Method::POST,
+        &format!("{t}/consumers/c/keys"),
+        Some(json!({})),
+    )
+    .await
+    .body["key"]
         .as_str()
         .unwrap()
-        .to_string();
-    let port = n.gateway_port;
-    wait_routed(port, "keyed.example").await;
+        .to_string()
+}
 
-    // WebSocket: handshake through the gateway, then frames both ways
+/// Opens a WebSocket to `host` through the gateway (with `x-api-key: key` when given) and
+/// returns the connection after the `101`.
+async fn websocket_open(port: u16, host: &str, key: Option<&str>) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let key = key
+        .map(|k| format!("x-api-key: {k}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET /chat HTTP/1.1\r\nHost: {host}\r\n{key}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -293,16 +299,39 @@ async fn websocket_echo_and_expect_continue_through_the_gateway() {
         "{head}"
     );
     assert!(head.contains("upgrade: websocket"), "{head}");
+    s
+}
+
+/// Sends `text` in a masked WebSocket text frame and checks the echo; returns the bytes sent
+/// and received.
+async fn websocket_round(s: &mut TcpStream, text: &str) -> (u64, u64) {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, c)| c ^ mask[i % 4]));
+    s.write_all(&frame).await.unwrap();
+    let mut back = vec![0u8; 2 + text.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back[0], 0x81);
+    assert_eq!(&back[2..], text.as_bytes());
+    (frame.len() as u64, back.len() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_and_expect_continue_through_the_gateway() {
+    let n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let ws = websocket_echo().await;
+    let up = echo_upstream().await;
+    publish(&n, "ws", ws, json!([])).await;
+    let key = keyed_api(&n, "keyed", up).await;
+    let port = n.gateway_port;
+    wait_routed(port, "keyed.example").await;
+
+    // WebSocket: handshake through the gateway, then frames both ways
+    let mut s = websocket_open(port, "ws.example", None).await;
     for text in ["hello", "through apim"] {
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x81, 0x80 | text.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(text.bytes().enumerate().map(|(i, c)| c ^ mask[i % 4]));
-        s.write_all(&frame).await.unwrap();
-        let mut back = vec![0u8; 2 + text.len()];
-        s.read_exact(&mut back).await.unwrap();
-        assert_eq!(back[0], 0x81);
-        assert_eq!(&back[2..], text.as_bytes());
+        websocket_round(&mut s, text).await;
     }
 
     // another protocol (h2c) is never switched to: the Upgrade is not forwarded, and a 101 the
@@ -416,5 +445,108 @@ async fn access_log_fields_follow_the_configuration() {
             .lines()
             .any(|l| l.contains("apim::gateway::access") && l.contains("last-before-stop/1")),
         "the last access line was flushed at shutdown"
+    );
+}
+
+/// Idle connections end: a spliced WebSocket `idle_timeout_seconds` after its last traffic
+/// (its bytes metered to the consumer), an HTTP/2 connection that sends no request within
+/// `header_timeout_seconds` (a stalled handshake), and an HTTP/2 connection whose requests are
+/// done, after the idle timeout, with a GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websockets_and_http2_connections_are_closed() {
+    let idle = Duration::from_secs(2);
+    let n = Node::start_with(
+        "[gateway]\nidle_timeout_seconds = 2\nheader_timeout_seconds = 2\nusage_flush_seconds = 1\n",
+    )
+    .await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let key = keyed_api(&n, "ws", websocket_echo().await).await;
+    publish(&n, "plain", echo_upstream().await, json!([])).await;
+    let port = n.gateway_port;
+    wait_routed(port, "plain.example").await;
+
+    // the WebSocket: traffic, then silence until the gateway closes both sides
+    let mut s = websocket_open(port, "ws.example", Some(&key)).await;
+    let (sent, received) = websocket_round(&mut s, "hello").await;
+    let last_traffic = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle WebSocket was not closed: {end:?}"
+    );
+    assert!(
+        last_traffic.elapsed() >= idle,
+        "closed {:?} after the last traffic",
+        last_traffic.elapsed()
+    );
+    // its bytes count in the consumer's usage, beside its one request
+    let mut page = serde_json::Value::Null;
+    for _ in 0..100 {
+        page = n
+            .admin(Method::GET, "/admin/v1/tenants/acme/usage?consumer=c", None)
+            .await
+            .body;
+        if page["totals"]["bytes_in"] == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(page["totals"]["requests"], 1, "{page}");
+    assert_eq!(page["totals"]["bytes_in"], sent, "{page}");
+    assert_eq!(page["totals"]["bytes_out"], received, "{page}");
+
+    // HTTP/2 by prior knowledge that stops after the preface: closed after the header timeout
+    let opened = std::time::Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the server's SETTINGS
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a stalled HTTP/2 handshake was never closed");
+    assert!(
+        opened.elapsed() >= idle,
+        "closed after {:?}",
+        opened.elapsed()
+    );
+
+    // HTTP/2 with a request: kept while in use, then closed (GOAWAY) once idle
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        let req = hyper::Request::get("http://plain.example/h2")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        use http_body_util::BodyExt;
+        resp.into_body().collect().await.unwrap();
+        // less than the idle time between requests: the connection stays
+        tokio::time::sleep(idle / 2).await;
+    }
+    let answered = std::time::Instant::now() - idle / 2;
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "the idle HTTP/2 connection did not end cleanly: {closed:?}"
+    );
+    assert!(
+        answered.elapsed() >= idle,
+        "closed {:?} after the last answer",
+        answered.elapsed()
     );
 }

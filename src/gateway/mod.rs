@@ -11,6 +11,7 @@ pub mod h1;
 pub mod jwks;
 pub mod policy;
 pub mod routes;
+pub mod splice;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
@@ -73,6 +74,81 @@ pub struct Conn {
     /// The connection's place under `max_connections` and in the open-connections gauge, held
     /// as long as the connection lives, a WebSocket spliced from it included.
     hold: Option<Arc<Hold>>,
+    /// Its requests, for the idle timeout of HTTP/2 connections.
+    pub activity: Activity,
+    /// The gateway's shutdown signal and idle timeout, for a WebSocket spliced from it.
+    stop: Option<watch::Receiver<bool>>,
+    idle: Duration,
+}
+
+/// The requests of an HTTP/2 connection: how many are being handled, how many there were, and
+/// when the last one ended (milliseconds from the connection's opening). Not kept for HTTP/1.1,
+/// whose idle time hyper bounds (the header timeout runs while it waits for a request).
+#[derive(Debug)]
+pub struct Activity {
+    kept: bool,
+    opened: Instant,
+    in_flight: std::sync::atomic::AtomicU32,
+    requests: std::sync::atomic::AtomicU64,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request being handled (see [`Activity::begin`]).
+pub struct InFlight<'a>(&'a Activity);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Activity {
+    fn new(kept: bool) -> Activity {
+        Activity {
+            kept,
+            opened: Instant::now(),
+            in_flight: Default::default(),
+            requests: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+
+    /// Counts a request until the guard is dropped (when kept).
+    pub fn begin(&self) -> Option<InFlight<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.kept {
+            return None;
+        }
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        Some(InFlight(self))
+    }
+
+    /// When the connection is idle for too long: `first` after its opening while it has made
+    /// no request, `idle` after its last request ended; never while a request is handled.
+    /// `Err(true)` when it made no request (a handshake never finished, or no request came),
+    /// `Err(false)` after an idle time, `Ok(instant)` of the next check.
+    fn deadline(&self, first: Duration, idle: Duration) -> Result<Instant, bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        if self.in_flight.load(Relaxed) > 0 {
+            return Ok(now + idle);
+        }
+        let (since, limit) = match self.requests.load(Relaxed) {
+            0 => (self.opened, first),
+            _ => (
+                self.opened + Duration::from_millis(self.last_ms.load(Relaxed)),
+                idle,
+            ),
+        };
+        match since.checked_add(limit).filter(|d| *d > now) {
+            Some(d) => Ok(d),
+            None => Err(self.requests.load(Relaxed) == 0),
+        }
+    }
 }
 
 /// A connection slot: released (and the gauge decremented) when the last holder drops it.
@@ -101,6 +177,26 @@ impl Conn {
             tls,
             mtls_checked: Mutex::new(Vec::new()),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            activity: Activity::new(false),
+            stop: None,
+            idle: Duration::from_secs(60),
+        }
+    }
+
+    /// A connection accepted by a gateway listener, with the listener's shutdown signal and
+    /// idle timeout; `h2` when it speaks HTTP/2 (its requests are then tracked).
+    fn on(
+        peer: SocketAddr,
+        tls: Option<tls::TlsConn>,
+        hold: Arc<Hold>,
+        (stop, idle): (&watch::Receiver<bool>, Duration),
+        h2: bool,
+    ) -> Conn {
+        Conn {
+            stop: Some(stop.clone()),
+            idle,
+            activity: Activity::new(h2),
+            ..Conn::new(peer, tls, Some(hold))
         }
     }
 }
@@ -1293,6 +1389,7 @@ impl Gateway {
         req: Request<Incoming>,
         conn: Arc<Conn>,
     ) -> Response<Body> {
+        let _in_flight = conn.activity.begin();
         let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
@@ -1795,29 +1892,49 @@ impl Gateway {
                     .remove::<h1::Upgraded>()
                     .and_then(|u| u.take());
                 let upstream = plain.is_none().then(|| hyper::upgrade::on(&mut resp));
-                let (tenant, api) = (route.tenant.clone(), route.api.clone());
                 // the spliced connection keeps its slot under max_connections
                 let hold = conn.hold.clone();
+                let (idle, stop) = (conn.idle, conn.stop.clone());
+                // its bytes count in the consumer's usage (the request itself is counted once,
+                // with its 101 answer)
+                let metered = served
+                    .consumer
+                    .clone()
+                    .map(|consumer| (self.usage.clone(), consumer));
+                let route = route.clone();
                 tokio::spawn(async move {
                     let _hold = hold;
                     let spliced = async {
-                        let mut c = TokioIo::new(client.await?);
-                        match (plain, upstream) {
-                            (Some((mut u, early)), _) => {
-                                use tokio::io::AsyncWriteExt;
-                                c.write_all(&early).await?;
-                                tokio::io::copy_bidirectional(&mut c, &mut u).await?;
-                            }
+                        let c = TokioIo::new(client.await?);
+                        Ok::<_, BoxError>(match (plain, upstream) {
+                            (Some((u, early)), _) => splice::run(c, u, &early, idle, stop).await,
                             (None, Some(upstream)) => {
-                                let mut u = TokioIo::new(upstream.await?);
-                                tokio::io::copy_bidirectional(&mut c, &mut u).await?;
+                                let u = TokioIo::new(upstream.await?);
+                                splice::run(c, u, &[], idle, stop).await
                             }
-                            (None, None) => {}
-                        }
-                        Ok::<_, BoxError>(())
+                            (None, None) => splice::Spliced::default(),
+                        })
                     };
-                    if let Err(e) = spliced.await {
-                        tracing::debug!(tenant = %tenant, api = %api, error = %e, "upgraded connection ended with an error");
+                    match spliced.await {
+                        Ok(done) => {
+                            let error = done.error.as_ref().map(|e| e.to_string());
+                            tracing::debug!(tenant = %route.tenant, api = %route.api, from_client = done.from_client, to_client = done.to_client, end = done.end, error, "upgraded connection closed");
+                            if let Some((meter, consumer)) = metered {
+                                meter.add(
+                                    &route.tenant,
+                                    &consumer,
+                                    &route.api,
+                                    crate::state::UsageCounts {
+                                        requests: 0,
+                                        bytes_in: done.from_client,
+                                        bytes_out: done.to_client,
+                                    },
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(tenant = %route.tenant, api = %route.api, error = %e, "upgraded connection ended with an error")
+                        }
                     }
                 });
                 true
@@ -1886,6 +2003,9 @@ pub struct ListenerLimits {
     pub max_header_bytes: usize,
     /// Most header fields in an HTTP/1.1 request; more answers 431.
     pub max_headers: usize,
+    /// How long an HTTP/2 connection (after its first request) or a spliced WebSocket may stay
+    /// without traffic.
+    pub idle_timeout: Duration,
     pub grace: Duration,
 }
 
@@ -2133,10 +2253,17 @@ pub async fn serve(
                 {
                     Ok(Some((stream, info))) => {
                         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let conn = Arc::new(Conn::new(peer, Some(info), Some(hold)));
+                        let conn = Arc::new(Conn::on(
+                            peer,
+                            Some(info),
+                            hold,
+                            (&stop, limits.idle_timeout),
+                            h2,
+                        ));
                         let io = TokioIo::new(stream);
                         if h2 {
-                            Box::pin(drive(builders.1.serve_connection(io, svc(conn)), stop)).await
+                            let c = builders.1.serve_connection(io, svc(conn.clone()));
+                            Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
                             let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
                             drive(c, stop).await
@@ -2159,10 +2286,13 @@ pub async fn serve(
                 };
                 match peeked {
                     Ok(Ok(n)) if n > 0 => {
-                        let conn = Arc::new(Conn::new(peer, None, Some(hold)));
+                        let h2 = first[..n] == b"PRI"[..n] && n == 3;
+                        let conn =
+                            Arc::new(Conn::on(peer, None, hold, (&stop, limits.idle_timeout), h2));
                         let io = TokioIo::new(tcp);
-                        if first[..n] == b"PRI"[..n] && n == 3 {
-                            Box::pin(drive(builders.1.serve_connection(io, svc(conn)), stop)).await
+                        if h2 {
+                            let c = builders.1.serve_connection(io, svc(conn.clone()));
+                            Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
                             let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
                             drive(c, stop).await
@@ -2236,4 +2366,49 @@ where
     }
     conn.as_mut().start_shutdown();
     conn.await
+}
+
+/// Serves an HTTP/2 connection like [`drive`], and closes it when it is idle: with no request
+/// `header_timeout` after it opened (a client that stops in the handshake, or sends nothing),
+/// or with none in flight `idle_timeout` after the last one ended (then with a GOAWAY, and
+/// `header_timeout` more for the client to go).
+async fn drive_h2<C>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    c: &Conn,
+    limits: &ListenerLimits,
+) -> hyper::Result<()>
+where
+    C: std::future::Future<Output = hyper::Result<()>> + Graceful,
+{
+    tokio::pin!(conn);
+    let mut check = Instant::now() + limits.header_timeout;
+    let idle = loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            // at shutdown, what is in flight has the drain's grace time
+            _ = stop.wait_for(|stopping| *stopping) => break false,
+            _ = tokio::time::sleep_until(check.into()) => {
+                match c.activity.deadline(limits.header_timeout, limits.idle_timeout) {
+                    Ok(next) => check = next,
+                    Err(true) => {
+                        tracing::debug!(peer = %c.peer, "HTTP/2 connection closed: no request in time");
+                        return Ok(());
+                    }
+                    Err(false) => {
+                        tracing::debug!(peer = %c.peer, "HTTP/2 connection closed: idle");
+                        break true;
+                    }
+                }
+            }
+        }
+    };
+    conn.as_mut().start_shutdown();
+    if !idle {
+        return conn.await;
+    }
+    tokio::time::timeout(limits.header_timeout, conn)
+        .await
+        .unwrap_or(Ok(()))
 }
