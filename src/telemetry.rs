@@ -113,6 +113,14 @@ pub struct Metrics {
     pub gateway_certificates: Gauge,
     /// 1 when an upstream target takes traffic, 0 when ejected or failing health checks.
     pub gateway_target_up: Family<TargetLabels, Gauge>,
+    /// End of validity of each served certificate, Unix seconds.
+    pub gateway_certificate_expiry: Family<CertificateLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    pub tenant: String,
+    pub certificate: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -142,6 +150,12 @@ impl Metrics {
         let gateway_tls_failures = Family::<CauseLabels, Counter>::default();
         let gateway_certificates = Gauge::default();
         let gateway_target_up = Family::<TargetLabels, Gauge>::default();
+        let gateway_certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "End of validity (not after) of each certificate the gateway serves, Unix seconds",
+            gateway_certificate_expiry.clone(),
+        );
         registry.register(
             "gateway_upstream_target_up",
             "Whether an upstream target takes traffic (0: ejected or failing its health checks)",
@@ -198,6 +212,72 @@ impl Metrics {
             gateway_tls_failures,
             gateway_certificates,
             gateway_target_up,
+            gateway_certificate_expiry,
+        }
+    }
+
+    /// Drops the series of the APIs and upstream targets `old` routed to and `new` does not (an
+    /// API deleted, retired or renamed, a target removed), so they are no longer exported.
+    pub fn forget_gone(
+        &self,
+        old: &crate::gateway::routes::RouteTable,
+        new: &crate::gateway::routes::RouteTable,
+    ) {
+        use std::collections::HashSet;
+        let apis: HashSet<(&str, &str)> = new
+            .all()
+            .iter()
+            .map(|r| (r.tenant.as_str(), r.api.as_str()))
+            .collect();
+        let targets: HashSet<(&str, &str, String)> = new
+            .all()
+            .iter()
+            .flat_map(|r| {
+                r.targets
+                    .iter()
+                    .map(|t| (r.tenant.as_str(), r.api.as_str(), t.label()))
+            })
+            .collect();
+        for r in old.all() {
+            let (tenant, api) = (r.tenant.as_str(), r.api.as_str());
+            if !apis.contains(&(tenant, api)) {
+                for class in ["2xx", "3xx", "4xx", "5xx"] {
+                    self.gateway_requests.remove(&RequestLabels {
+                        tenant: tenant.to_string(),
+                        api: api.to_string(),
+                        class: class.to_string(),
+                    });
+                }
+                let labels = ApiLabels {
+                    tenant: tenant.to_string(),
+                    api: api.to_string(),
+                };
+                self.gateway_added.remove(&labels);
+                self.gateway_upstream.remove(&labels);
+            }
+            for target in r.targets.iter().map(|t| t.label()) {
+                if !targets.contains(&(tenant, api, target.clone())) {
+                    self.gateway_target_up.remove(&TargetLabels {
+                        tenant: tenant.to_string(),
+                        api: api.to_string(),
+                        target,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sets the expiry series to the certificates served now: (tenant, certificate, not-after
+    /// in Unix seconds).
+    pub fn certificate_expiries(&self, expiries: &[(String, String, i64)]) {
+        self.gateway_certificate_expiry.clear();
+        for (tenant, certificate, not_after) in expiries {
+            self.gateway_certificate_expiry
+                .get_or_create(&CertificateLabels {
+                    tenant: tenant.clone(),
+                    certificate: certificate.clone(),
+                })
+                .set(*not_after);
         }
     }
 

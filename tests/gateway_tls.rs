@@ -311,6 +311,24 @@ async fn sni_serves_each_host_its_certificate_with_keys_sealed_at_rest() {
         "{exposed}"
     );
     assert!(exposed.contains("apim_gateway_certificates 2"), "{exposed}");
+    // each certificate's end of validity, for an expiry alert
+    for name in ["site-a", "site-b"] {
+        let r = n
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/tenants/acme/certificates/{name}"),
+                None,
+            )
+            .await;
+        let not_after = time::OffsetDateTime::parse(
+            r.body["not_after"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+        .unix_timestamp();
+        let line = format!("apim_gateway_certificate_expiry_timestamp_seconds{{tenant=\"acme\",certificate=\"{name}\"}} {not_after}\n");
+        assert!(exposed.contains(&line), "{line} in {exposed}");
+    }
 
     // A request for a host the connection's certificate does not cover is misdirected.
     let r = c11

@@ -316,6 +316,31 @@ async fn ejection_opens_the_circuit_and_a_trial_closes_it() {
         "the trial reached the target"
     );
     assert_eq!(gw.get("alldead.example", "/").await.0, 503, "open again");
+
+    // a deleted API's series (requests, latencies, target health) are no longer exported
+    let r = n
+        .admin(
+            reqwest::Method::DELETE,
+            "/admin/v1/tenants/acme/apis/eject",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = metrics(&n).await;
+        if !m.contains("api=\"eject\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!m.contains("api=\"eject\""), "{m}");
+    let kept = format!("apim_gateway_upstream_target_up{{tenant=\"acme\",api=\"alldead\",target=\"http://{dead}\"}} 0");
+    assert!(m.contains(&kept), "{kept} in {m}");
+    assert!(
+        m.contains("apim_gateway_requests_total{tenant=\"acme\",api=\"alldead\",class=\"5xx\"}"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -865,7 +865,7 @@ impl Gateway {
             .get_or_create(&crate::telemetry::TargetLabels {
                 tenant: route.tenant.clone(),
                 api: route.api.clone(),
-                target: format!("{}{}", target.origin, target.path),
+                target: target.label(),
             })
             .set(i64::from(up));
     }
@@ -885,6 +885,7 @@ impl Gateway {
         self.metrics
             .gateway_certificates
             .set(i64::try_from(table.certificates).unwrap_or(i64::MAX));
+        self.metrics.certificate_expiries(&table.expiries);
         self.tls.resolver.table.store(Arc::new(table));
     }
 
@@ -910,7 +911,8 @@ impl Gateway {
             .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
         self.targets.bind(&table);
         self.bind_https(&table);
-        self.table.store(Arc::new(table));
+        let old = self.table.swap(Arc::new(table));
+        self.metrics.forget_gone(&old, &self.table.load());
     }
 
     pub fn routes(&self) -> usize {

@@ -26,6 +26,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The target as the `target` label of its metrics: origin and path.
+    pub fn label(&self) -> String {
+        format!("{}{}", self.origin, self.path)
+    }
+
     pub fn state(&self) -> &super::upstream::TargetState {
         self.state.get_or_init(Default::default)
     }
