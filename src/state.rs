@@ -751,8 +751,23 @@ fn references(
     Ok(Ok(()))
 }
 
-/// The route-claim index keys of a served API: one per host (lower case) and base path.
-fn route_keys(spec: &Spec) -> Vec<String> {
+/// The claim index keys of an object: for a served API, one per host (lower case) and base
+/// path (`i/route/`); for a consumer, one per client-certificate identity, normalised, within
+/// its tenant (`i/clientcert/`).
+fn claim_keys(tenant: Option<&str>, spec: &Spec) -> Vec<String> {
+    if let Spec::Consumer(c) = spec {
+        let tenant = tenant.unwrap_or(PLATFORM);
+        return c
+            .client_certificates
+            .iter()
+            .map(|id| {
+                format!(
+                    "i/clientcert/{tenant}|{}",
+                    crate::model::normalize_cert_identity(id)
+                )
+            })
+            .collect();
+    }
     let Spec::Api(api) = spec else {
         return Vec::new();
     };
@@ -773,9 +788,10 @@ fn route_keys(spec: &Spec) -> Vec<String> {
 }
 
 /// A served API must not claim a host and base path another served API already answers on (in
-/// any tenant): the gateway would route one tenant's traffic to the other. The `i/route/` index
-/// makes the check cost one read per host. On success the claims of `old` are released and
-/// those of `new` recorded.
+/// any tenant): the gateway would route one tenant's traffic to the other. Nor may a consumer
+/// list a client-certificate identity another consumer of its tenant lists: the certificate
+/// would map to either. The index (see [`claim_keys`]) makes the check cost one read per
+/// claim. On success the claims of `old` are released and those of `new` recorded.
 fn claim_routes(
     st: &mut Staged,
     tenant: Option<&str>,
@@ -787,11 +803,22 @@ fn claim_routes(
         tenant.unwrap_or(PLATFORM),
         new.or(old).map(Spec::name).unwrap_or_default()
     );
-    let wanted = new.map(route_keys).unwrap_or_default();
+    let wanted = new.map(|s| claim_keys(tenant, s)).unwrap_or_default();
     for key in &wanted {
         if let Some(holder) = st.get(key)? {
             let holder: String = serde_json::from_slice(&holder).map_err(StoreError::msg)?;
             if holder != owner {
+                if let Some(id) = key.strip_prefix("i/clientcert/") {
+                    let id = id.split_once('|').map_or(id, |(_, id)| id);
+                    let other = holder.split_once('/').map_or(holder.as_str(), |(_, n)| n);
+                    return Ok(Err(Rejection {
+                        code: RejectCode::Conflict,
+                        message: format!(
+                            "client certificate {id:?} already maps to consumer {other:?}"
+                        ),
+                        field: Some("client_certificates".into()),
+                    }));
+                }
                 let (host, base) = key
                     .trim_start_matches("i/route/")
                     .split_once('|')
@@ -806,7 +833,7 @@ fn claim_routes(
             }
         }
     }
-    for key in old.map(route_keys).unwrap_or_default() {
+    for key in old.map(|s| claim_keys(tenant, s)).unwrap_or_default() {
         if !wanted.contains(&key) {
             st.delete(key);
         }

@@ -507,6 +507,64 @@ async fn mutual_tls_maps_client_certificates_to_consumers() {
         json!({"name": "tpp-fp", "client_certificates": [format!("sha256:{fp}")]}),
     )
     .await;
+    // a certificate maps to one consumer: another consumer cannot list the same identity
+    // (written differently: the fingerprint in upper case, the subject with other spacing)
+    for (name, id) in [
+        ("tpp-twin", format!("sha256:{}", fp.to_ascii_uppercase())),
+        ("tpp-twin", "C=FR,O=Fintech,  CN=tpp-one".to_string()),
+    ] {
+        let r = n
+            .admin(
+                Method::POST,
+                &format!("{t}/consumers"),
+                Some(json!({"name": name, "client_certificates": [id]})),
+            )
+            .await;
+        assert_eq!(r.status, 409, "{id}: {:?}", r.body);
+        assert_eq!(r.body["invalid-params"][0]["name"], "client_certificates");
+        assert!(
+            r.body.to_string().contains("already maps to consumer"),
+            "{:?}",
+            r.body
+        );
+    }
+    // a consumer that gives its identity up frees it for another
+    let r = n
+        .admin(Method::GET, &format!("{t}/consumers/tpp-fp"), None)
+        .await;
+    let mut body = r.body.clone();
+    body["client_certificates"] = json!([]);
+    let r = n
+        .req(
+            Method::PUT,
+            &format!("{t}/consumers/tpp-fp"),
+            Some(&n.token),
+            Some(body.clone()),
+            &[("if-match", &r.etag())],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    created(
+        &n,
+        &format!("{t}/consumers"),
+        json!({"name": "tpp-twin", "client_certificates": [format!("sha256:{fp}")]}),
+    )
+    .await;
+    let r = n
+        .admin(Method::DELETE, &format!("{t}/consumers/tpp-twin"), None)
+        .await;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    body["client_certificates"] = json!([format!("sha256:{fp}")]);
+    let r = n
+        .req(
+            Method::PUT,
+            &format!("{t}/consumers/tpp-fp"),
+            Some(&n.token),
+            Some(body),
+            &[("if-match", "*")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
     let mtls =
         |map_by: &str| json!([{"type": "mutual-tls", "ca_bundle": tpp_ca.pem, "map_by": map_by}]);
     let r = n
