@@ -133,15 +133,22 @@ impl AccessLog {
     }
 
     pub fn write(&self, e: &Entry<'_>) {
-        let mut line = Vec::with_capacity(320);
-        self.format(e, SystemTime::now(), &mut line);
-        let mut buf = super::lock(&self.buf);
-        buf.extend_from_slice(&line);
-        if buf.len() >= FLUSH_AT {
-            // written under the lock: batches reach the log in order
-            emit(&buf);
-            buf.clear();
+        thread_local! {
+            // the line is formatted outside the shared buffer's lock, in a buffer of its own
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            self.format(e, SystemTime::now(), &mut line);
+            let mut buf = super::lock(&self.buf);
+            buf.extend_from_slice(&line);
+            if buf.len() >= FLUSH_AT {
+                // written under the lock: batches reach the log in order
+                emit(&buf);
+                buf.clear();
+            }
+        });
     }
 
     /// Writes the lines buffered so far.
@@ -181,7 +188,27 @@ impl AccessLog {
                 Field::Tenant => Value::Str(e.tenant),
                 Field::Api => Value::Str(e.api),
                 Field::Consumer => Value::Str(e.consumer),
-                Field::Client => Value::Owned(e.client.map(|c| c.to_string()).unwrap_or_default()),
+                Field::Client => match e.client {
+                    Some(std::net::IpAddr::V4(v4)) => {
+                        // dotted digits, without the formatter
+                        let [a, b, c, d] = v4.octets();
+                        let mut ip = [0u8; 15];
+                        let mut n = 0;
+                        for (i, octet) in [a, b, c, d].into_iter().enumerate() {
+                            if i > 0 {
+                                ip[n] = b'.';
+                                n += 1;
+                            }
+                            for digit in digits(u64::from(octet), &mut [0u8; 20]).bytes() {
+                                ip[n] = digit;
+                                n += 1;
+                            }
+                        }
+                        Value::Inline(ip, n)
+                    }
+                    Some(ip) => Value::Owned(ip.to_string()),
+                    None => Value::Str(""),
+                },
                 Field::RequestId => Value::Str(e.request_id),
                 Field::Refusal => Value::Str(e.refusal),
                 Field::UserAgent => Value::Str(e.user_agent),
@@ -200,6 +227,9 @@ impl AccessLog {
                 Value::Num(n) => push_u64(out, n),
                 Value::Str(s) => quoted(s, self.json, out),
                 Value::Owned(s) => quoted(&s, self.json, out),
+                Value::Inline(b, n) => {
+                    quoted(std::str::from_utf8(&b[..n]).unwrap_or(""), self.json, out)
+                }
             }
         }
         if self.json {
@@ -213,6 +243,8 @@ enum Value<'a> {
     Num(u64),
     Str(&'a str),
     Owned(String),
+    /// Short text held in place (an IPv4 address).
+    Inline([u8; 15], usize),
 }
 
 /// The decimal digits of `n`, written into `buf` without the formatter (request path).

@@ -943,7 +943,6 @@ impl Gateway {
             return Ok(Vec::new());
         }
         let client = served.client.unwrap_or(conn.peer.ip());
-        let mut consumer: Option<String> = None;
         let mut answer_headers = Vec::new();
         let now = time::OffsetDateTime::now_utc();
         for (i, p) in route.policies.iter().enumerate() {
@@ -952,21 +951,22 @@ impl Gateway {
                     header: name,
                     query_param,
                 } => {
+                    // the key is only ever hashed (never copied, never logged)
                     let from_header = req
                         .headers()
                         .get(name.as_str())
                         .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let from_query = query_param.as_ref().and_then(|q| {
-                        req.uri().query().and_then(|qs| {
-                            serde_urlencoded::from_str::<Vec<(String, String)>>(qs)
-                                .ok()?
-                                .into_iter()
-                                .find(|(k, _)| k == q)
-                                .map(|(_, v)| v)
-                        })
-                    });
-                    let Some(key) = from_header.or(from_query) else {
+                        .map(|k| crate::pki::secret_hash(k.trim()));
+                    let from_query = || {
+                        let q = query_param.as_ref()?;
+                        let qs = req.uri().query()?;
+                        serde_urlencoded::from_str::<Vec<(String, String)>>(qs)
+                            .ok()?
+                            .into_iter()
+                            .find(|(k, _)| k == q)
+                            .map(|(_, v)| crate::pki::secret_hash(v.trim()))
+                    };
+                    let Some(hash) = from_header.or_else(from_query) else {
                         return Err(refuse(
                             StatusCode::UNAUTHORIZED,
                             "missing-credential",
@@ -978,7 +978,6 @@ impl Gateway {
                     if let Some(q) = query_param {
                         strip_query_param(req, q);
                     }
-                    let hash = crate::pki::secret_hash(key.trim());
                     let now_unix = now.unix_timestamp();
                     let entry = table.keys.get(&hash).filter(|k| {
                         k.tenant == route.tenant && !k.revoked && k.expires_unix > now_unix
@@ -991,32 +990,53 @@ impl Gateway {
                         ));
                     };
                     self.admit(route, &entry.consumer, now, &mut answer_headers)?;
-                    consumer = Some(entry.consumer.clone());
-                    served.consumer = consumer.clone();
+                    served.consumer = Some(entry.consumer.clone());
                 }
                 Policy::RateLimit {
                     requests,
                     per_seconds,
                     per,
                 } => {
-                    // a tenant-wide limit is one bucket per (requests, window), whichever API
-                    let key = match per {
-                        crate::model::RateScope::Consumer => {
-                            let who = consumer.clone().unwrap_or_else(|| client.to_string());
-                            format!("{}/{}/{who}/{i}", route.tenant, route.api)
+                    // a tenant-wide limit is one bucket per (requests, window), whichever API;
+                    // the key is built in a buffer of the thread's (copied only when new)
+                    thread_local! {
+                        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+                    }
+                    KEY.with(|key| {
+                        let mut key = key.borrow_mut();
+                        key.clear();
+                        key.push_str(&route.tenant);
+                        key.push('/');
+                        let index = u64::try_from(i).unwrap_or(u64::MAX);
+                        match per {
+                            crate::model::RateScope::Consumer => {
+                                key.push_str(&route.api);
+                                key.push('/');
+                                match &served.consumer {
+                                    Some(who) => key.push_str(who),
+                                    None => key.push_str(&client.to_string()),
+                                }
+                                key.push('/');
+                                push_num(&mut key, index);
+                            }
+                            crate::model::RateScope::Api => {
+                                key.push_str(&route.api);
+                                key.push_str("//");
+                                push_num(&mut key, index);
+                            }
+                            crate::model::RateScope::Tenant => {
+                                key.push_str("//");
+                                push_num(&mut key, u64::from(*requests));
+                                key.push('/');
+                                push_num(&mut key, u64::from(*per_seconds));
+                            }
                         }
-                        crate::model::RateScope::Api => {
-                            format!("{}/{}//{i}", route.tenant, route.api)
-                        }
-                        crate::model::RateScope::Tenant => {
-                            format!("{}///{requests}/{per_seconds}", route.tenant)
-                        }
-                    };
-                    self.rate_limit(
-                        &key,
-                        Gcra::new(*requests, *per_seconds),
-                        &mut answer_headers,
-                    )?;
+                        self.rate_limit(
+                            &key,
+                            Gcra::new(*requests, *per_seconds),
+                            &mut answer_headers,
+                        )
+                    })?;
                 }
                 Policy::IpFilter { allow, deny } => {
                     if !policy::ip_allowed(allow, deny, client) {
@@ -1142,8 +1162,7 @@ impl Gateway {
                             ));
                         };
                         self.admit(route, name, now, &mut answer_headers)?;
-                        consumer = Some(name.to_string());
-                        served.consumer = consumer.clone();
+                        served.consumer = Some(name.to_string());
                     }
                 }
                 Policy::Cors { allow_origins, .. } => {
@@ -1160,8 +1179,7 @@ impl Gateway {
                 Policy::MutualTls { map_by, .. } => {
                     let who = self.client_certificate(table, route, i, *map_by, conn)?;
                     self.admit(route, &who, now, &mut answer_headers)?;
-                    consumer = Some(who);
-                    served.consumer = consumer.clone();
+                    served.consumer = Some(who);
                 }
             }
         }

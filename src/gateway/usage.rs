@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-type Key = (String, String, String, i64);
+/// Counts by UTC hour, then by `tenant`, `consumer` and `api` joined by NUL (which no name can
+/// hold): a request already counted in its hour adds without allocating.
+type Pending = HashMap<i64, HashMap<String, UsageCounts>>;
 
 /// Usage counted since the last flush, and the batch a failed flush left to retry.
 #[derive(Debug, Default)]
 pub struct Meter {
-    pending: Mutex<HashMap<Key, UsageCounts>>,
+    pending: Mutex<Pending>,
     /// (batch number, entries) of a write that failed: retried as is, with the same number, so
     /// that it counts once whether or not the failed write was in fact committed.
     unsent: Mutex<Option<(u64, Vec<UsageEntry>)>>,
@@ -27,36 +29,60 @@ pub struct Meter {
 }
 
 impl Meter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, UsageCounts>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds one request of `consumer` on `tenant/api`, in the current hour.
+    /// Adds `counts` of `consumer` on `tenant/api`, in the current hour.
     pub fn add(&self, tenant: &str, consumer: &str, api: &str, counts: UsageCounts) {
-        let hour = time::OffsetDateTime::now_utc()
-            .unix_timestamp()
-            .div_euclid(3600);
-        let key = (
-            tenant.to_string(),
-            consumer.to_string(),
-            api.to_string(),
-            hour,
-        );
-        self.lock().entry(key).or_default().add(&counts);
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let hour = i64::try_from(now.as_secs() / 3600).unwrap_or(i64::MAX);
+        KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            key.clear();
+            for (i, part) in [tenant, consumer, api].into_iter().enumerate() {
+                if i > 0 {
+                    key.push('\0');
+                }
+                key.push_str(part);
+            }
+            let mut pending = self.lock();
+            let by_key = pending.entry(hour).or_default();
+            match by_key.get_mut(key.as_str()) {
+                Some(c) => c.add(&counts),
+                None => {
+                    by_key.insert(key.clone(), counts);
+                }
+            }
+        });
     }
 
     /// Takes everything counted so far.
     pub fn take(&self) -> Vec<UsageEntry> {
-        std::mem::take(&mut *self.lock())
-            .into_iter()
-            .map(|((tenant, consumer, api, hour), counts)| UsageEntry {
-                tenant,
-                consumer,
-                api,
-                hour,
-                counts,
-            })
-            .collect()
+        let mut out = Vec::new();
+        for (hour, by_key) in std::mem::take(&mut *self.lock()) {
+            for (key, counts) in by_key {
+                let mut parts = key.splitn(3, '\0').map(str::to_string);
+                let (Some(tenant), Some(consumer), Some(api)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                out.push(UsageEntry {
+                    tenant,
+                    consumer,
+                    api,
+                    hour,
+                    counts,
+                });
+            }
+        }
+        out
     }
 
     /// Numbers batches after `last` (the last batch of this node the state has applied, and
