@@ -6,26 +6,10 @@
 
 use apim::gateway::routes::RouteTable;
 use apim::model::{ApiSpec, Lifecycle, Policy, Spec, TenantSpec, Upstream, UpstreamTarget};
-use apim::state::{self, Change, Command, Context, KvRead, StoreError};
-use std::collections::BTreeMap;
+use apim::state::{self, Change, Command, Context};
 use std::time::{Duration, Instant};
 
-#[derive(Default)]
-struct Mem(BTreeMap<String, Vec<u8>>);
-
-impl KvRead for Mem {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.0.get(key).cloned())
-    }
-    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .0
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-}
+type Mem = apim::state::MemKv;
 
 fn run(kv: &mut Mem, index: u64, tenant: Option<&str>, changes: Vec<Change>) {
     let cmd = Command::Mutate {

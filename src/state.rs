@@ -28,6 +28,13 @@ pub trait KvRead {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// All entries whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The first `limit` entries with `from <= key < to`, in key order.
+    fn scan_range(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// Who asked for a change, when, and from where. Filled by the admin API, replicated as is.
@@ -163,34 +170,53 @@ pub fn usage_key(tenant: &str, consumer: &str, hour: i64, api: &str) -> String {
 }
 
 /// The usage counters of a tenant, optionally of one consumer, between two hours (inclusive).
+/// Reads only the counters of those hours: one range per consumer (a consumer's hours sort in
+/// time order), the consumers found by skipping from one to the next, so a query costs the
+/// consumers and the counters it returns, not the tenant's history.
 pub fn usage(
     kv: &dyn KvRead,
     tenant: &str,
     consumer: Option<&str>,
     hours: (i64, i64),
 ) -> Result<Vec<UsageEntry>, StoreError> {
-    let prefix = match consumer {
-        Some(c) => format!("u/{tenant}/{c}/"),
-        None => format!("u/{tenant}/"),
-    };
     let mut out = Vec::new();
-    for (key, value) in kv.scan_prefix(&prefix)? {
-        let mut parts = key.splitn(5, '/').skip(2);
-        let (Some(c), Some(h), Some(api)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let Ok(hour) = h.parse::<i64>() else { continue };
-        if hour < hours.0 || hour > hours.1 {
-            continue;
+    if hours.1 < hours.0 || hours.1 < 0 {
+        return Ok(out);
+    }
+    let prefix = format!("u/{tenant}/");
+    // past every key of the tenant: '0' follows '/'
+    let end = format!("u/{tenant}0");
+    let next_consumer = |cursor: &str| -> Result<Option<String>, StoreError> {
+        if let Some(c) = consumer {
+            return Ok((cursor == prefix).then(|| c.to_string()));
         }
-        let counts: UsageCounts = serde_json::from_slice(&value).unwrap_or_default();
-        out.push(UsageEntry {
-            tenant: tenant.to_string(),
-            consumer: c.to_string(),
-            api: api.to_string(),
-            hour,
-            counts,
-        });
+        Ok(kv.scan_range(cursor, &end, 1)?.first().and_then(|(k, _)| {
+            k.strip_prefix(&prefix)
+                .and_then(|rest| rest.split('/').next())
+                .map(str::to_string)
+        }))
+    };
+    let mut cursor = prefix.clone();
+    while let Some(c) = next_consumer(&cursor)? {
+        let from = format!("{prefix}{c}/{:010}", hours.0.max(0));
+        let to = format!("{prefix}{c}/{:010}", hours.1.saturating_add(1));
+        for (key, value) in kv.scan_range(&from, &to, usize::MAX)? {
+            let mut parts = key.splitn(5, '/').skip(3);
+            let (Some(h), Some(api)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(hour) = h.parse::<i64>() else { continue };
+            let counts: UsageCounts = serde_json::from_slice(&value).unwrap_or_default();
+            out.push(UsageEntry {
+                tenant: tenant.to_string(),
+                consumer: c.clone(),
+                api: api.to_string(),
+                hour,
+                counts,
+            });
+        }
+        // past every key of this consumer
+        cursor = format!("{prefix}{c}0");
     }
     Ok(out)
 }
@@ -1337,26 +1363,50 @@ pub fn find_token(kv: &dyn KvRead, hash: &str) -> Result<Option<(Object, Object)
     Ok(Some((token, user)))
 }
 
+/// The state in memory, for tests and benchmarks of the state machine (the node keeps it in
+/// redb, [`crate::store`]).
+#[derive(Debug, Default)]
+pub struct MemKv(pub BTreeMap<String, Vec<u8>>);
+
+impl KvRead for MemKv {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.0.get(key).cloned())
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self
+            .0
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn scan_range(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .0
+            .range(from.to_string()..to.to_string())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::*;
 
-    #[derive(Default)]
-    struct Mem(BTreeMap<String, Vec<u8>>);
-    impl KvRead for Mem {
-        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(self.0.get(key).cloned())
-        }
-        fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            Ok(self
-                .0
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect())
-        }
-    }
+    type Mem = MemKv;
+
     impl Mem {
         fn run(&mut self, index: u64, cmd: &Command) -> Applied {
             let applied = apply(self, index, cmd).unwrap();
@@ -1452,6 +1502,98 @@ mod tests {
         let rows = usage(&kv, "acme", Some("app"), (0, i64::MAX)).unwrap();
         assert_eq!(rows[0].counts.requests, 6);
         assert!(usage(&kv, "acme", None, (0, 492_999)).unwrap().is_empty());
+    }
+
+    /// A store that counts the entries its scans return.
+    struct Counting<'a>(&'a Mem, std::cell::Cell<usize>);
+    impl KvRead for Counting<'_> {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+        fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            let out = self.0.scan_prefix(prefix)?;
+            self.1.set(self.1.get() + out.len());
+            Ok(out)
+        }
+        fn scan_range(
+            &self,
+            from: &str,
+            to: &str,
+            limit: usize,
+        ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            let out = self.0.scan_range(from, to, limit)?;
+            self.1.set(self.1.get() + out.len());
+            Ok(out)
+        }
+    }
+
+    #[test]
+    fn usage_reads_only_the_hours_asked_for() {
+        let mut kv = Mem::default();
+        // consumers whose names sort around each other ('-' < '/' < '0'), a year of hours each
+        let consumers = ["c", "c-x", "c0", "cb", "d"];
+        let mut entries = Vec::new();
+        for c in consumers {
+            for hour in 0..24 * 365 {
+                entries.push(UsageEntry {
+                    tenant: "acme".into(),
+                    consumer: c.into(),
+                    api: if hour % 2 == 0 { "pay" } else { "fx" }.into(),
+                    hour: 500_000 + hour,
+                    counts: UsageCounts {
+                        requests: 1,
+                        bytes_in: 0,
+                        bytes_out: 0,
+                    },
+                });
+            }
+        }
+        // another tenant whose name extends this one's
+        entries.push(UsageEntry {
+            tenant: "acme-2".into(),
+            ..entries[0].clone()
+        });
+        kv.run(
+            1,
+            &Command::RecordUsage {
+                node: 1,
+                batch: 1,
+                entries,
+            },
+        );
+        let counting = Counting(&kv, std::cell::Cell::new(0));
+        // one day of the tenant: 24 counters per consumer, and one probe per consumer
+        let rows = usage(&counting, "acme", None, (500_100, 500_123)).unwrap();
+        assert_eq!(rows.len(), 24 * consumers.len());
+        let mut seen: Vec<&str> = rows.iter().map(|r| r.consumer.as_str()).collect();
+        seen.dedup();
+        // in key order: "c-x/" sorts before "c/"
+        assert_eq!(seen, ["c-x", "c", "c0", "cb", "d"]);
+        assert!(rows.iter().all(|r| (500_100..=500_123).contains(&r.hour)));
+        assert!(rows
+            .iter()
+            .all(|r| r.api == if r.hour % 2 == 0 { "pay" } else { "fx" }));
+        assert!(
+            counting.1.get() <= rows.len() + consumers.len(),
+            "read {} entries for {} rows",
+            counting.1.get(),
+            rows.len()
+        );
+        // one consumer, edges included
+        let rows = usage(&kv, "acme", Some("c0"), (500_000, 500_001)).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.consumer == "c0"));
+        assert!(usage(&kv, "acme", Some("nobody"), (0, i64::MAX))
+            .unwrap()
+            .is_empty());
+        assert!(usage(&kv, "acme", None, (500_010, 500_009))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            usage(&kv, "acme", None, (0, i64::MAX)).unwrap().len(),
+            24 * 365 * consumers.len()
+        );
+        assert_eq!(usage(&kv, "acme-2", None, (0, i64::MAX)).unwrap().len(), 1);
     }
 
     #[test]

@@ -300,6 +300,26 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> KvRead for TableKv<'_, T> {
         }
         Ok(out)
     }
+
+    fn scan_range(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        if from >= to || limit == 0 {
+            return Ok(out);
+        }
+        for item in self.0.range(from..to).map_err(StoreError::msg)? {
+            let (k, v) = item.map_err(StoreError::msg)?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Paths of the node's audit signing key (Ed25519, PKCS#8) and of its public key.
