@@ -860,7 +860,15 @@ fn claim_routes(
         }
     }
     for key in old.map(|s| claim_keys(tenant, s)).unwrap_or_default() {
-        if !wanted.contains(&key) {
+        if wanted.contains(&key) {
+            continue;
+        }
+        // released only by its holder (a claim written by another object stays)
+        let held = match st.get(&key)? {
+            Some(v) => serde_json::from_slice::<String>(&v).map_err(StoreError::msg)? == owner,
+            None => false,
+        };
+        if held {
             st.delete(key);
         }
     }

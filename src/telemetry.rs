@@ -115,6 +115,8 @@ pub struct Metrics {
     pub gateway_target_up: Family<TargetLabels, Gauge>,
     /// End of validity of each served certificate, Unix seconds.
     pub gateway_certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// The certificates `gateway_certificate_expiry` has series for.
+    certificates_exported: std::sync::Mutex<Vec<CertificateLabels>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -213,6 +215,7 @@ impl Metrics {
             gateway_certificates,
             gateway_target_up,
             gateway_certificate_expiry,
+            certificates_exported: Default::default(),
         }
     }
 
@@ -268,17 +271,29 @@ impl Metrics {
     }
 
     /// Sets the expiry series to the certificates served now: (tenant, certificate, not-after
-    /// in Unix seconds).
+    /// in Unix seconds). The series of certificates no longer served are removed (the others
+    /// are never missing from a scrape in between).
     pub fn certificate_expiries(&self, expiries: &[(String, String, i64)]) {
-        self.gateway_certificate_expiry.clear();
-        for (tenant, certificate, not_after) in expiries {
+        let mut exported = self
+            .certificates_exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now: Vec<CertificateLabels> = expiries
+            .iter()
+            .map(|(tenant, certificate, _)| CertificateLabels {
+                tenant: tenant.clone(),
+                certificate: certificate.clone(),
+            })
+            .collect();
+        for (labels, (_, _, not_after)) in now.iter().zip(expiries) {
             self.gateway_certificate_expiry
-                .get_or_create(&CertificateLabels {
-                    tenant: tenant.clone(),
-                    certificate: certificate.clone(),
-                })
+                .get_or_create(labels)
                 .set(*not_after);
         }
+        for gone in exported.iter().filter(|l| !now.contains(l)) {
+            self.gateway_certificate_expiry.remove(gone);
+        }
+        *exported = now;
     }
 
     /// The Prometheus text exposition of every metric.

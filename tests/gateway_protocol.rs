@@ -448,37 +448,126 @@ async fn access_log_fields_follow_the_configuration() {
     );
 }
 
-/// Idle connections end: a spliced WebSocket `idle_timeout_seconds` after its last traffic
-/// (its bytes metered to the consumer), an HTTP/2 connection that sends no request within
-/// `header_timeout_seconds` (a stalled handshake), and an HTTP/2 connection whose requests are
-/// done, after the idle timeout, with a GOAWAY.
+/// Frames an HTTP/2 peer received: (time since the request was sent, type, flags, stream).
+type Frames = Vec<(Duration, u8, u8, u32)>;
+
+const H2_HEADERS: u8 = 0x1;
+const H2_GOAWAY: u8 = 0x7;
+const H2_END_STREAM: u8 = 0x1;
+
+/// Speaks HTTP/2 by prior knowledge on the gateway's plain port: asks `GET path` of `host` on
+/// stream 1 and records the frames that come back until the gateway closes the connection or
+/// `limit` passes (SETTINGS and PING are acknowledged, as a client must).
+async fn h2_frames(port: u16, host: &str, path: &str, limit: Duration) -> Frames {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: :method GET, :scheme http (static indices), :path and :authority as literals
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x41, host.len() as u8]);
+    block.extend_from_slice(host.as_bytes());
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    hello.extend(frame(H2_HEADERS, 0x4 | H2_END_STREAM, 1, &block));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let sent = std::time::Instant::now();
+    s.write_all(&hello).await.unwrap();
+    let mut frames = Vec::new();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut chunk = [0u8; 16384];
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return frames, // closed, failed, or the limit
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            let payload = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            frames.push((sent.elapsed(), kind, flags, stream));
+            let ack = match (kind, flags & 0x1) {
+                (0x4, 0) => Some(frame(0x4, 0x1, 0, &[])),
+                (0x6, 0) => Some(frame(0x6, 0x1, 0, &payload)),
+                _ => None,
+            };
+            if let Some(ack) = ack {
+                let _ = s.write_all(&ack).await;
+            }
+        }
+    }
+}
+
+/// When stream 1's answer ended (a HEADERS or DATA frame with END_STREAM), and when the first
+/// GOAWAY came.
+fn h2_times(frames: &Frames) -> (Option<Duration>, Option<Duration>) {
+    let ended = frames
+        .iter()
+        .find(|f| f.3 == 1 && f.2 & H2_END_STREAM != 0 && f.1 <= H2_HEADERS)
+        .map(|f| f.0);
+    let goaway = frames.iter().find(|f| f.1 == H2_GOAWAY).map(|f| f.0);
+    (ended, goaway)
+}
+
+/// Idle connections end, each by its own timer (`idle_timeout_seconds = 3`,
+/// `header_timeout_seconds = 1`): a spliced WebSocket 3 s after its last traffic (its bytes
+/// metered to the consumer); an HTTP/2 connection that sends no request within the header
+/// timeout (a stalled handshake); an HTTP/2 connection whose request is done, with a GOAWAY,
+/// 3 s later; and not one whose answer is still streaming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_websockets_and_http2_connections_are_closed() {
-    let idle = Duration::from_secs(2);
+    let idle = Duration::from_secs(3);
+    let header = Duration::from_secs(1);
     let n = Node::start_with(
-        "[gateway]\nidle_timeout_seconds = 2\nheader_timeout_seconds = 2\nusage_flush_seconds = 1\n",
+        "[gateway]\nidle_timeout_seconds = 3\nheader_timeout_seconds = 1\nusage_flush_seconds = 1\n",
     )
     .await;
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     let key = keyed_api(&n, "ws", websocket_echo().await).await;
     publish(&n, "plain", echo_upstream().await, json!([])).await;
+    // an answer that streams for 4.5 s: nine chunks 500 ms apart
+    let streaming = http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async move {
+        let chunks = futures::stream::unfold(0u32, |i| async move {
+            if i == 9 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let frame = hyper::body::Frame::data(bytes::Bytes::from_static(b"tick\n"));
+            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+        });
+        hyper::Response::new(http_body_util::StreamBody::new(chunks))
+    })
+    .await;
+    publish(&n, "stream", streaming, json!([])).await;
     let port = n.gateway_port;
     wait_routed(port, "plain.example").await;
+    wait_routed(port, "stream.example").await;
 
     // the WebSocket: traffic, then silence until the gateway closes both sides
     let mut s = websocket_open(port, "ws.example", Some(&key)).await;
+    let before_last_traffic = std::time::Instant::now();
     let (sent, received) = websocket_round(&mut s, "hello").await;
-    let last_traffic = std::time::Instant::now();
     let mut buf = [0u8; 64];
-    let end = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await;
+    let end = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
     assert!(
         matches!(end, Ok(Ok(0)) | Ok(Err(_))),
         "the idle WebSocket was not closed: {end:?}"
     );
     assert!(
-        last_traffic.elapsed() >= idle,
+        before_last_traffic.elapsed() >= idle,
         "closed {:?} after the last traffic",
-        last_traffic.elapsed()
+        before_last_traffic.elapsed()
     );
     // its bytes count in the consumer's usage, beside its one request
     let mut page = serde_json::Value::Null;
@@ -496,13 +585,14 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     assert_eq!(page["totals"]["bytes_in"], sent, "{page}");
     assert_eq!(page["totals"]["bytes_out"], received, "{page}");
 
-    // HTTP/2 by prior knowledge that stops after the preface: closed after the header timeout
+    // HTTP/2 by prior knowledge that stops after the preface: closed after the header
+    // timeout, well before the idle timeout
     let opened = std::time::Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match s.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -512,41 +602,75 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     })
     .await;
     assert!(ended.is_ok(), "a stalled HTTP/2 handshake was never closed");
+    let took = opened.elapsed();
+    assert!(took >= header && took < idle, "closed after {took:?}");
+
+    // HTTP/2 with a request: answered, then a GOAWAY once idle for the idle timeout
+    let frames = h2_frames(port, "plain.example", "/h2", Duration::from_secs(20)).await;
+    let (answered, goaway) = h2_times(&frames);
+    let answered = answered.unwrap_or_else(|| panic!("no answer: {frames:?}"));
+    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY: {frames:?}"));
     assert!(
-        opened.elapsed() >= idle,
-        "closed after {:?}",
-        opened.elapsed()
+        goaway >= idle && goaway > answered,
+        "GOAWAY at {goaway:?}, answered at {answered:?}"
+    );
+    let closed = frames.last().map(|f| f.0);
+    assert!(
+        closed.is_some_and(|c| c < Duration::from_secs(20)),
+        "not closed: {frames:?}"
     );
 
-    // HTTP/2 with a request: kept while in use, then closed (GOAWAY) once idle
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
-    for _ in 0..2 {
-        let req = hyper::Request::get("http://plain.example/h2")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = send.send_request(req).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        use http_body_util::BodyExt;
-        resp.into_body().collect().await.unwrap();
-        // less than the idle time between requests: the connection stays
-        tokio::time::sleep(idle / 2).await;
+    // an answer that streams for longer than the idle timeout is not cut: it ends whole,
+    // before any GOAWAY
+    let frames = h2_frames(port, "stream.example", "/s", Duration::from_secs(6)).await;
+    let (ended, goaway) = h2_times(&frames);
+    let ended = ended.unwrap_or_else(|| panic!("the stream was cut: {frames:?}"));
+    assert!(ended >= Duration::from_secs(4), "ended at {ended:?}");
+    assert!(goaway.is_none_or(|g| g > ended), "{frames:?}");
+}
+
+/// At shutdown a spliced WebSocket is closed at once, in order (the client reads the end, and
+/// the node exits long before its 20 s grace time), and its bytes reach the consumer's usage
+/// in the node's last flush (the periodic one is a minute away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
+    let mut n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let key = keyed_api(&n, "ws", websocket_echo().await).await;
+    let port = n.gateway_port;
+    wait_routed(port, "ws.example").await;
+    let mut s = websocket_open(port, "ws.example", Some(&key)).await;
+    let mut sent = 0;
+    let mut received = 0;
+    for text in ["one", "two"] {
+        let (a, b) = websocket_round(&mut s, text).await;
+        sent += a;
+        received += b;
     }
-    let answered = std::time::Instant::now() - idle / 2;
-    let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    let asked = std::time::Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || {
+        let code = n.terminate();
+        (n, code)
+    });
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
     assert!(
-        matches!(closed, Ok(Ok(Ok(())))),
-        "the idle HTTP/2 connection did not end cleanly: {closed:?}"
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the WebSocket was not closed at shutdown: {end:?}"
     );
+    let (mut n, code) = stopping.await.unwrap();
+    assert_eq!(code, Some(0), "{}", n.log());
+    let took = asked.elapsed();
     assert!(
-        answered.elapsed() >= idle,
-        "closed {:?} after the last answer",
-        answered.elapsed()
+        took < Duration::from_secs(10),
+        "the shutdown waited {took:?}: the splice held the drain"
     );
+    n.boot().await;
+    let page = n
+        .admin(Method::GET, "/admin/v1/tenants/acme/usage?consumer=c", None)
+        .await
+        .body;
+    assert_eq!(page["totals"]["requests"], 1, "{page}");
+    assert_eq!(page["totals"]["bytes_in"], sent, "{page}");
+    assert_eq!(page["totals"]["bytes_out"], received, "{page}");
 }

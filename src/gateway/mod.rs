@@ -79,6 +79,9 @@ pub struct Conn {
     /// The gateway's shutdown signal and idle timeout, for a WebSocket spliced from it.
     stop: Option<watch::Receiver<bool>>,
     idle: Duration,
+    /// Held by the listener's drain (which waits until it is the last holder): by the
+    /// connection, and by a WebSocket spliced from it.
+    live: Option<Arc<()>>,
 }
 
 /// The requests of an HTTP/2 connection: how many are being handled, how many there were, and
@@ -93,15 +96,44 @@ pub struct Activity {
     last_ms: std::sync::atomic::AtomicU64,
 }
 
-/// A request being handled (see [`Activity::begin`]).
-pub struct InFlight<'a>(&'a Activity);
+/// A request being handled, until its answer's body is sent (see [`Conn::begin`]).
+pub struct InFlight(Arc<Conn>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let ms = u64::try_from(self.0.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_ms.store(ms, Relaxed);
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        let a = &self.0.activity;
+        // rounded up: the idle time is never counted from before the request's end
+        let ms = a.opened.elapsed().as_millis().saturating_add(1);
+        a.last_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        a.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An answer's body that holds `guard` until it is sent or dropped.
+struct Guarded<B, G> {
+    inner: B,
+    _guard: G,
+}
+
+impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -116,15 +148,9 @@ impl Activity {
         }
     }
 
-    /// Counts a request until the guard is dropped (when kept).
-    pub fn begin(&self) -> Option<InFlight<'_>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if !self.kept {
-            return None;
-        }
-        self.in_flight.fetch_add(1, Relaxed);
-        self.requests.fetch_add(1, Relaxed);
-        Some(InFlight(self))
+    /// Whether a request is being handled.
+    fn busy(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 
     /// When the connection is idle for too long: `first` after its opening while it has made
@@ -134,7 +160,7 @@ impl Activity {
     fn deadline(&self, first: Duration, idle: Duration) -> Result<Instant, bool> {
         use std::sync::atomic::Ordering::Relaxed;
         let now = Instant::now();
-        if self.in_flight.load(Relaxed) > 0 {
+        if self.busy() {
             return Ok(now + idle);
         }
         let (since, limit) = match self.requests.load(Relaxed) {
@@ -180,7 +206,21 @@ impl Conn {
             activity: Activity::new(false),
             stop: None,
             idle: Duration::from_secs(60),
+            live: None,
         }
+    }
+
+    /// Counts a request of an HTTP/2 connection until the guard is dropped (with its answer's
+    /// body); `None` on HTTP/1.1.
+    pub fn begin(self: &Arc<Conn>) -> Option<InFlight> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &self.activity;
+        if !a.kept {
+            return None;
+        }
+        a.in_flight.fetch_add(1, Relaxed);
+        a.requests.fetch_add(1, Relaxed);
+        Some(InFlight(self.clone()))
     }
 
     /// A connection accepted by a gateway listener, with the listener's shutdown signal and
@@ -188,7 +228,7 @@ impl Conn {
     fn on(
         peer: SocketAddr,
         tls: Option<tls::TlsConn>,
-        hold: Arc<Hold>,
+        (hold, live): (Arc<Hold>, &Arc<()>),
         (stop, idle): (&watch::Receiver<bool>, Duration),
         h2: bool,
     ) -> Conn {
@@ -196,6 +236,7 @@ impl Conn {
             stop: Some(stop.clone()),
             idle,
             activity: Activity::new(h2),
+            live: Some(live.clone()),
             ..Conn::new(peer, tls, Some(hold))
         }
     }
@@ -858,14 +899,25 @@ impl Gateway {
         }
     }
 
-    /// Publishes whether a target takes traffic.
+    /// Publishes whether a target takes traffic (a target the current table still has: a
+    /// verdict reached on a table swapped out since does not bring a removed target's series
+    /// back; the target's state itself is kept across swaps, see `upstream::Registry`).
     fn target_health(&self, route: &Route, target: &routes::Target, up: bool) {
+        let label = target.label();
+        let current = self.table.load().all().iter().any(|r| {
+            r.tenant == route.tenant
+                && r.api == route.api
+                && r.targets.iter().any(|t| t.label() == label)
+        });
+        if !current {
+            return;
+        }
         self.metrics
             .gateway_target_up
             .get_or_create(&crate::telemetry::TargetLabels {
                 tenant: route.tenant.clone(),
                 api: route.api.clone(),
-                target: target.label(),
+                target: label,
             })
             .set(i64::from(up));
     }
@@ -911,6 +963,13 @@ impl Gateway {
             .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
         self.targets.bind(&table);
         self.bind_https(&table);
+        // Every API's series exist before the table serves (a request still on the old table
+        // then never brings a removed API's series back).
+        for route in table.all() {
+            route.series.get_or_init(|| {
+                crate::telemetry::ApiSeries::new(&self.metrics, &route.tenant, &route.api)
+            });
+        }
         let old = self.table.swap(Arc::new(table));
         self.metrics.forget_gone(&old, &self.table.load());
     }
@@ -1409,7 +1468,7 @@ impl Gateway {
         req: Request<Incoming>,
         conn: Arc<Conn>,
     ) -> Response<Body> {
-        let _in_flight = conn.activity.begin();
+        let in_flight = conn.begin();
         let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
@@ -1440,6 +1499,16 @@ impl Gateway {
                 bytes_out: Arc::default(),
             };
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
+        }
+        if let Some(guard) = in_flight {
+            // an HTTP/2 request stays in flight while its answer streams
+            resp = resp.map(|inner| {
+                Guarded {
+                    inner,
+                    _guard: guard,
+                }
+                .boxed()
+            });
         }
         if let Some((method, uri, version, ua)) = logged {
             let route = served.route.as_deref();
@@ -1912,8 +1981,9 @@ impl Gateway {
                     .remove::<h1::Upgraded>()
                     .and_then(|u| u.take());
                 let upstream = plain.is_none().then(|| hyper::upgrade::on(&mut resp));
-                // the spliced connection keeps its slot under max_connections
-                let hold = conn.hold.clone();
+                // the spliced connection keeps its slot under max_connections, and the drain
+                // waits for it
+                let (hold, live) = (conn.hold.clone(), conn.live.clone());
                 let (idle, stop) = (conn.idle, conn.stop.clone());
                 // its bytes count in the consumer's usage (the request itself is counted once,
                 // with its 101 answer)
@@ -1923,7 +1993,7 @@ impl Gateway {
                     .map(|consumer| (self.usage.clone(), consumer));
                 let route = route.clone();
                 tokio::spawn(async move {
-                    let _hold = hold;
+                    let _held = (hold, live);
                     let spliced = async {
                         let c = TokioIo::new(client.await?);
                         Ok::<_, BoxError>(match (plain, upstream) {
@@ -2250,7 +2320,6 @@ pub async fn serve(
         let open = gateway.metrics.gateway_connections.clone();
         open.inc();
         let task = async move {
-            let _live = live;
             let hold = Arc::new(Hold { _slot: slot, open });
             let svc = |conn: Arc<Conn>| {
                 let gw = gw.clone();
@@ -2276,7 +2345,7 @@ pub async fn serve(
                         let conn = Arc::new(Conn::on(
                             peer,
                             Some(info),
-                            hold,
+                            (hold, &live),
                             (&stop, limits.idle_timeout),
                             h2,
                         ));
@@ -2307,8 +2376,13 @@ pub async fn serve(
                 match peeked {
                     Ok(Ok(n)) if n > 0 => {
                         let h2 = first[..n] == b"PRI"[..n] && n == 3;
-                        let conn =
-                            Arc::new(Conn::on(peer, None, hold, (&stop, limits.idle_timeout), h2));
+                        let conn = Arc::new(Conn::on(
+                            peer,
+                            None,
+                            (hold, &live),
+                            (&stop, limits.idle_timeout),
+                            h2,
+                        ));
                         let io = TokioIo::new(tcp);
                         if h2 {
                             let c = builders.1.serve_connection(io, svc(conn.clone()));
@@ -2390,8 +2464,10 @@ where
 
 /// Serves an HTTP/2 connection like [`drive`], and closes it when it is idle: with no request
 /// `header_timeout` after it opened (a client that stops in the handshake, or sends nothing),
-/// or with none in flight `idle_timeout` after the last one ended (then with a GOAWAY, and
-/// `header_timeout` more for the client to go).
+/// or with none in flight `idle_timeout` after the last one ended (an answer still streaming
+/// counts as in flight). Either way it gets a GOAWAY first; it is then dropped when it has not
+/// closed `header_timeout` later (one second for a connection that made no request) with no
+/// request in flight.
 async fn drive_h2<C>(
     conn: C,
     mut stop: watch::Receiver<bool>,
@@ -2403,32 +2479,40 @@ where
 {
     tokio::pin!(conn);
     let mut check = Instant::now() + limits.header_timeout;
-    let idle = loop {
+    let linger = loop {
         tokio::select! {
             biased;
             r = conn.as_mut() => return r,
             // at shutdown, what is in flight has the drain's grace time
-            _ = stop.wait_for(|stopping| *stopping) => break false,
+            _ = stop.wait_for(|stopping| *stopping) => break None,
             _ = tokio::time::sleep_until(check.into()) => {
                 match c.activity.deadline(limits.header_timeout, limits.idle_timeout) {
                     Ok(next) => check = next,
                     Err(true) => {
                         tracing::debug!(peer = %c.peer, "HTTP/2 connection closed: no request in time");
-                        return Ok(());
+                        break Some(Duration::from_secs(1));
                     }
                     Err(false) => {
                         tracing::debug!(peer = %c.peer, "HTTP/2 connection closed: idle");
-                        break true;
+                        break Some(limits.header_timeout);
                     }
                 }
             }
         }
     };
     conn.as_mut().start_shutdown();
-    if !idle {
+    let Some(linger) = linger else {
         return conn.await;
+    };
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = tokio::time::sleep(linger) => {
+                // a request that came as the GOAWAY went out finishes first
+                if !c.activity.busy() {
+                    return Ok(());
+                }
+            }
+        }
     }
-    tokio::time::timeout(limits.header_timeout, conn)
-        .await
-        .unwrap_or(Ok(()))
 }

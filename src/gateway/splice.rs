@@ -44,8 +44,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
         let n = buf.filled().len().saturating_sub(before);
         if n > 0 {
             self.read += n as u64;
-            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.last.store(ms, Relaxed);
+            // rounded up: the idle time is never counted from before this read
+            let ms = self.base.elapsed().as_millis().saturating_add(1);
+            self.last
+                .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
         }
         polled
     }
@@ -152,7 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_splice_ends_and_counts_both_ways() {
-        let idle = Duration::from_millis(600);
+        let idle = Duration::from_secs(2);
         let (client, mut client_peer) = tokio::io::duplex(1024);
         let (upstream, mut upstream_peer) = tokio::io::duplex(1024);
         let task = tokio::spawn(run(client, upstream, b"hi", idle, None));
@@ -163,10 +165,10 @@ mod tests {
         let mut got = [0u8; 5];
         upstream_peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping!");
-        // traffic after most of the idle time pushes the end back
-        tokio::time::sleep(idle / 2).await;
-        upstream_peer.write_all(b"pong").await.unwrap();
+        // later traffic pushes the end back
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let last_traffic = Instant::now();
+        upstream_peer.write_all(b"pong").await.unwrap();
         let mut got = [0u8; 4];
         client_peer.read_exact(&mut got).await.unwrap();
         let done = task.await.unwrap();

@@ -134,17 +134,25 @@ impl CertTable {
                     not_after: c.not_after.clone(),
                 });
                 table.certificates += 1;
-                let not_after = time::OffsetDateTime::parse(
+                match time::OffsetDateTime::parse(
                     &c.not_after,
                     &time::format_description::well_known::Rfc3339,
-                )
-                .map_or(0, |t| t.unix_timestamp());
-                let left_days = (not_after - time::OffsetDateTime::now_utc().unix_timestamp())
-                    .div_euclid(86_400);
-                if left_days < 30 {
-                    tracing::warn!(tenant = %t, certificate = %c.name, not_after = %c.not_after, days_left = left_days, "gateway certificate expires within 30 days (or has expired): renew it");
+                ) {
+                    Ok(t_end) => {
+                        let not_after = t_end.unix_timestamp();
+                        let left_days = (not_after
+                            - time::OffsetDateTime::now_utc().unix_timestamp())
+                        .div_euclid(86_400);
+                        if left_days < 30 {
+                            tracing::warn!(tenant = %t, certificate = %c.name, not_after = %c.not_after, days_left = left_days, "gateway certificate expires within 30 days (or has expired): renew it");
+                        }
+                        table.expiries.push((t.clone(), c.name.clone(), not_after));
+                    }
+                    // written by the admin API from the certificate itself: not expected
+                    Err(e) => {
+                        tracing::error!(tenant = %t, certificate = %c.name, not_after = %c.not_after, error = %e, "gateway certificate's end of validity cannot be read; no expiry metric for it")
+                    }
                 }
-                table.expiries.push((t.clone(), c.name.clone(), not_after));
                 for host in c.hosts.iter().filter(|h| claims(claimed, h)) {
                     let slot = match host.strip_prefix("*.") {
                         Some(suffix) => table.wildcard.entry(suffix.to_string()),
