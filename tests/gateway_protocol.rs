@@ -631,10 +631,11 @@ async fn idle_websockets_and_http2_connections_are_closed() {
 
 /// At shutdown a spliced WebSocket is closed at once, in order (the client reads the end, and
 /// the node exits long before its 20 s grace time), and its bytes reach the consumer's usage
-/// in the node's last flush (the periodic one is a minute away).
+/// in the node's last flush (the periodic one is a minute away). An HTTP/2 connection stalled
+/// after its preface (the header timeout is 30 s here) does not hold the drain either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
-    let mut n = Node::start().await;
+    let mut n = Node::start_with("[gateway]\nheader_timeout_seconds = 30\n").await;
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     let key = keyed_api(&n, "ws", websocket_echo().await).await;
     let port = n.gateway_port;
@@ -647,6 +648,11 @@ async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
         sent += a;
         received += b;
     }
+    let mut stalled = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stalled
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
     let asked = std::time::Instant::now();
     let stopping = tokio::task::spawn_blocking(move || {
         let code = n.terminate();
@@ -663,8 +669,9 @@ async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
     let took = asked.elapsed();
     assert!(
         took < Duration::from_secs(10),
-        "the shutdown waited {took:?}: the splice held the drain"
+        "the shutdown waited {took:?}: the splice or the stalled HTTP/2 connection held the drain"
     );
+    drop(stalled);
     n.boot().await;
     let page = n
         .admin(Method::GET, "/admin/v1/tenants/acme/usage?consumer=c", None)

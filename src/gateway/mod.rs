@@ -148,6 +148,11 @@ impl Activity {
         }
     }
 
+    /// Whether the connection has made no request yet.
+    fn made_none(&self) -> bool {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed) == 0
+    }
+
     /// Whether a request is being handled.
     fn busy(&self) -> bool {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
@@ -2467,7 +2472,8 @@ where
 /// or with none in flight `idle_timeout` after the last one ended (an answer still streaming
 /// counts as in flight). Either way it gets a GOAWAY first; it is then dropped when it has not
 /// closed `header_timeout` later (one second for a connection that made no request) with no
-/// request in flight.
+/// request in flight. At shutdown its requests have the drain's grace time, and one that
+/// made none is dropped after a second.
 async fn drive_h2<C>(
     conn: C,
     mut stop: watch::Receiver<bool>,
@@ -2483,8 +2489,11 @@ where
         tokio::select! {
             biased;
             r = conn.as_mut() => return r,
-            // at shutdown, what is in flight has the drain's grace time
-            _ = stop.wait_for(|stopping| *stopping) => break None,
+            // at shutdown, what is in flight has the drain's grace time; a connection that
+            // never made a request (one stalled in its handshake) has nothing to finish
+            _ = stop.wait_for(|stopping| *stopping) => {
+                break c.activity.made_none().then_some(Duration::from_secs(1));
+            }
             _ = tokio::time::sleep_until(check.into()) => {
                 match c.activity.deadline(limits.header_timeout, limits.idle_timeout) {
                     Ok(next) => check = next,
