@@ -813,6 +813,57 @@ fn claim_keys(tenant: Option<&str>, spec: &Spec) -> Vec<String> {
         .collect()
 }
 
+/// The client-certificate identities claimed in `tenant` (normalised) and the consumer that
+/// lists each, from the `i/clientcert/` index.
+pub fn client_cert_claims(
+    kv: &dyn KvRead,
+    tenant: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let prefix = format!("i/clientcert/{tenant}|");
+    let mut out = Vec::new();
+    for (key, value) in kv.scan_prefix(&prefix)? {
+        let holder: String = serde_json::from_slice(&value).map_err(StoreError::msg)?;
+        let consumer = holder.split_once('/').map_or(holder.as_str(), |(_, c)| c);
+        out.push((key[prefix.len()..].to_string(), consumer.to_string()));
+    }
+    Ok(out)
+}
+
+/// Consumers whose client-certificate identities have no claim of theirs in the index (written
+/// by a build before the index, or a claim another consumer took first): `(tenant, consumer,
+/// identity)`. The gateway maps certificates through the index only, so these identities map
+/// to no consumer, or to the claim's holder, until the consumer is written again.
+pub fn unclaimed_client_certs(
+    kv: &dyn KvRead,
+) -> Result<Vec<(String, String, String)>, StoreError> {
+    let mut out = Vec::new();
+    for tenant in list_objects(kv, Kind::Tenant, None)? {
+        let t = tenant.spec.name();
+        for o in list_objects(kv, Kind::Consumer, Some(&t))? {
+            let Spec::Consumer(c) = &o.spec else {
+                continue;
+            };
+            for id in &c.client_certificates {
+                let key = format!(
+                    "i/clientcert/{t}|{}",
+                    crate::model::normalize_cert_identity(id)
+                );
+                let held = match kv.get(&key)? {
+                    Some(v) => {
+                        serde_json::from_slice::<String>(&v).map_err(StoreError::msg)?
+                            == format!("{t}/{}", c.name)
+                    }
+                    None => false,
+                };
+                if !held {
+                    out.push((t.clone(), c.name.clone(), id.clone()));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A served API must not claim a host and base path another served API already answers on (in
 /// any tenant): the gateway would route one tenant's traffic to the other. Nor may a consumer
 /// list a client-certificate identity another consumer of its tenant lists: the certificate
@@ -1464,6 +1515,51 @@ mod tests {
             description: None,
             client_certificates: Vec::new(),
         })
+    }
+
+    #[test]
+    fn client_certificate_claims_map_identities_and_show_what_is_unclaimed() {
+        let mut kv = Mem::default();
+        kv.run(1, &mutate(None, vec![Change::Create(tenant("acme"))]));
+        let with = |name: &str, ids: &[&str]| {
+            let Spec::Consumer(mut c) = consumer(name) else {
+                unreachable!()
+            };
+            c.client_certificates = ids.iter().map(|s| s.to_string()).collect();
+            Spec::Consumer(c)
+        };
+        let a = kv.run(
+            2,
+            &mutate(
+                Some("acme"),
+                vec![
+                    Change::Create(with("tpp", &["C=FR, O=Fintech, CN=tpp"])),
+                    Change::Create(with("plain", &[])),
+                ],
+            ),
+        );
+        assert!(
+            matches!(a.response, Some(Response::Done { .. })),
+            "{:?}",
+            a.response
+        );
+        assert_eq!(
+            client_cert_claims(&kv, "acme").unwrap(),
+            [("C=FR,O=Fintech,CN=tpp".to_string(), "tpp".to_string())]
+        );
+        assert!(client_cert_claims(&kv, "other").unwrap().is_empty());
+        assert!(unclaimed_client_certs(&kv).unwrap().is_empty());
+        // a consumer written before the index existed: its identity maps to nobody, and says so
+        kv.0.remove("i/clientcert/acme|C=FR,O=Fintech,CN=tpp");
+        assert!(client_cert_claims(&kv, "acme").unwrap().is_empty());
+        assert_eq!(
+            unclaimed_client_certs(&kv).unwrap(),
+            [(
+                "acme".to_string(),
+                "tpp".to_string(),
+                "C=FR, O=Fintech, CN=tpp".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -413,17 +413,15 @@ impl RouteTable {
                     }
                 }
             }
-            for o in state::list_objects(kv, Kind::Consumer, Some(&t))? {
-                if let Spec::Consumer(c) = o.spec {
-                    for id in &c.client_certificates {
-                        table
-                            .cert_consumers
-                            .entry(t.clone())
-                            .or_default()
-                            .entry(crate::model::normalize_cert_identity(id))
-                            .or_insert_with(|| c.name.clone());
-                    }
-                }
+            // client-certificate identities from their claim index (one entry per identity,
+            // normalised, held by one consumer): the table costs the identities, not the
+            // tenant's consumers
+            for (identity, holder) in state::client_cert_claims(kv, &t)? {
+                table
+                    .cert_consumers
+                    .entry(t.clone())
+                    .or_default()
+                    .insert(identity, holder);
             }
             for o in state::list_objects(kv, Kind::Key, Some(&t))? {
                 if let Object {
