@@ -219,6 +219,41 @@ impl Metrics {
         }
     }
 
+    /// Gives every API of `new` its series: the handles the route of the same API in `old`
+    /// holds (no label lookup), or new series for an API `old` did not have. Tables list their
+    /// routes in the order they were built (tenant, then API), so the routes of both are first
+    /// walked side by side (most rebuilds follow a change that adds or removes no API); an
+    /// index of the old table is built only past the first difference.
+    pub fn carry_series(
+        &self,
+        old: &crate::gateway::routes::RouteTable,
+        new: &crate::gateway::routes::RouteTable,
+    ) {
+        let (o, n) = (old.all(), new.all());
+        let same = |i: usize| o[i].tenant == n[i].tenant && o[i].api == n[i].api;
+        let matched = (0..o.len().min(n.len())).take_while(|&i| same(i)).count();
+        for (a, b) in o.iter().zip(n).take(matched) {
+            if let Some(s) = a.series.get() {
+                b.series.get_or_init(|| s.clone());
+            }
+        }
+        let held: std::collections::HashMap<(&str, &str), &ApiSeries> = if matched < n.len() {
+            o[matched..]
+                .iter()
+                .filter_map(|r| Some(((r.tenant.as_str(), r.api.as_str()), r.series.get()?)))
+                .collect()
+        } else {
+            Default::default()
+        };
+        for r in n {
+            r.series
+                .get_or_init(|| match held.get(&(r.tenant.as_str(), r.api.as_str())) {
+                    Some(s) => (*s).clone(),
+                    None => ApiSeries::new(self, &r.tenant, &r.api),
+                });
+        }
+    }
+
     /// Drops the series of the APIs and upstream targets `old` routed to and `new` does not (an
     /// API deleted, retired or renamed, a target removed), so they are no longer exported.
     pub fn forget_gone(
@@ -227,18 +262,38 @@ impl Metrics {
         new: &crate::gateway::routes::RouteTable,
     ) {
         use std::collections::HashSet;
+        // the same APIs with the same targets, in the same order (most rebuilds): nothing gone
+        let (o, n) = (old.all(), new.all());
+        if o.len() == n.len()
+            && o.iter().zip(n).all(|(a, b)| {
+                a.tenant == b.tenant
+                    && a.api == b.api
+                    && a.targets.len() == b.targets.len()
+                    && a.targets
+                        .iter()
+                        .zip(&b.targets)
+                        .all(|(x, y)| x.origin == y.origin && x.path == y.path)
+            })
+        {
+            return;
+        }
         let apis: HashSet<(&str, &str)> = new
             .all()
             .iter()
             .map(|r| (r.tenant.as_str(), r.api.as_str()))
             .collect();
-        let targets: HashSet<(&str, &str, String)> = new
+        let targets: HashSet<(&str, &str, &str, &str)> = new
             .all()
             .iter()
             .flat_map(|r| {
-                r.targets
-                    .iter()
-                    .map(|t| (r.tenant.as_str(), r.api.as_str(), t.label()))
+                r.targets.iter().map(|t| {
+                    (
+                        r.tenant.as_str(),
+                        r.api.as_str(),
+                        t.origin.as_str(),
+                        t.path.as_str(),
+                    )
+                })
             })
             .collect();
         for r in old.all() {
@@ -258,12 +313,12 @@ impl Metrics {
                 self.gateway_added.remove(&labels);
                 self.gateway_upstream.remove(&labels);
             }
-            for target in r.targets.iter().map(|t| t.label()) {
-                if !targets.contains(&(tenant, api, target.clone())) {
+            for t in &r.targets {
+                if !targets.contains(&(tenant, api, t.origin.as_str(), t.path.as_str())) {
                     self.gateway_target_up.remove(&TargetLabels {
                         tenant: tenant.to_string(),
                         api: api.to_string(),
-                        target,
+                        target: t.label(),
                     });
                 }
             }

@@ -969,13 +969,11 @@ impl Gateway {
         self.targets.bind(&table);
         self.bind_https(&table);
         // Every API's series exist before the table serves (a request still on the old table
-        // then never brings a removed API's series back).
-        for route in table.all() {
-            route.series.get_or_init(|| {
-                crate::telemetry::ApiSeries::new(&self.metrics, &route.tenant, &route.api)
-            });
-        }
-        let old = self.table.swap(Arc::new(table));
+        // then never brings a removed API's series back): an API the old table had keeps its
+        // handles, a new one gets its series.
+        let old = self.table.load_full();
+        self.metrics.carry_series(&old, &table);
+        self.table.store(Arc::new(table));
         self.metrics.forget_gone(&old, &self.table.load());
     }
 

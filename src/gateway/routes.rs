@@ -680,4 +680,64 @@ mod tests {
         assert_eq!(picks.iter().filter(|o| **o == "http://a:1").count(), 6);
         assert_eq!(picks.iter().filter(|o| **o == "http://b:2").count(), 2);
     }
+
+    #[test]
+    fn installing_a_table_carries_series_over_and_drops_those_of_gone_apis() {
+        let m = crate::telemetry::Metrics::new();
+        fn t1(u: &str) -> Vec<(&str, u32)> {
+            vec![(u, 1)]
+        }
+        let first = table(&[
+            api("x", &["x.example"], "/", &t1("http://10.0.0.1:80")),
+            api("y", &["y.example"], "/", &t1("http://10.0.0.2:80")),
+            api("z", &["z.example"], "/", &t1("http://10.0.0.3:80")),
+        ]);
+        m.carry_series(&RouteTable::default(), &first);
+        // the same APIs (side by side), then y gone, w new and z's target changed
+        let same = table(&[
+            api("x", &["x.example"], "/", &t1("http://10.0.0.1:80")),
+            api("y", &["y.example"], "/", &t1("http://10.0.0.2:80")),
+            api("z", &["z.example"], "/", &t1("http://10.0.0.3:80")),
+        ]);
+        m.carry_series(&first, &same);
+        m.forget_gone(&first, &same);
+        let changed = table(&[
+            api("w", &["w.example"], "/", &t1("http://10.0.0.4:80")),
+            api("x", &["x.example"], "/", &t1("http://10.0.0.1:80")),
+            api("z", &["z.example"], "/", &t1("http://10.0.0.9:80")),
+        ]);
+        m.carry_series(&same, &changed);
+        let series = |t: &RouteTable, api: &str| {
+            t.all()
+                .iter()
+                .find(|r| r.api == api)
+                .and_then(|r| r.series.get().cloned())
+                .unwrap()
+        };
+        // carried: a count through the first table's handle shows through the last one's
+        series(&first, "x").requests[0].inc();
+        series(&first, "z").requests[0].inc();
+        assert_eq!(series(&changed, "x").requests[0].get(), 1);
+        assert_eq!(series(&changed, "z").requests[0].get(), 1);
+        assert_eq!(series(&changed, "w").requests[0].get(), 0);
+        for r in same.all() {
+            m.gateway_target_up
+                .get_or_create(&crate::telemetry::TargetLabels {
+                    tenant: r.tenant.clone(),
+                    api: r.api.clone(),
+                    target: r.targets[0].label(),
+                })
+                .set(1);
+        }
+        m.forget_gone(&same, &changed);
+        let text = m.encode();
+        assert!(!text.contains("api=\"y\""), "{text}");
+        assert!(!text.contains("10.0.0.3"), "{text}");
+        assert!(
+            text.contains("api=\"x\",target=\"http://10.0.0.1:80\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("api=\"w\",class=\"2xx\"} 0"), "{text}");
+        assert!(text.contains("api=\"x\",class=\"2xx\"} 1"), "{text}");
+    }
 }
