@@ -494,15 +494,26 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             }
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // The values share the head's bytes (no copy, no allocation each): their places in
+        // the buffer first, then the head split off and sliced.
+        let start = buf.as_ptr() as usize;
+        let mut places = Vec::with_capacity(parsed.headers.len());
         for h in parsed.headers.iter() {
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| Error::Protocol("invalid response header name"))?;
-            let value = HeaderValue::from_bytes(h.value)
+            let at = (h.value.as_ptr() as usize).saturating_sub(start);
+            places.push((name, at..at + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(places.len());
+        for (name, place) in places {
+            let value = head
+                .get(place.clone())
+                .map(|_| HeaderValue::from_maybe_shared(head.slice(place)))
+                .ok_or(Error::Protocol("invalid response header value"))?
                 .map_err(|_| Error::Protocol("invalid response header value"))?;
             headers.append(name, value);
         }
-        buf.advance(len);
         let mut keep = http11 && !lists_token(&headers, header::CONNECTION, "close");
         let kind = if head_request
             || status == StatusCode::NO_CONTENT
@@ -525,8 +536,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             Kind::Chunked(Chunk::Size)
         } else if headers.contains_key(header::CONTENT_LENGTH) {
             let n = content_length(&headers)?;
-            // one value on to the client, whatever repetition the upstream sent
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            // one value on to the client, whatever repetition the upstream sent (a single
+            // plain value, the usual case, is kept as is)
+            let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+            let single = values
+                .next()
+                .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+                && values.next().is_none();
+            if !single {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
             Kind::Length(n)
         } else {
             keep = false;
