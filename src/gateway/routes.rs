@@ -4,7 +4,7 @@
 //! Architecture invariant: building a table is a pure function of the applied state; matching
 //! is a pure function of (table, host, path). Neither does IO.
 
-use crate::model::{ApiSpec, Kind, Lifecycle, Object, PlanSpec, Policy, Spec, SubscriptionStatus};
+use crate::model::{ApiSpec, Kind, Lifecycle, PlanSpec, Policy, Spec, SubscriptionStatus};
 use crate::state::{self, KvRead, StoreError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -249,6 +249,23 @@ pub struct KeyEntry {
     pub revoked: bool,
 }
 
+/// What the table reads of a stored API key (`o/key/…`: `{"meta": …, "kind": "key", "spec":
+/// {…}}`); the other fields are skipped.
+#[derive(serde::Deserialize)]
+struct StoredKey {
+    spec: StoredKeyFields,
+}
+
+#[derive(serde::Deserialize)]
+struct StoredKeyFields {
+    consumer: String,
+    #[serde(default)]
+    key_hash: String,
+    expires_at: String,
+    #[serde(default)]
+    revoked: bool,
+}
+
 /// Routes of one host, most specific (longest base path) first.
 type HostRoutes = Vec<Arc<Route>>;
 
@@ -423,25 +440,24 @@ impl RouteTable {
                     .or_default()
                     .insert(identity, holder);
             }
-            for o in state::list_objects(kv, Kind::Key, Some(&t))? {
-                if let Object {
-                    spec: Spec::Key(k), ..
-                } = o
-                {
-                    table.keys.insert(
-                        k.key_hash.clone(),
-                        KeyEntry {
-                            tenant: t.clone(),
-                            consumer: k.consumer,
-                            expires_unix: time::OffsetDateTime::parse(
-                                &k.expires_at,
-                                &time::format_description::well_known::Rfc3339,
-                            )
-                            .map_or(i64::MIN, |t| t.unix_timestamp()),
-                            revoked: k.revoked,
-                        },
-                    );
-                }
+            // Keys are the most numerous objects: only the fields the table needs are read
+            // (the stored object's `meta` and the key's other fields are skipped unparsed).
+            for (_, v) in kv.scan_prefix(&state::object_prefix(Kind::Key, Some(&t)))? {
+                let stored: StoredKey = serde_json::from_slice(&v).map_err(StoreError::msg)?;
+                let k = stored.spec;
+                table.keys.insert(
+                    k.key_hash,
+                    KeyEntry {
+                        tenant: t.clone(),
+                        consumer: k.consumer,
+                        expires_unix: time::OffsetDateTime::parse(
+                            &k.expires_at,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .map_or(i64::MIN, |t| t.unix_timestamp()),
+                        revoked: k.revoked,
+                    },
+                );
             }
         }
         table.finish();
