@@ -438,7 +438,7 @@ async fn start_gateway(
     let mut key_cache = crate::gateway::tls::KeyCache::new();
     // identities the gateway cannot map (it reads them from the claim index only), said once
     for (tenant, consumer, identity) in reader.read(crate::state::unclaimed_client_certs)? {
-        tracing::error!(tenant = %tenant, consumer = %consumer, identity = %identity, "client certificate identity not in the claim index (consumer written by an earlier build, or the identity is another consumer's): mutual-tls does not map it to this consumer until the consumer is written again");
+        tracing::error!(tenant = %tenant, consumer = %consumer, identity = %identity, "client certificate identity not in the claim index (consumer written by an earlier build, or the identity is another consumer's): mutual-tls does not map it to this consumer until the consumer is written again with a PUT");
     }
     let (table, certs) = build_tables(reader, &sealer, &mut key_cache)?;
     gateway.swap_certificates(certs);

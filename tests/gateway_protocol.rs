@@ -653,6 +653,10 @@ async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
+    // the server's SETTINGS: the connection is accepted and in its HTTP/2 handshake
+    let mut settings = [0u8; 9];
+    stalled.read_exact(&mut settings).await.unwrap();
+    assert_eq!(settings[3], 0x4, "a SETTINGS frame first: {settings:?}");
     let asked = std::time::Instant::now();
     let stopping = tokio::task::spawn_blocking(move || {
         let code = n.terminate();

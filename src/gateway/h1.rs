@@ -494,8 +494,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             }
             continue;
         }
-        // The values share the head's bytes (no copy, no allocation each): their places in
-        // the buffer first, then the head split off and sliced.
+        // The values share one copy of the head (one allocation, not one per value): their
+        // places in the buffer first, then the head copied out and sliced. A copy of exactly
+        // the head, not a slice of the read buffer, so a value kept long (an HTTP/2 client's
+        // header table keeps values) holds a few hundred bytes, not the whole buffer.
         let start = buf.as_ptr() as usize;
         let mut places = Vec::with_capacity(parsed.headers.len());
         for h in parsed.headers.iter() {
@@ -504,7 +506,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             let at = (h.value.as_ptr() as usize).saturating_sub(start);
             places.push((name, at..at + h.value.len()));
         }
-        let head = buf.split_to(len).freeze();
+        let head = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
         let mut headers = HeaderMap::with_capacity(places.len());
         for (name, place) in places {
             let value = head
