@@ -26,8 +26,6 @@ impl StoreError {
 /// Read access to the state key space.
 pub trait KvRead {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// All entries whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// The first `limit` entries with `from <= key < to`, in key order.
     fn scan_range(
         &self,
@@ -35,6 +33,28 @@ pub trait KvRead {
         to: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// All entries whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan_range(prefix, &prefix_end(prefix), usize::MAX)
+    }
+}
+
+/// The first key past every key that starts with `prefix`: its last character incremented
+/// (`u/acme/` gives `u/acme0`). Exact for the state's keys, which are ASCII; an empty prefix
+/// gives U+10FFFF, past every key that does not start with that character.
+pub fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    while let Some(last) = end.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(u32::from(c) + 1),
+        };
+        if let Some(next) = next {
+            end.push(next);
+            return end;
+        }
+    }
+    char::MAX.to_string()
 }
 
 /// Who asked for a change, when, and from where. Filled by the admin API, replicated as is.
@@ -184,8 +204,7 @@ pub fn usage(
         return Ok(out);
     }
     let prefix = format!("u/{tenant}/");
-    // past every key of the tenant: '0' follows '/'
-    let end = format!("u/{tenant}0");
+    let end = prefix_end(&prefix);
     let next_consumer = |cursor: &str| -> Result<Option<String>, StoreError> {
         if let Some(c) = consumer {
             return Ok((cursor == prefix).then(|| c.to_string()));
@@ -216,7 +235,7 @@ pub fn usage(
             });
         }
         // past every key of this consumer
-        cursor = format!("{prefix}{c}0");
+        cursor = prefix_end(&format!("{prefix}{c}/"));
     }
     Ok(out)
 }
@@ -1432,15 +1451,6 @@ impl KvRead for MemKv {
         Ok(self.0.get(key).cloned())
     }
 
-    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Ok(self
-            .0
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-
     fn scan_range(
         &self,
         from: &str,
@@ -1614,11 +1624,6 @@ mod tests {
         fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
             self.0.get(key)
         }
-        fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-            let out = self.0.scan_prefix(prefix)?;
-            self.1.set(self.1.get() + out.len());
-            Ok(out)
-        }
         fn scan_range(
             &self,
             from: &str,
@@ -1629,6 +1634,34 @@ mod tests {
             self.1.set(self.1.get() + out.len());
             Ok(out)
         }
+    }
+
+    #[test]
+    fn prefix_ends_bound_every_key_of_their_prefix() {
+        let kv = MemKv(
+            [
+                "u/acme-2/a",
+                "u/acme/",
+                "u/acme/c-x/1",
+                "u/acme/c/1",
+                "u/acme0",
+                "u/acmf",
+            ]
+            .into_iter()
+            .map(|k| (k.to_string(), Vec::new()))
+            .collect(),
+        );
+        assert_eq!(prefix_end("u/acme/"), "u/acme0");
+        let keys: Vec<String> = kv
+            .scan_prefix("u/acme/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["u/acme/", "u/acme/c-x/1", "u/acme/c/1"]);
+        assert_eq!(prefix_end("a\u{D7FF}"), "a\u{E000}");
+        assert_eq!(prefix_end("a\u{10FFFF}"), "b");
+        assert_eq!(kv.scan_prefix("").unwrap().len(), 6);
     }
 
     #[test]

@@ -288,19 +288,6 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> KvRead for TableKv<'_, T> {
             .map(|v| v.value().to_vec()))
     }
 
-    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.0.range(prefix..).map_err(StoreError::msg)? {
-            let (k, v) = item.map_err(StoreError::msg)?;
-            let k = k.value();
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push((k.to_string(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
     fn scan_range(
         &self,
         from: &str,

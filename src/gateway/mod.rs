@@ -908,11 +908,12 @@ impl Gateway {
     /// verdict reached on a table swapped out since does not bring a removed target's series
     /// back; the target's state itself is kept across swaps, see `upstream::Registry`).
     fn target_health(&self, route: &Route, target: &routes::Target, up: bool) {
-        let label = target.label();
         let current = self.table.load().all().iter().any(|r| {
             r.tenant == route.tenant
                 && r.api == route.api
-                && r.targets.iter().any(|t| t.label() == label)
+                && r.targets
+                    .iter()
+                    .any(|t| t.origin == target.origin && t.path == target.path)
         });
         if !current {
             return;
@@ -922,7 +923,7 @@ impl Gateway {
             .get_or_create(&crate::telemetry::TargetLabels {
                 tenant: route.tenant.clone(),
                 api: route.api.clone(),
-                target: label,
+                target: target.label(),
             })
             .set(i64::from(up));
     }
