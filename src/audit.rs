@@ -954,6 +954,11 @@ impl SegmentWriter {
         self.head
     }
 
+    /// Whether a checkpoint would add anything: records exist past the last signed one.
+    pub fn checkpoint_due(&self) -> bool {
+        self.head.0 != 0 && self.last_checkpoint_seq != Some(self.head.0)
+    }
+
     /// The segment directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -1023,7 +1028,7 @@ impl SegmentWriter {
     /// record was appended since the last checkpoint (or there is no record at all).
     pub fn checkpoint(&mut self, time: &str) -> Result<(), AuditError> {
         self.check_poisoned()?;
-        if self.head.0 == 0 || self.last_checkpoint_seq == Some(self.head.0) {
+        if !self.checkpoint_due() {
             return Ok(());
         }
         if time.len() > MAX_CHECKPOINT_TIME_LEN {

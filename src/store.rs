@@ -25,6 +25,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// Version of the on-disk format of both redb files and of snapshots. Bump it (and write an
@@ -338,6 +339,10 @@ struct SmInner {
     audit: Mutex<AuditSink>,
     audit_dir: PathBuf,
     key: AuditKeyPaths,
+    /// Set after every applied batch (state committed without fsync, audit records appended
+    /// unsynced), cleared by the flush that makes them durable: an idle node's flusher then
+    /// neither commits nor fsyncs.
+    unflushed: std::sync::atomic::AtomicBool,
 }
 
 /// The applied state in `state.redb`, and the audit segments it feeds.
@@ -391,6 +396,7 @@ impl StateMachine {
             }),
             audit_dir,
             key,
+            unflushed: std::sync::atomic::AtomicBool::new(true),
         };
         let head = {
             let tx = inner.db.begin_read()?;
@@ -410,7 +416,9 @@ impl StateMachine {
 
     /// Makes the applied state and the audit segments durable; writes a signed checkpoint when
     /// `checkpoint_time` is given and records were added since the last one.
-    pub fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
+    /// Makes the applied state and the audit segments durable (and signs a checkpoint when
+    /// `checkpoint_time` is given); `false` when there was nothing to do.
+    pub fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<bool> {
         self.inner.flush(checkpoint_time)
     }
 
@@ -428,8 +436,31 @@ impl StateMachine {
 impl SmInner {
     /// Holds the segment lock across the durable commit, the segment fsync and the checkpoint,
     /// so a checkpoint never covers a record that is not yet durable in the store.
-    fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
+    /// Returns whether there was anything to make durable: with nothing applied since the last
+    /// flush, the segments not lagging and no checkpoint due (none asked, or none that would
+    /// sign a record the last one does not), it touches no file.
+    fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<bool> {
         let mut sink = lock(&self.audit);
+        // An apply sets the flag after its segment append: one that is still between its commit
+        // and its append when this swap reads `false` sets it for the next flush.
+        let pending = self.unflushed.swap(false, Ordering::SeqCst);
+        let checkpoint_due =
+            checkpoint_time.is_some() && sink.writer.as_ref().is_some_and(|w| w.checkpoint_due());
+        if !pending && !sink.lagging && !checkpoint_due {
+            return Ok(false);
+        }
+        let flushed = self.flush_locked(&mut sink, checkpoint_time);
+        if flushed.is_err() {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        flushed.map(|()| true)
+    }
+
+    fn flush_locked(
+        &self,
+        sink: &mut AuditSink,
+        checkpoint_time: Option<&str>,
+    ) -> anyhow::Result<()> {
         // Read the head inside the transaction that makes the state durable: exactly what is
         // durable is what the segments are brought to and what the checkpoint may sign. Applies
         // that commit afterwards wait for the segment lock to append theirs.
@@ -437,7 +468,7 @@ impl SmInner {
         let head = state::audit_head(&TableKv(&tx.open_table(KV)?))?;
         tx.set_durability(Durability::Immediate)?;
         tx.commit()?;
-        self.catch_up_locked(&mut sink, head)?;
+        self.catch_up_locked(sink, head)?;
         let Some(writer) = sink.writer.as_mut() else {
             anyhow::bail!("audit segment writer is not open");
         };
@@ -589,6 +620,7 @@ impl SmInner {
                 }
             }
         }
+        self.unflushed.store(true, Ordering::SeqCst);
         Ok(responses)
     }
 

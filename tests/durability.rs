@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use reqwest::Method;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 async fn all_consumers(n: &Node, tenant: &str) -> BTreeSet<String> {
@@ -314,4 +314,87 @@ async fn records_cut_from_the_tail_are_caught_against_the_node() {
         "{}",
         stderr(&against)
     );
+}
+
+/// Every regular file under `dir`, with its length and modification time.
+fn file_states(
+    dir: &std::path::Path,
+) -> BTreeMap<std::path::PathBuf, (u64, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read data dir").flatten() {
+            let md = e.metadata().expect("metadata");
+            if md.is_dir() {
+                todo.push(e.path());
+            } else if md.is_file() {
+                out.insert(e.path(), (md.len(), md.modified().expect("mtime")));
+            }
+        }
+    }
+    out
+}
+
+/// An idle node writes nothing: the flusher, which runs every 50 ms here, and the checkpoints,
+/// asked every second, find nothing new and touch no file (before, every flush committed and
+/// fsynced the state and the audit segment). A write still reaches both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_touches_no_file() {
+    let mut n =
+        Node::start_with("[audit]\nflush_interval_ms = 50\ncheckpoint_interval_seconds = 1\n")
+            .await;
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants",
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    // the start and the write settle: flushed, then checkpointed within about a second
+    let mut before = file_states(&n.dir);
+    let mut settled = false;
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let now = file_states(&n.dir);
+        if now == before {
+            settled = true;
+            break;
+        }
+        before = now;
+    }
+    assert!(settled, "the data directory never stopped changing");
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let after = file_states(&n.dir);
+    let changed: Vec<_> = after
+        .iter()
+        .filter(|(p, s)| before.get(*p) != Some(s))
+        .map(|(p, _)| p.strip_prefix(&n.dir).unwrap_or(p).to_path_buf())
+        .collect();
+    assert!(changed.is_empty(), "an idle node wrote to {changed:?}");
+
+    // a write still reaches the state file and the audit segment
+    let r = n
+        .admin(
+            Method::POST,
+            "/admin/v1/tenants/acme/consumers",
+            Some(json!({"name": "late"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let later = file_states(&n.dir);
+    let state = n.dir.join("state.redb");
+    assert_ne!(
+        later.get(&state),
+        after.get(&state),
+        "the write reached the state file"
+    );
+    let grew = later.iter().any(|(p, (len, _))| {
+        p.starts_with(n.dir.join("audit")) && after.get(p).is_none_or(|(l, _)| len > l)
+    });
+    assert!(grew, "the write's record reached the audit segments");
+    assert_eq!(n.terminate(), Some(0));
+    let out = verify_cli(&n.dir, &n.dir.join("audit"));
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
