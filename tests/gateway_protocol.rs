@@ -31,6 +31,35 @@ async fn read_some(s: &mut TcpStream, quiet: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One HTTP/1.1 answer with a `Content-Length`, read from a kept-alive connection.
+async fn one_answer(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("a content-length");
+            if out.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 fn status_of(answer: &str) -> u16 {
     answer
         .split(' ')
@@ -584,6 +613,41 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     assert_eq!(page["totals"]["requests"], 1, "{page}");
     assert_eq!(page["totals"]["bytes_in"], sent, "{page}");
     assert_eq!(page["totals"]["bytes_out"], received, "{page}");
+
+    // HTTP/1.1 keep-alive: quiet for longer than the header timeout, the connection still
+    // serves; a head that then stalls is cut after the header timeout from its first byte;
+    // a connection left quiet is closed after the idle timeout, not the header timeout
+    let get = b"GET /k HTTP/1.1\r\nHost: plain.example\r\n\r\n";
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(get).await.unwrap();
+    assert_eq!(status_of(&one_answer(&mut s).await), 200);
+    tokio::time::sleep(header * 2).await;
+    s.write_all(get).await.unwrap();
+    assert_eq!(
+        status_of(&one_answer(&mut s).await),
+        200,
+        "a keep-alive connection quiet for twice the header timeout was closed"
+    );
+    s.write_all(b"GET /k HTTP/1.1\r\nHost: pla").await.unwrap();
+    let stalled = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
+    let took = stalled.elapsed();
+    assert!(
+        took >= header - Duration::from_millis(50) && took < idle,
+        "a stalled head was cut after {took:?}"
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(get).await.unwrap();
+    let before_answer = std::time::Instant::now();
+    assert_eq!(status_of(&one_answer(&mut s).await), 200);
+    let end = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
+    let took = before_answer.elapsed();
+    assert!(
+        took >= idle,
+        "an idle keep-alive connection was closed after {took:?}"
+    );
 
     // HTTP/2 by prior knowledge that stops after the preface: closed after the header
     // timeout, well before the idle timeout

@@ -84,9 +84,16 @@ pub struct Conn {
     live: Option<Arc<()>>,
 }
 
-/// The requests of an HTTP/2 connection: how many are being handled, how many there were, and
-/// when the last one ended (milliseconds from the connection's opening). Not kept for HTTP/1.1,
-/// whose idle time hyper bounds (the header timeout runs while it waits for a request).
+/// The requests of a connection.
+///
+/// HTTP/2 (`kept`): how many are being handled, how many there were, and when the last one
+/// ended (milliseconds from the connection's opening), for [`drive_h2`]'s idle timeout.
+///
+/// HTTP/1.1: when the head being received began to arrive, for [`Watched`]'s header timeout
+/// (hyper's own header-read timer, which also runs while a keep-alive connection waits for its
+/// next request, is set to the idle timeout). The first byte read while a head is awaited
+/// starts the clock; the head's arrival at the handler stops it; the handler's end awaits the
+/// next head. A connection's first head is timed from its opening.
 #[derive(Debug)]
 pub struct Activity {
     kept: bool,
@@ -94,6 +101,11 @@ pub struct Activity {
     in_flight: std::sync::atomic::AtomicU32,
     requests: std::sync::atomic::AtomicU64,
     last_ms: std::sync::atomic::AtomicU64,
+    /// HTTP/1.1: a head is awaited (no request is being handled).
+    awaiting_head: std::sync::atomic::AtomicBool,
+    /// HTTP/1.1: milliseconds from the opening, plus one, at which the awaited head began to
+    /// arrive; 0 while none has.
+    head_from_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A request being handled, until its answer's body is sent (see [`Conn::begin`]).
@@ -145,6 +157,42 @@ impl Activity {
             in_flight: Default::default(),
             requests: Default::default(),
             last_ms: Default::default(),
+            awaiting_head: std::sync::atomic::AtomicBool::new(true),
+            // the first head is timed from the opening
+            head_from_ms: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// HTTP/1.1: bytes came from the client. While a head is awaited, the first of them starts
+    /// the header timeout.
+    fn bytes_read(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.awaiting_head.load(Relaxed) && self.head_from_ms.load(Relaxed) == 0 {
+            let ms = self.opened.elapsed().as_millis().saturating_add(1);
+            self.head_from_ms
+                .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        }
+    }
+
+    /// HTTP/1.1: the head reached the handler; until it ends, bytes read are its body's.
+    fn head_received(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.awaiting_head.store(false, Relaxed);
+        self.head_from_ms.store(0, Relaxed);
+    }
+
+    /// HTTP/1.1: the handler ended; the next bytes begin the next head.
+    fn await_head(&self) {
+        self.awaiting_head
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// HTTP/1.1: when the head being received must have reached the handler, `limit` after its
+    /// first byte; `None` when none is being received.
+    fn head_deadline(&self, limit: Duration) -> Option<Instant> {
+        match self.head_from_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            from => Some(self.opened + Duration::from_millis(from - 1) + limit),
         }
     }
 
@@ -216,16 +264,24 @@ impl Conn {
     }
 
     /// Counts a request of an HTTP/2 connection until the guard is dropped (with its answer's
-    /// body); `None` on HTTP/1.1.
+    /// body); `None` on HTTP/1.1, whose header timer it stops (until [`Conn::end`]).
     pub fn begin(self: &Arc<Conn>) -> Option<InFlight> {
         use std::sync::atomic::Ordering::Relaxed;
         let a = &self.activity;
         if !a.kept {
+            a.head_received();
             return None;
         }
         a.in_flight.fetch_add(1, Relaxed);
         a.requests.fetch_add(1, Relaxed);
         Some(InFlight(self.clone()))
+    }
+
+    /// The handler of an HTTP/1.1 request ended: the next bytes read begin the next head.
+    pub fn end(&self) {
+        if !self.activity.kept {
+            self.activity.await_head();
+        }
     }
 
     /// A connection accepted by a gateway listener, with the listener's shutdown signal and
@@ -1473,6 +1529,7 @@ impl Gateway {
         conn: Arc<Conn>,
     ) -> Response<Body> {
         let in_flight = conn.begin();
+        let h1 = in_flight.is_none();
         let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
@@ -1545,6 +1602,10 @@ impl Gateway {
                     .and_then(|t| t.sni.as_deref())
                     .unwrap_or(""),
             });
+        }
+        // (after a switch of protocols, the bytes that follow are no head)
+        if h1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            conn.end();
         }
         resp
     }
@@ -2288,8 +2349,10 @@ pub async fn serve(
     // held by every connection task: the drain waits until only this one is left
     let live = Arc::new(());
     let mut h1 = hyper::server::conn::http1::Builder::new();
+    // hyper's header-read timer also runs while a keep-alive connection waits for its next
+    // request: it is the idle timeout; the header timeout proper is Watched's
     h1.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(limits.idle_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
@@ -2353,12 +2416,16 @@ pub async fn serve(
                             (&stop, limits.idle_timeout),
                             h2,
                         ));
-                        let io = TokioIo::new(stream);
                         if h2 {
+                            let io = TokioIo::new(stream);
                             let c = builders.1.serve_connection(io, svc(conn.clone()));
                             Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
-                            let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
+                            let io = Watched::new(stream, conn.clone(), limits.header_timeout);
+                            let c = builders
+                                .0
+                                .serve_connection(TokioIo::new(io), svc(conn))
+                                .with_upgrades();
                             drive(c, stop).await
                         }
                     }
@@ -2387,12 +2454,16 @@ pub async fn serve(
                             (&stop, limits.idle_timeout),
                             h2,
                         ));
-                        let io = TokioIo::new(tcp);
                         if h2 {
+                            let io = TokioIo::new(tcp);
                             let c = builders.1.serve_connection(io, svc(conn.clone()));
                             Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
-                            let c = builders.0.serve_connection(io, svc(conn)).with_upgrades();
+                            let io = Watched::new(tcp, conn.clone(), limits.header_timeout);
+                            let c = builders
+                                .0
+                                .serve_connection(TokioIo::new(io), svc(conn))
+                                .with_upgrades();
                             drive(c, stop).await
                         }
                     }
@@ -2464,6 +2535,99 @@ where
     }
     conn.as_mut().start_shutdown();
     conn.await
+}
+
+/// An HTTP/1.1 connection's stream, which enforces the header timeout: a head must reach the
+/// handler within `limit` of its first byte (a connection's first head, of its opening), or the
+/// read fails with `TimedOut` and hyper closes the connection (slowloris). The timer is set
+/// and polled only while a head is awaited and the client has nothing more to read: a head
+/// that comes whole in one read costs one clock read and no timer.
+struct Watched<S> {
+    io: S,
+    conn: Arc<Conn>,
+    limit: Duration,
+    /// The header timer, made when a head first stalls, and kept for the connection's later
+    /// heads.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Watched<S> {
+    fn new(io: S, conn: Arc<Conn>, limit: Duration) -> Watched<S> {
+        Watched {
+            io,
+            conn,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut me.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            me.conn.activity.bytes_read();
+        } else if r.is_pending() {
+            if let Some(deadline) = me.conn.activity.head_deadline(me.limit) {
+                let timer = me
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                if timer.deadline() != deadline.into() {
+                    timer.as_mut().reset(deadline.into());
+                }
+                if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                    tracing::debug!(peer = %me.conn.peer, "HTTP/1.1 connection closed: request head not received in time");
+                    return std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "request head not received within the header timeout",
+                    )));
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Serves an HTTP/2 connection like [`drive`], and closes it when it is idle: with no request
