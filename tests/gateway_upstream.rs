@@ -64,6 +64,32 @@ async fn resetting_upstream() -> SocketAddr {
     addr
 }
 
+/// An upstream that answers a good head, sends part of the body it announced, and resets the
+/// connection.
+async fn breaking_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"served_by\"")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tcp.set_zero_linger(); // close with a TCP reset
+                drop(tcp);
+            });
+        }
+    });
+    addr
+}
+
 /// A loopback address nothing listens on.
 fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -341,6 +367,53 @@ async fn ejection_opens_the_circuit_and_a_trial_closes_it() {
         m.contains("apim_gateway_requests_total{tenant=\"acme\",api=\"alldead\",class=\"5xx\"}"),
         "{m}"
     );
+}
+
+/// A target whose answers break off after a good head is ejected like one that fails before
+/// it: the verdict on a good answer waits for its body (before, the good head reset the count
+/// of failures, so such a target was never ejected and failed every other request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_breaks_answers_mid_body_is_ejected() {
+    let (n, gw) = node().await;
+    let live = upstream(Arc::new(AtomicBool::new(true))).await;
+    let broken = breaking_upstream().await;
+    publish(
+        &n,
+        "midbody",
+        json!({"targets": targets(&[broken, live]), "retries": 0,
+               "ejection": {"consecutive_failures": 2, "ejection_seconds": 60}}),
+    )
+    .await;
+    gw.ready("midbody.example").await;
+    let mut outcomes = Vec::new();
+    for _ in 0..12 {
+        let resp = gw
+            .http
+            .get(format!("{}/", gw.base))
+            .header("host", "midbody.example")
+            .send()
+            .await
+            .expect("a head");
+        let status = resp.status().as_u16();
+        let whole = resp.bytes().await.is_ok();
+        outcomes.push((status, whole));
+    }
+    let broken_answers = outcomes.iter().filter(|(_, whole)| !whole).count();
+    assert!(
+        (1..=2).contains(&broken_answers),
+        "ejected after 2 broken answers: {outcomes:?}"
+    );
+    assert!(
+        outcomes[outcomes.len() - 6..]
+            .iter()
+            .all(|o| *o == (200, true)),
+        "only the good target serves once the other is out: {outcomes:?}"
+    );
+    let m = metrics(&n).await;
+    let line = format!("apim_gateway_upstream_target_up{{tenant=\"acme\",api=\"midbody\",target=\"http://{broken}\"}} 0");
+    assert!(m.contains(&line), "{line} in {m}");
+    let log = n.log_with(|l| l.contains("upstream target ejected")).await;
+    assert!(log.contains(&broken.to_string()), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

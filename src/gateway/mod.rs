@@ -230,6 +230,103 @@ impl Activity {
     }
 }
 
+/// An upstream's answer body: from the plain HTTP/1.1 client, or hyper's (HTTPS upstreams).
+enum Answer {
+    Plain(h1::UpBody),
+    Tls(Incoming),
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = match self.get_mut() {
+            Answer::Plain(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            Answer::Tls(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        };
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Plain(b) => b.is_end_stream(),
+            Answer::Tls(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Answer::Plain(b) => b.size_hint(),
+            Answer::Tls(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The pending verdict on the target that gave a good answer head.
+struct Judge {
+    gateway: Arc<Gateway>,
+    route: Arc<Route>,
+    target: usize,
+    attempt: upstream::Attempt,
+}
+
+/// An upstream answer's body that judges its target when it ends: a success once delivered
+/// whole, a failure when it fails on the way (reset, stall, broken framing). Dropped before
+/// its end (the client went away), it gives no verdict.
+struct Judged {
+    inner: Answer,
+    judge: Option<Judge>,
+}
+
+impl Judged {
+    fn new(inner: Answer, judge: Option<Judge>) -> Judged {
+        Judged { inner, judge }
+    }
+
+    fn verdict(&mut self, failed: bool) {
+        if let Some(j) = self.judge.take() {
+            j.gateway.judge(&j.route, j.target, j.attempt, failed);
+        }
+    }
+}
+
+impl hyper::body::Body for Judged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            None => this.verdict(false),
+            Some(Err(_)) => this.verdict(true),
+            // the server stops polling once the body says it is complete
+            Some(Ok(_)) if this.inner.is_end_stream() => this.verdict(false),
+            Some(Ok(_)) => {}
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A connection slot: released (and the gauge decremented) when the last holder drops it.
 pub struct Hold {
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -963,6 +1060,22 @@ impl Gateway {
     /// Publishes whether a target takes traffic (a target the current table still has: a
     /// verdict reached on a table swapped out since does not bring a removed target's series
     /// back; the target's state itself is kept across swaps, see `upstream::Registry`).
+    /// The verdict on an attempt on `route.targets[idx]`: a failure may eject the target, a
+    /// success closes its ejection (both logged, and shown in `apim_gateway_target_up`).
+    fn judge(&self, route: &Route, idx: usize, attempt: upstream::Attempt, failed: bool) {
+        let target = &route.targets[idx];
+        if failed {
+            let now_ns = self.ns_at(Instant::now());
+            if attempt.failure(now_ns, &route.upstream.ejection) {
+                tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
+                self.target_health(route, target, false);
+            }
+        } else if attempt.success() {
+            tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target back in service");
+            self.target_health(route, target, true);
+        }
+    }
+
     fn target_health(&self, route: &Route, target: &routes::Target, up: bool) {
         let current = self.table.load().all().iter().any(|r| {
             r.tenant == route.tenant
@@ -1643,7 +1756,7 @@ impl Gateway {
     }
 
     async fn serve_one(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &Conn,
         served: &mut Served,
@@ -1950,7 +2063,7 @@ impl Gateway {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
                     .await
                     .map(|r| {
-                        r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+                        r.map(|r| r.map(Answer::Tls))
                             .map_err(|e| (e.is_connect(), true))
                     }),
                 (None, Some(origin)) => tokio::time::timeout_at(
@@ -1964,7 +2077,7 @@ impl Gateway {
                 )
                 .await
                 .map(|r| {
-                    r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+                    r.map(|r| r.map(Answer::Plain))
                         .map_err(|e| (e.is_connect(), !e.is_blameless()))
                 }),
                 (None, None) => Ok(Err((true, true))),
@@ -1972,10 +2085,28 @@ impl Gateway {
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
             // client may be the cause (a request body that broke off or was slow to come): such
             // attempts never eject a target.
+            // A good answer is judged when its body is delivered (a failure on the way, a
+            // reset or a stall, counts against the target); one with nothing to deliver, and a
+            // bad one, at once.
             let (verdict, retryable, answer) = match result {
                 Ok(Ok(r)) => {
                     let bad = matches!(r.status().as_u16(), 502..=504);
-                    (Some(bad), false, Ok(r))
+                    if bad || hyper::body::Body::is_end_stream(r.body()) {
+                        (
+                            Some(bad),
+                            false,
+                            Ok(r.map(|b| Judged::new(b, None).boxed())),
+                        )
+                    } else {
+                        let judge = Judge {
+                            gateway: self.clone(),
+                            route: route.clone(),
+                            target: idx,
+                            attempt: attempt_state,
+                        };
+                        let r = r.map(|b| Judged::new(b, Some(judge)).boxed());
+                        break r;
+                    }
                 }
                 Err(_) => (
                     bodyless.then_some(true),
@@ -2006,20 +2137,8 @@ impl Gateway {
                 ),
             };
             now = Instant::now();
-            let now_ns = self.ns_at(now);
             match verdict {
-                Some(true) => {
-                    if attempt_state.failure(now_ns, &route.upstream.ejection) {
-                        tracing::warn!(tenant = %route.tenant, api = %route.api, target = %target.origin, seconds = route.upstream.ejection.ejection_seconds, "upstream target ejected");
-                        self.target_health(&route, target, false);
-                    }
-                }
-                Some(false) => {
-                    if attempt_state.success() {
-                        tracing::info!(tenant = %route.tenant, api = %route.api, target = %target.origin, "upstream target back in service");
-                        self.target_health(&route, target, true);
-                    }
-                }
+                Some(failed) => self.judge(&route, idx, attempt_state, failed),
                 None => drop(attempt_state),
             }
             match answer {
@@ -2034,7 +2153,7 @@ impl Gateway {
                 }
             }
         };
-        served.upstream_us = Some((now - upstream_started).as_micros() as u64);
+        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
         let mut resp = resp;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let spliced = match (switching, client_upgrade) {

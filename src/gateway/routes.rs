@@ -31,7 +31,7 @@ impl Target {
         format!("{}{}", self.origin, self.path)
     }
 
-    pub fn state(&self) -> &super::upstream::TargetState {
+    pub fn state(&self) -> &Arc<super::upstream::TargetState> {
         self.state.get_or_init(Default::default)
     }
 }

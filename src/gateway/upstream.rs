@@ -91,26 +91,33 @@ impl TargetState {
     }
 }
 
-/// One attempt on a target: counted in flight while it lives. If it ends without a verdict
-/// (the request was cancelled, or never sent), a half-open trial it held is released so that
-/// another request can make it.
-pub struct Attempt<'a> {
-    state: &'a TargetState,
+/// One attempt on a target: counted in flight while it lives (for a good answer, until its
+/// body is delivered). If it ends without a verdict (the request was cancelled, never sent, or
+/// its client went away), a half-open trial it held is released so that another request can
+/// make it.
+pub struct Attempt {
+    state: Arc<TargetState>,
     judged: bool,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Attempt")
+    }
 }
 
 impl TargetState {
     /// Starts an attempt on this target (after [`pick`] chose it).
-    pub fn begin(&self) -> Attempt<'_> {
+    pub fn begin(self: &Arc<Self>) -> Attempt {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Attempt {
-            state: self,
+            state: self.clone(),
             judged: false,
         }
     }
 }
 
-impl Attempt<'_> {
+impl Attempt {
     /// A good answer; true when this closes an ejection.
     pub fn success(mut self) -> bool {
         self.judged = true;
@@ -124,7 +131,7 @@ impl Attempt<'_> {
     }
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !self.judged {
