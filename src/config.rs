@@ -92,6 +92,9 @@ pub struct GatewayConfig {
     /// CIDRs of the proxies or load balancers in front of the gateway: only their
     /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` are believed.
     pub trusted_proxies: Vec<String>,
+    /// Also send the upstream an RFC 7239 `Forwarded` header (`for`, `host`, `proto` of this
+    /// hop, appended to a trusted proxy's); a client's is removed either way unless trusted.
+    pub forwarded_header: bool,
     /// Fields of the gateway's access-log lines, in order (see `gateway::access::Field`).
     pub access_log_fields: Vec<String>,
     /// Gateway worker threads, each with its own event loop, listening sockets
@@ -115,6 +118,7 @@ impl Default for GatewayConfig {
             idle_timeout_seconds: 60,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            forwarded_header: false,
             workers: 0,
             access_log_fields: crate::gateway::access::Field::DEFAULT
                 .iter()

@@ -428,7 +428,10 @@ async fn start_gateway(
             response: Duration::from_secs(cfg.gateway.upstream_response_timeout_seconds),
         },
         metrics,
-        cfg.gateway.trusted_proxies.clone(),
+        crate::gateway::Forwarding {
+            trusted_proxies: cfg.gateway.trusted_proxies.clone(),
+            rfc7239: cfg.gateway.forwarded_header,
+        },
         crate::gateway::access::AccessLog::new(
             &cfg.gateway.access_log_fields,
             cfg.log.format != "text",

@@ -535,6 +535,7 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
             .header("host", "api.example")
             .header("x-forwarded-for", xff)
             .header("x-forwarded-host", "evil.example")
+            .header("forwarded", "for=198.51.100.1;proto=https")
             .send();
         async move {
             let r = r.await.expect("answer");
@@ -545,8 +546,9 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
         }
     };
 
-    // untrusted peer: its headers are replaced, the filter sees the peer
-    let n = Node::start().await;
+    // untrusted peer: its headers are replaced, the filter sees the peer; with
+    // `forwarded_header`, the RFC 7239 header names this hop only
+    let n = Node::start_with("[gateway]\nforwarded_header = true\n").await;
     created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
     publish(&n, "t", api.clone()).await;
     let gw = Gw::new(&n);
@@ -555,11 +557,15 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(s, 200, "a spoofed address does not reach the filter: {e}");
     assert_eq!(e["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(e["headers"]["x-forwarded-host"], "api.example");
+    assert_eq!(
+        e["headers"]["forwarded"],
+        "for=127.0.0.1;host=api.example;proto=http"
+    );
 
     // trusted proxy: the client named in its header is the one filtered and forwarded
     let n = Node::start_with("[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
     created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
-    publish(&n, "t", api).await;
+    publish(&n, "t", api.clone()).await;
     let gw = Gw::new(&n);
     gw.until("api.example", "/x", None, 200).await;
     let (s, _) = send(&gw, "203.0.113.5").await;
@@ -568,6 +574,39 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(s, 200);
     assert_eq!(e["headers"]["x-forwarded-for"], "198.51.100.1, 127.0.0.1");
     assert_eq!(e["headers"]["x-forwarded-host"], "evil.example");
+    // without `forwarded_header`, a trusted proxy's `Forwarded` passes unchanged
+    assert_eq!(e["headers"]["forwarded"], "for=198.51.100.1;proto=https");
+
+    // trusted proxy and `forwarded_header`: this hop's element follows the proxy's; a host
+    // with a port is a quoted string
+    let n = Node::start_with(
+        "[gateway]\ntrusted_proxies = [\"127.0.0.0/8\"]\nforwarded_header = true\n",
+    )
+    .await;
+    created(&n, "/admin/v1/tenants", json!({"name": "t"})).await;
+    publish(&n, "t", api).await;
+    let gw = Gw::new(&n);
+    gw.until("api.example", "/x", None, 200).await;
+    let (s, e) = send(&gw, "198.51.100.1").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        e["headers"]["forwarded"],
+        "for=198.51.100.1;proto=https, for=127.0.0.1;host=api.example;proto=http"
+    );
+    let e: Value = gw
+        .http
+        .get(format!("{}/x", gw.base))
+        .header("host", "api.example:8080")
+        .send()
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("echo");
+    assert_eq!(
+        e["headers"]["forwarded"],
+        "for=127.0.0.1;host=\"api.example:8080\";proto=http"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

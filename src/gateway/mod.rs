@@ -413,6 +413,8 @@ pub struct Gateway {
     metrics: Arc<crate::telemetry::Metrics>,
     /// CIDRs of proxies in front of the gateway whose `X-Forwarded-*` headers are believed.
     trusted_proxies: Vec<String>,
+    /// Send an RFC 7239 `Forwarded` header (`gateway.forwarded_header`).
+    rfc7239: bool,
     /// Request ids: a random per-process prefix and a counter (unique, cheap; not secret).
     id_prefix: u32,
     id_counter: std::sync::atomic::AtomicU64,
@@ -843,11 +845,49 @@ fn month_window(now: time::OffsetDateTime) -> (i64, u64) {
     (idx, left)
 }
 
+/// The forwarding headers the gateway believes and sends.
+pub struct Forwarding {
+    /// CIDRs of the proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<String>,
+    /// Whether to send an RFC 7239 `Forwarded` header besides the `X-Forwarded-*` ones.
+    pub rfc7239: bool,
+}
+
+/// This hop's RFC 7239 `Forwarded` element: the peer it came from, the host it was routed by
+/// (with the client's port), the scheme of the connection.
+fn forwarded_element(peer: std::net::IpAddr, host: &[u8], https: bool) -> String {
+    let mut e = String::with_capacity(48 + host.len());
+    match peer {
+        std::net::IpAddr::V4(a) => {
+            e.push_str("for=");
+            e.push_str(&a.to_string());
+        }
+        std::net::IpAddr::V6(a) => {
+            e.push_str("for=\"[");
+            e.push_str(&a.to_string());
+            e.push_str("]\"");
+        }
+    }
+    if let Ok(host) = std::str::from_utf8(host) {
+        // a token, or a quoted string (a port's colon, an IPv6 literal's brackets)
+        let token = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        e.push_str(if token { ";host=" } else { ";host=\"" });
+        e.push_str(host);
+        if !token {
+            e.push('"');
+        }
+    }
+    e.push_str(if https { ";proto=https" } else { ";proto=http" });
+    e
+}
+
 impl Gateway {
     pub fn new(
         timeouts: UpstreamTimeouts,
         metrics: Arc<crate::telemetry::Metrics>,
-        trusted_proxies: Vec<String>,
+        forwarding: Forwarding,
         access: access::AccessLog,
     ) -> anyhow::Result<Gateway> {
         let mut connector = HttpConnector::new();
@@ -865,7 +905,8 @@ impl Gateway {
             timeouts,
             started: Instant::now(),
             metrics,
-            trusted_proxies,
+            trusted_proxies: forwarding.trusted_proxies,
+            rfc7239: forwarding.rfc7239,
             id_prefix: crate::pki::random_bytes::<4>()
                 .map(u32::from_le_bytes)
                 .unwrap_or_default(),
@@ -1948,6 +1989,27 @@ impl Gateway {
             let proto = if conn.tls.is_some() { "https" } else { "http" };
             h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
+        if self.rfc7239 {
+            let https = conn.tls.is_some();
+            let mine = forwarded_element(
+                peer.ip(),
+                original_host.as_ref().map_or(&[][..], |v| v.as_bytes()),
+                https,
+            );
+            // a trusted proxy's elements (every line) come first
+            let mut chain: Vec<&str> = Vec::new();
+            if peer_trusted {
+                chain.extend(
+                    h.get_all(header::FORWARDED)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok()),
+                );
+            }
+            chain.push(&mine);
+            if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+                h.insert(header::FORWARDED, v);
+            }
+        }
         if let Some(host) = original_host.filter(|_| !h.contains_key(&X_FORWARDED_HOST)) {
             h.insert(X_FORWARDED_HOST, host);
         }
@@ -2805,5 +2867,28 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_element;
+
+    #[test]
+    fn forwarded_elements_quote_what_is_not_a_token() {
+        let v4: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            forwarded_element(v4, b"api.bank.example", true),
+            "for=192.0.2.10;host=api.bank.example;proto=https"
+        );
+        assert_eq!(
+            forwarded_element(v6, b"api.bank.example:8443", false),
+            "for=\"[2001:db8::1]\";host=\"api.bank.example:8443\";proto=http"
+        );
+        assert_eq!(
+            forwarded_element(v4, b"[2001:db8::2]", false),
+            "for=192.0.2.10;host=\"[2001:db8::2]\";proto=http"
+        );
     }
 }
