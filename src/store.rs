@@ -415,9 +415,8 @@ impl StateMachine {
     }
 
     /// Makes the applied state and the audit segments durable; writes a signed checkpoint when
-    /// `checkpoint_time` is given and records were added since the last one.
-    /// Makes the applied state and the audit segments durable (and signs a checkpoint when
-    /// `checkpoint_time` is given); `false` when there was nothing to do.
+    /// `checkpoint_time` is given and records were added since the last one. `false` when
+    /// there was nothing to do (no file touched).
     pub fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<bool> {
         self.inner.flush(checkpoint_time)
     }

@@ -579,9 +579,43 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     })
     .await;
     publish(&n, "stream", streaming, json!([])).await;
+    // a 64 MiB answer, more than the sockets between client and gateway hold
+    const BIG: usize = 64 << 20;
+    let big = http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async move {
+        let chunks = futures::stream::iter((0..BIG / 65536).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(
+                vec![b'x'; 65536],
+            )))
+        }));
+        hyper::Response::new(http_body_util::StreamBody::new(chunks))
+    })
+    .await;
+    publish(&n, "big", big, json!([])).await;
     let port = n.gateway_port;
     wait_routed(port, "plain.example").await;
     wait_routed(port, "stream.example").await;
+    wait_routed(port, "big.example").await;
+
+    // a client that stops taking its answer is cut off after the idle timeout (slow read):
+    // it finds the end of the stream before the whole answer
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: big.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut chunk = vec![0u8; 65536];
+    let mut got = s.read(&mut chunk).await.unwrap();
+    tokio::time::sleep(idle * 2).await;
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled answer was never cut off");
+    assert!(got < BIG, "the whole answer came: {got} bytes");
 
     // the WebSocket: traffic, then silence until the gateway closes both sides
     let mut s = websocket_open(port, "ws.example", Some(&key)).await;

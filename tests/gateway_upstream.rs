@@ -384,9 +384,8 @@ async fn a_target_that_breaks_answers_mid_body_is_ejected() {
                "ejection": {"consecutive_failures": 2, "ejection_seconds": 60}}),
     )
     .await;
-    gw.ready("midbody.example").await;
     let mut outcomes = Vec::new();
-    for _ in 0..12 {
+    while outcomes.len() < 12 {
         let resp = gw
             .http
             .get(format!("{}/", gw.base))
@@ -396,11 +395,16 @@ async fn a_target_that_breaks_answers_mid_body_is_ejected() {
             .expect("a head");
         let status = resp.status().as_u16();
         let whole = resp.bytes().await.is_ok();
-        outcomes.push((status, whole));
+        // (until the table routes the API)
+        if status == 404 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        } else {
+            outcomes.push((status, whole));
+        }
     }
     let broken_answers = outcomes.iter().filter(|(_, whole)| !whole).count();
-    assert!(
-        (1..=2).contains(&broken_answers),
+    assert_eq!(
+        broken_answers, 2,
         "ejected after 2 broken answers: {outcomes:?}"
     );
     assert!(

@@ -174,6 +174,14 @@ impl Activity {
         }
     }
 
+    /// HTTP/1.1: an answer is being written: bytes read before it (the rest of a request
+    /// body, drained or still uploading) began no head, and a head that came pipelined behind
+    /// the request is bounded by hyper's idle timer alone.
+    fn wrote(&self) {
+        self.head_from_ms
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// HTTP/1.1: the head reached the handler; until it ends, bytes read are its body's.
     fn head_received(&self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -276,23 +284,35 @@ struct Judge {
     route: Arc<Route>,
     target: usize,
     attempt: upstream::Attempt,
+    /// Whether a failure of the body counts against the target (not when the client's own
+    /// request body may still have been streaming to it).
+    blame_errors: bool,
 }
 
 /// An upstream answer's body that judges its target when it ends: a success once delivered
-/// whole, a failure when it fails on the way (reset, stall, broken framing). Dropped before
-/// its end (the client went away), it gives no verdict.
+/// whole (its end, or as many bytes as its length announced), a failure when it fails on the
+/// way (reset, stall, broken framing). Dropped before its end (the client went away), it
+/// gives no verdict.
 struct Judged {
     inner: Answer,
     judge: Option<Judge>,
+    /// Bytes still to deliver, when the answer announced its length.
+    left: Option<u64>,
 }
 
 impl Judged {
     fn new(inner: Answer, judge: Option<Judge>) -> Judged {
-        Judged { inner, judge }
+        let left = judge
+            .as_ref()
+            .and_then(|_| hyper::body::Body::size_hint(&inner).exact());
+        Judged { inner, judge, left }
     }
 
     fn verdict(&mut self, failed: bool) {
         if let Some(j) = self.judge.take() {
+            if failed && !j.blame_errors {
+                return; // dropped unjudged
+            }
             j.gateway.judge(&j.route, j.target, j.attempt, failed);
         }
     }
@@ -311,9 +331,20 @@ impl hyper::body::Body for Judged {
         match &frame {
             None => this.verdict(false),
             Some(Err(_)) => this.verdict(true),
-            // the server stops polling once the body says it is complete
-            Some(Ok(_)) if this.inner.is_end_stream() => this.verdict(false),
-            Some(Ok(_)) => {}
+            Some(Ok(f)) => {
+                // the server stops polling once the body says it is complete, or once the
+                // announced length is written (an HTTP/2 target's end of stream may come later)
+                let delivered = match (&mut this.left, f.data_ref()) {
+                    (Some(left), Some(d)) => {
+                        *left = left.saturating_sub(d.len() as u64);
+                        *left == 0
+                    }
+                    _ => false,
+                };
+                if delivered || this.inner.is_end_stream() {
+                    this.verdict(false);
+                }
+            }
         }
         std::task::Poll::Ready(frame)
     }
@@ -1098,9 +1129,6 @@ impl Gateway {
         }
     }
 
-    /// Publishes whether a target takes traffic (a target the current table still has: a
-    /// verdict reached on a table swapped out since does not bring a removed target's series
-    /// back; the target's state itself is kept across swaps, see `upstream::Registry`).
     /// The verdict on an attempt on `route.targets[idx]`: a failure may eject the target, a
     /// success closes its ejection (both logged, and shown in `apim_gateway_target_up`).
     fn judge(&self, route: &Route, idx: usize, attempt: upstream::Attempt, failed: bool) {
@@ -1117,6 +1145,9 @@ impl Gateway {
         }
     }
 
+    /// Publishes whether a target takes traffic (a target the current table still has: a
+    /// verdict reached on a table swapped out since does not bring a removed target's series
+    /// back; the target's state itself is kept across swaps, see `upstream::Registry`).
     fn target_health(&self, route: &Route, target: &routes::Target, up: bool) {
         let current = self.table.load().all().iter().any(|r| {
             r.tenant == route.tenant
@@ -1996,17 +2027,16 @@ impl Gateway {
                 original_host.as_ref().map_or(&[][..], |v| v.as_bytes()),
                 https,
             );
-            // a trusted proxy's elements (every line) come first
-            let mut chain: Vec<&str> = Vec::new();
+            // a trusted proxy's elements (every line, as received) come first
+            let mut chain: Vec<u8> = Vec::new();
             if peer_trusted {
-                chain.extend(
-                    h.get_all(header::FORWARDED)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok()),
-                );
+                for line in h.get_all(header::FORWARDED) {
+                    chain.extend_from_slice(line.as_bytes());
+                    chain.extend_from_slice(b", ");
+                }
             }
-            chain.push(&mine);
-            if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+            chain.extend_from_slice(mine.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
                 h.insert(header::FORWARDED, v);
             }
         }
@@ -2038,7 +2068,8 @@ impl Gateway {
         let mut now = upstream_started;
         let mut last_error = None;
         let resp = loop {
-            let Some(idx) = upstream::pick(&route, &tried[..n_tried], self.ns_at(now)) else {
+            let Some((idx, trial)) = upstream::pick(&route, &tried[..n_tried], self.ns_at(now))
+            else {
                 if let Some((status, slug, detail)) = last_error {
                     // every target was tried: the last failure is the answer
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
@@ -2056,7 +2087,7 @@ impl Gateway {
             n_tried += 1;
             let target = &route.targets[idx];
             // in flight from here; dropped without a verdict, it releases a trial it held
-            let attempt_state = target.state().begin();
+            let attempt_state = target.state().begin(trial);
             let https = target.origin.starts_with("https://");
             let tls_client = match (https, route.tls_client.get()) {
                 (false, _) => None,
@@ -2148,12 +2179,13 @@ impl Gateway {
             // client may be the cause (a request body that broke off or was slow to come): such
             // attempts never eject a target.
             // A good answer is judged when its body is delivered (a failure on the way, a
-            // reset or a stall, counts against the target); one with nothing to deliver, and a
-            // bad one, at once.
+            // reset or a stall, counts against the target); one with nothing to deliver, a bad
+            // one, and a half-open trial's (its head is what the trial tests), at once.
             let (verdict, retryable, answer) = match result {
                 Ok(Ok(r)) => {
                     let bad = matches!(r.status().as_u16(), 502..=504);
-                    if bad || hyper::body::Body::is_end_stream(r.body()) {
+                    if bad || attempt_state.is_trial() || hyper::body::Body::is_end_stream(r.body())
+                    {
                         (
                             Some(bad),
                             false,
@@ -2165,6 +2197,9 @@ impl Gateway {
                             route: route.clone(),
                             target: idx,
                             attempt: attempt_state,
+                            // hyper's client (HTTPS targets) may still be streaming the
+                            // client's body when the answer breaks: the client may be the cause
+                            blame_errors: bodyless || tls_client.is_none(),
                         };
                         let r = r.map(|b| Judged::new(b, Some(judge)).boxed());
                         break r;
@@ -2718,11 +2753,16 @@ where
     conn.await
 }
 
-/// An HTTP/1.1 connection's stream, which enforces the header timeout: a head must reach the
-/// handler within `limit` of its first byte (a connection's first head, of its opening), or the
-/// read fails with `TimedOut` and hyper closes the connection (slowloris). The timer is set
-/// and polled only while a head is awaited and the client has nothing more to read: a head
-/// that comes whole in one read costs one clock read and no timer.
+/// An HTTP/1.1 connection's stream, which enforces two timeouts hyper does not.
+///
+/// - The header timeout: a head must reach the handler within `limit` of its first byte (a
+///   connection's first head, of its opening), or the read fails with `TimedOut` and hyper
+///   closes the connection (slowloris). The timer is set and polled only while a head is
+///   awaited and the client has nothing more to read: a head that comes whole in one read
+///   costs one clock read and no timer.
+/// - The write stall: an answer the client does not take (its window stays full) for the
+///   idle timeout fails the write with `TimedOut` (a slow-read client would otherwise hold the
+///   connection for ever). Only a write that finds the socket full reads the clock.
 struct Watched<S> {
     io: S,
     conn: Arc<Conn>,
@@ -2730,6 +2770,9 @@ struct Watched<S> {
     /// The header timer, made when a head first stalls, and kept for the connection's later
     /// heads.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// When the write that is stalled must have progressed.
+    stalled_until: Option<Instant>,
+    write_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Watched<S> {
@@ -2739,8 +2782,60 @@ impl<S> Watched<S> {
             conn,
             limit,
             timer: None,
+            stalled_until: None,
+            write_timer: None,
         }
     }
+
+    /// A write's outcome: progress ends a stall; a full socket starts one (or fails the write
+    /// once it has lasted the idle timeout).
+    fn wrote(
+        &mut self,
+        r: std::task::Poll<std::io::Result<usize>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match r {
+            std::task::Poll::Ready(Ok(n)) if n > 0 => {
+                self.stalled_until = None;
+                self.conn.activity.wrote();
+                r
+            }
+            std::task::Poll::Pending => self.stalled(cx).map(Err),
+            _ => r,
+        }
+    }
+
+    /// A write or flush found the socket full: `Pending`, or the error once the stall has
+    /// lasted the idle timeout.
+    fn stalled(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        let idle = self.conn.idle;
+        let deadline = *self
+            .stalled_until
+            .get_or_insert_with(|| Instant::now() + idle);
+        if !expired(&mut self.write_timer, deadline, cx) {
+            return std::task::Poll::Pending;
+        }
+        tracing::debug!(peer = %self.conn.peer, "HTTP/1.1 connection closed: the client took no bytes of its answer for the idle timeout");
+        std::task::Poll::Ready(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no bytes of its answer within the idle timeout",
+        ))
+    }
+}
+
+/// Whether `deadline` has passed, by `timer` (made on first use, moved to `deadline`), which
+/// wakes the task when it does.
+fn expired(
+    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    deadline: Instant,
+    cx: &mut std::task::Context<'_>,
+) -> bool {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    std::future::Future::poll(timer.as_mut(), cx).is_ready()
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
@@ -2756,13 +2851,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
             me.conn.activity.bytes_read();
         } else if r.is_pending() {
             if let Some(deadline) = me.conn.activity.head_deadline(me.limit) {
-                let timer = me
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
-                if timer.deadline() != deadline.into() {
-                    timer.as_mut().reset(deadline.into());
-                }
-                if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+                if expired(&mut me.timer, deadline, cx) {
                     tracing::debug!(peer = %me.conn.peer, "HTTP/1.1 connection closed: request head not received in time");
                     return std::task::Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -2781,7 +2870,8 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(r, cx)
     }
 
     fn poll_write_vectored(
@@ -2789,7 +2879,8 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -2800,7 +2891,16 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        // (a TLS stream flushes its records here, and can find the socket full)
+        match std::pin::Pin::new(&mut self.io).poll_flush(cx) {
+            std::task::Poll::Pending => self.stalled(cx).map(Err),
+            r => {
+                if matches!(r, std::task::Poll::Ready(Ok(()))) {
+                    self.stalled_until = None;
+                }
+                r
+            }
+        }
     }
 
     fn poll_shutdown(

@@ -689,7 +689,9 @@ mod tests {
         assert_eq!(r.targets[0].path, "/x");
         let picks: Vec<&str> = (0..8)
             .map(|_| {
-                let i = super::super::upstream::pick(&r, &[], 0).expect("a target");
+                let i = super::super::upstream::pick(&r, &[], 0)
+                    .expect("a target")
+                    .0;
                 r.targets[i].origin.as_str()
             })
             .collect();

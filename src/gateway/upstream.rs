@@ -22,6 +22,9 @@ pub struct TargetState {
     open_until: AtomicU64,
     /// A half-open trial request is in flight.
     trial: AtomicBool,
+    /// Ejections so far: an attempt begun before the last one is not judged (its late verdict
+    /// neither closes nor extends an ejection it did not test).
+    epoch: AtomicU32,
     /// Verdict of the active health checks (true when none are configured).
     pub healthy: AtomicBool,
     pub hc_passes: AtomicU32,
@@ -37,6 +40,7 @@ impl Default for TargetState {
             failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
             trial: AtomicBool::new(false),
+            epoch: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             hc_passes: AtomicU32::new(0),
             hc_failures: AtomicU32::new(0),
@@ -70,21 +74,28 @@ impl TargetState {
         self.availability(now) == Availability::Yes
     }
 
-    /// Records a good answer; returns true when this closes an ejection.
-    pub fn success(&self) -> bool {
+    /// Records a good answer (`trial`: the half-open trial's); returns true when this closes
+    /// an ejection.
+    fn success(&self, trial: bool) -> bool {
         self.failures.store(0, Ordering::Relaxed);
-        self.trial.store(false, Ordering::Relaxed);
+        if trial {
+            self.trial.store(false, Ordering::Relaxed);
+        }
         self.open_until.swap(0, Ordering::Relaxed) != 0
     }
 
-    /// Records a failed attempt; returns true when this ejects the target.
-    pub fn failure(&self, now: u64, rule: &Ejection) -> bool {
-        let trial = self.trial.swap(false, Ordering::Relaxed);
+    /// Records a failed attempt (`trial`: the half-open trial's); returns true when this
+    /// ejects the target.
+    fn failure(&self, now: u64, rule: &Ejection, trial: bool) -> bool {
+        if trial {
+            self.trial.store(false, Ordering::Relaxed);
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if trial || n >= rule.consecutive_failures {
             self.failures.store(0, Ordering::Relaxed);
             let until = now.saturating_add(u64::from(rule.ejection_seconds) * 1_000_000_000);
             self.open_until.store(until.max(1), Ordering::Relaxed);
+            self.epoch.fetch_add(1, Ordering::Relaxed);
             return true;
         }
         false
@@ -98,6 +109,10 @@ impl TargetState {
 pub struct Attempt {
     state: Arc<TargetState>,
     judged: bool,
+    /// It is the target's half-open trial.
+    trial: bool,
+    /// The target's ejection count when it began.
+    epoch: u32,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -107,34 +122,49 @@ impl std::fmt::Debug for Attempt {
 }
 
 impl TargetState {
-    /// Starts an attempt on this target (after [`pick`] chose it).
-    pub fn begin(self: &Arc<Self>) -> Attempt {
+    /// Starts an attempt on this target as [`pick`] chose it (`trial`: as its half-open
+    /// trial).
+    pub fn begin(self: &Arc<Self>, trial: bool) -> Attempt {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Attempt {
             state: self.clone(),
             judged: false,
+            trial,
+            epoch: self.epoch.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Attempt {
+    /// Whether this attempt is the target's half-open trial.
+    pub fn is_trial(&self) -> bool {
+        self.trial
+    }
+
+    /// Whether the target was ejected since this attempt began (then its verdict is not
+    /// counted: it did not test the ejected target, a trial does).
+    fn stale(&self) -> bool {
+        !self.trial && self.state.epoch.load(Ordering::Relaxed) != self.epoch
+    }
+
     /// A good answer; true when this closes an ejection.
     pub fn success(mut self) -> bool {
         self.judged = true;
-        self.state.success()
+        !self.stale() && self.state.success(self.trial)
     }
 
     /// A failure of the target; true when this ejects it.
     pub fn failure(mut self, now: u64, rule: &Ejection) -> bool {
         self.judged = true;
-        self.state.failure(now, rule)
+        !self.stale() && self.state.failure(now, rule, self.trial)
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
         self.state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if !self.judged {
+        // a trial that ends without a verdict is released: the next request makes it
+        if !self.judged && self.trial {
             self.state.trial.store(false, Ordering::Relaxed);
         }
     }
@@ -174,8 +204,9 @@ impl Registry {
 }
 
 /// Chooses a target among those not yet `tried`: healthy and not ejected, or due for a
-/// half-open trial. `None` when every target is out (the circuit is open).
-pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
+/// half-open trial (then `true`: the attempt holds the trial). `None` when every target is
+/// out (the circuit is open).
+pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<(usize, bool)> {
     let targets = &route.targets;
     let candidates = |want: Availability| {
         (0..targets.len())
@@ -186,7 +217,7 @@ pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
     if let Some(i) = candidates(Availability::Trial)
         .find(|i| !targets[*i].state().trial.swap(true, Ordering::Relaxed))
     {
-        return Some(i);
+        return Some((i, true));
     }
     let chosen = match route.upstream.balance {
         Balance::RoundRobin => {
@@ -213,7 +244,7 @@ pub fn pick(route: &Route, tried: &[usize], now: u64) -> Option<usize> {
                 .map(|(i, _)| i)
         }
     };
-    chosen
+    chosen.map(|i| (i, false))
 }
 
 #[cfg(test)]
@@ -222,21 +253,38 @@ mod tests {
 
     #[test]
     fn ejection_opens_then_allows_one_trial() {
-        let s = TargetState::default();
+        let s = Arc::new(TargetState::default());
         let rule = Ejection {
             consecutive_failures: 2,
             ejection_seconds: 1,
         };
-        assert!(!s.failure(0, &rule));
-        assert!(s.failure(0, &rule), "second failure ejects");
+        // an answer still streaming when the target is ejected
+        let streaming = s.begin(false);
+        assert!(!s.begin(false).failure(0, &rule));
+        assert!(s.begin(false).failure(0, &rule), "second failure ejects");
         assert_eq!(s.availability(500_000_000), Availability::No);
+        assert_eq!(s.availability(1_000_000_001), Availability::Trial);
+        // its late verdict neither closes the ejection nor holds the trial
+        assert!(
+            !streaming.success(),
+            "a verdict from before the ejection is not counted"
+        );
         assert_eq!(s.availability(1_000_000_001), Availability::Trial);
         // a failed trial ejects again at once
         s.trial.store(true, Ordering::Relaxed);
-        assert!(s.failure(1_000_000_001, &rule));
+        assert!(s.begin(true).failure(1_000_000_001, &rule));
         assert_eq!(s.availability(1_500_000_000), Availability::No);
-        assert!(s.success(), "a good trial closes the circuit");
+        // another attempt dropped without a verdict does not release a trial it does not hold
+        s.trial.store(true, Ordering::Relaxed);
+        drop(s.begin(false));
+        assert!(s.trial.load(Ordering::Relaxed));
+        // the trial dropped without a verdict is released
+        drop(s.begin(true));
+        assert!(!s.trial.load(Ordering::Relaxed));
+        s.trial.store(true, Ordering::Relaxed);
+        assert!(s.begin(true).success(), "a good trial closes the circuit");
         assert_eq!(s.availability(1_500_000_000), Availability::Yes);
+        assert!(!s.trial.load(Ordering::Relaxed));
         s.healthy.store(false, Ordering::Relaxed);
         assert_eq!(s.availability(0), Availability::No);
     }
