@@ -181,5 +181,5 @@ fn main() {
         "| the same rebuild with 10,000 consumers and 20,000 API keys besides (median of 7) | {:.1} ms |",
         keyed.as_secs_f64() * 1e3
     );
-    println!("| one lookup, most falling through to a wildcard host holding 1,000 APIs (routes of a host are scanned linearly) | {per_lookup:.0} ns |");
+    println!("| one lookup, most falling through to a wildcard host holding 1,000 APIs (a host's routes indexed by base path) | {per_lookup:.0} ns |");
 }

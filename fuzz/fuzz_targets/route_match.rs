@@ -1,11 +1,22 @@
 //! The route matcher on arbitrary hosts, paths, methods and headers: never a panic, and a match
-//! always honours the rule (the route's base path covers the path on whole segments).
+//! always honours the rule (the route's base path covers the path on whole segments). The host
+//! `idx.bank.example` has enough APIs to be indexed by base path: there the match must also be
+//! the most specific (no longer base path of the host covers the path).
 #![no_main]
 
 use apim::gateway::routes::{OperationMatch, RouteTable};
 use apim::model::ApiSpec;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
+
+/// Base paths of the indexed host.
+const INDEXED: [&str; 12] = [
+    "/", "/a", "/a/b", "/a/b/c", "/ab", "/b", "/b/a", "/v1", "/v1/x", "/v1/x/y", "/v2/x", "/z",
+];
+
+fn covers(base: &str, path: &str) -> bool {
+    base == "/" || path == base || path.starts_with(&format!("{base}/"))
+}
 
 fn table() -> &'static RouteTable {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
@@ -19,6 +30,13 @@ fn table() -> &'static RouteTable {
         ]
         .iter()
         .map(|j| serde_json::from_str(j).expect("valid API"))
+        .chain(INDEXED.iter().enumerate().map(|(i, base)| {
+            serde_json::from_value(serde_json::json!({
+                "name": format!("i{i}"), "version": "v1", "hosts": ["idx.bank.example"],
+                "base_path": base, "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
+            }))
+            .expect("valid API")
+        }))
         .collect();
         RouteTable::from_apis("t", &apis)
     })
@@ -35,10 +53,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let base = route.base_path.as_str();
-    assert!(
-        base == "/" || path == base || path.starts_with(&format!("{base}/")),
-        "{path:?} routed to base path {base:?}"
-    );
+    assert!(covers(base, path), "{path:?} routed to base path {base:?}");
+    if route.api.starts_with('i') {
+        assert!(
+            !INDEXED
+                .iter()
+                .any(|b| b.len() > base.len() && covers(b, path)),
+            "{path:?} routed to {base:?}, not to a longer base path that covers it"
+        );
+    }
     let mut headers = http::HeaderMap::new();
     if let Ok(v) = http::HeaderValue::from_str(header) {
         headers.insert("x-export", v);

@@ -266,8 +266,95 @@ struct StoredKeyFields {
     revoked: bool,
 }
 
-/// Routes of one host, most specific (longest base path) first.
-type HostRoutes = Vec<Arc<Route>>;
+/// Routes of one host, most specific (longest base path) first, and, for a host with many,
+/// an index by base path.
+#[derive(Debug, Default)]
+struct HostRoutes {
+    list: Vec<Arc<Route>>,
+    index: Option<BaseIndex>,
+}
+
+/// A host's routes by base path (the first of `list` for each), for a lookup in a few hash
+/// probes instead of a scan: one per segment of the request path, up to the deepest base path.
+#[derive(Debug)]
+struct BaseIndex {
+    by_base: HashMap<Box<str>, usize>,
+    /// Segments of the deepest base path.
+    depth: usize,
+}
+
+/// Hosts with more routes than this are indexed (a scan of a few is as fast as the probes).
+const INDEX_FROM: usize = 8;
+/// Base paths nested deeper than this leave their host unindexed (scanned).
+const MAX_INDEXED_DEPTH: usize = 32;
+
+impl std::ops::Deref for HostRoutes {
+    type Target = [Arc<Route>];
+
+    fn deref(&self) -> &[Arc<Route>] {
+        &self.list
+    }
+}
+
+impl HostRoutes {
+    /// Sorts the routes, most specific first (ties by API name, for determinism), and indexes
+    /// a host with many.
+    fn finish(&mut self) {
+        self.list.sort_by(|a, b| {
+            b.base_path
+                .len()
+                .cmp(&a.base_path.len())
+                .then_with(|| a.api.cmp(&b.api))
+        });
+        let depth = self
+            .list
+            .iter()
+            .map(|r| r.base_path.bytes().filter(|b| *b == b'/').count())
+            .max()
+            .unwrap_or(0);
+        self.index = (self.list.len() > INDEX_FROM && depth <= MAX_INDEXED_DEPTH).then(|| {
+            let mut by_base = HashMap::with_capacity(self.list.len());
+            for (i, r) in self.list.iter().enumerate() {
+                by_base.entry(r.base_path.as_str().into()).or_insert(i);
+            }
+            BaseIndex { by_base, depth }
+        });
+    }
+
+    /// The most specific route whose base path matches `path` on whole segments: the first of
+    /// the sorted list that matches, found by the index when there is one.
+    fn first_match(&self, path: &str) -> Option<&Arc<Route>> {
+        let Some(ix) = &self.index else {
+            return self.list.iter().find(|r| path_matches(&r.base_path, path));
+        };
+        // where the path's first `depth` segments end: the candidate base paths, each matching
+        // on whole segments (the path goes on with '/', or ends there)
+        let bytes = path.as_bytes();
+        let mut ends = [0usize; MAX_INDEXED_DEPTH];
+        let mut n = 0;
+        let mut from = 1;
+        while n < ix.depth && from <= bytes.len() {
+            match bytes[from..].iter().position(|b| *b == b'/') {
+                Some(p) => {
+                    ends[n] = from + p;
+                    from += p + 1;
+                }
+                None => {
+                    ends[n] = bytes.len();
+                    from = bytes.len() + 1;
+                }
+            }
+            n += 1;
+        }
+        // the longest first; "/" matches every path
+        ends[..n]
+            .iter()
+            .rev()
+            .find_map(|end| ix.by_base.get(&path[..*end]))
+            .or_else(|| ix.by_base.get("/"))
+            .map(|i| &self.list[*i])
+    }
+}
 
 /// The compiled table, swapped as a whole after every committed change.
 #[derive(Debug, Default)]
@@ -292,7 +379,7 @@ fn path_matches(base: &str, path: &str) -> bool {
 }
 
 fn first_match<'a>(routes: Option<&'a HostRoutes>, path: &str) -> Option<&'a Arc<Route>> {
-    routes?.iter().find(|r| path_matches(&r.base_path, path))
+    routes?.first_match(path)
 }
 
 impl RouteTable {
@@ -320,7 +407,7 @@ impl RouteTable {
         let exact = self.exact.iter().map(|(h, r)| (h.clone(), r));
         let wild = self.wildcard.iter().map(|(s, r)| (format!("*.{s}"), r));
         for (host, routes) in exact.chain(wild) {
-            for r in routes {
+            for r in routes.iter() {
                 let hosts = out.entry(r.tenant.clone()).or_default();
                 if !hosts.contains(&host) {
                     hosts.push(host.clone());
@@ -372,19 +459,15 @@ impl RouteTable {
                 Some(suffix) => self.wildcard.entry(suffix.to_string()).or_default(),
                 None => self.exact.entry(host).or_default(),
             }
+            .list
             .push(route.clone());
         }
     }
 
-    /// Orders each host's routes, most specific first (ties by API name, for determinism).
+    /// Orders each host's routes, most specific first, and indexes the hosts with many.
     fn finish(&mut self) {
         for routes in self.exact.values_mut().chain(self.wildcard.values_mut()) {
-            routes.sort_by(|a, b| {
-                b.base_path
-                    .len()
-                    .cmp(&a.base_path.len())
-                    .then_with(|| a.api.cmp(&b.api))
-            });
+            routes.finish();
         }
     }
 
@@ -588,6 +671,70 @@ mod tests {
             expect,
             "{host}{path}"
         );
+    }
+
+    /// The index of a host with many routes finds what a scan of its sorted list finds, for
+    /// base paths and request paths built from a few segments (so that many nest and tie).
+    #[test]
+    fn the_base_path_index_agrees_with_the_scan() {
+        let segs = ["a", "b", "ab", "v1", "x-y"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let path = |depth: usize, next: &mut dyn FnMut(usize) -> usize| {
+            let mut p = String::new();
+            for _ in 0..depth {
+                p.push('/');
+                p.push_str(segs[next(segs.len())]);
+            }
+            if p.is_empty() {
+                p.push('/');
+            }
+            p
+        };
+        for round in 0..20 {
+            let apis: Vec<ApiSpec> = (0..40)
+                .map(|i| {
+                    let d = next(4);
+                    api(
+                        &format!("api{i}"),
+                        &["h.example"],
+                        &path(d, &mut next),
+                        &[("http://u:1", 1)],
+                    )
+                })
+                .collect();
+            let t = table(&apis);
+            let host = t.exact.get("h.example").expect("host");
+            assert!(host.index.is_some(), "round {round}: indexed");
+            for _ in 0..500 {
+                let d = next(6);
+                let mut p = path(d, &mut next);
+                match next(4) {
+                    0 => p.push('/'),
+                    1 => p.push_str("?q=/a"),
+                    _ => {}
+                }
+                let scanned = host.list.iter().find(|r| path_matches(&r.base_path, &p));
+                assert_eq!(
+                    host.first_match(&p).map(|r| r.api.as_str()),
+                    scanned.map(|r| r.api.as_str()),
+                    "round {round}: {p}"
+                );
+            }
+            for p in ["", "/", "abc", "//", "/a//b"] {
+                let scanned = host.list.iter().find(|r| path_matches(&r.base_path, p));
+                assert_eq!(
+                    host.first_match(p).map(|r| r.api.as_str()),
+                    scanned.map(|r| r.api.as_str()),
+                    "round {round}: {p:?}"
+                );
+            }
+        }
     }
 
     #[test]
