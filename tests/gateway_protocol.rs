@@ -616,6 +616,33 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     .await;
     assert!(drained.is_ok(), "the stalled answer was never cut off");
     assert!(got < BIG, "the whole answer came: {got} bytes");
+    // a client that pauses for less than the idle timeout between reads, for longer than the
+    // idle timeout in all, gets the whole answer: any progress restarts the stall clock
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: big.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = 0;
+    let started = std::time::Instant::now();
+    for _ in 0..4 {
+        let mut burst = 0;
+        while burst < (4 << 20) {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "cut off after {got} bytes, {:?}", started.elapsed());
+            burst += n;
+        }
+        got += burst;
+        tokio::time::sleep(idle * 2 / 3).await;
+    }
+    loop {
+        match s.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("cut off after {got} bytes: {e}"),
+        }
+    }
+    assert!(started.elapsed() > idle * 2, "{:?}", started.elapsed());
+    assert!(got > BIG, "the whole answer and its head: {got} bytes");
 
     // the WebSocket: traffic, then silence until the gateway closes both sides
     let mut s = websocket_open(port, "ws.example", Some(&key)).await;

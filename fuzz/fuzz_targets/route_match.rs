@@ -1,7 +1,8 @@
 //! The route matcher on arbitrary hosts, paths, methods and headers: never a panic, and a match
-//! always honours the rule (the route's base path covers the path on whole segments). The host
-//! `idx.bank.example` has enough APIs to be indexed by base path: there the match must also be
-//! the most specific (no longer base path of the host covers the path).
+//! always honours the rule (the route's base path covers the path on whole segments). The hosts
+//! `idx.bank.example` (indexed by base path: enough APIs, one base path twice) and
+//! `deep.bank.example` (too deep to be indexed: scanned) must also give the most specific match
+//! (no longer base path of the host covers the path; between equal ones, the first API by name).
 #![no_main]
 
 use apim::gateway::routes::{OperationMatch, RouteTable};
@@ -9,10 +10,21 @@ use apim::model::ApiSpec;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
-/// Base paths of the indexed host.
-const INDEXED: [&str; 12] = [
+/// Base paths of the indexed host (`/a/b` twice: APIs `x2` and `x12`).
+const INDEXED: [&str; 13] = [
     "/", "/a", "/a/b", "/a/b/c", "/ab", "/b", "/b/a", "/v1", "/v1/x", "/v1/x/y", "/v2/x", "/z",
+    "/a/b",
 ];
+
+/// Base paths of the host too deep to be indexed (the first has 33 segments).
+fn deep() -> &'static [String] {
+    static DEEP: OnceLock<Vec<String>> = OnceLock::new();
+    DEEP.get_or_init(|| {
+        let mut v = vec!["/d".repeat(33)];
+        v.extend(["/", "/d", "/d/d", "/d/e", "/e", "/e/d", "/f", "/f/g"].map(String::from));
+        v
+    })
+}
 
 fn covers(base: &str, path: &str) -> bool {
     base == "/" || path == base || path.starts_with(&format!("{base}/"))
@@ -30,13 +42,21 @@ fn table() -> &'static RouteTable {
         ]
         .iter()
         .map(|j| serde_json::from_str(j).expect("valid API"))
-        .chain(INDEXED.iter().enumerate().map(|(i, base)| {
-            serde_json::from_value(serde_json::json!({
-                "name": format!("i{i}"), "version": "v1", "hosts": ["idx.bank.example"],
-                "base_path": base, "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
-            }))
-            .expect("valid API")
-        }))
+        .chain(
+            INDEXED
+                .iter()
+                .map(|b| ("idx.bank.example", "x", *b))
+                .chain(deep().iter().map(|b| ("deep.bank.example", "y", b.as_str())))
+                .enumerate()
+                .map(|(i, (host, prefix, base))| {
+                    serde_json::from_value(serde_json::json!({
+                        "name": format!("{prefix}{i}"), "version": "v1", "hosts": [host],
+                        "base_path": base,
+                        "upstream": {"targets": [{"url": "http://127.0.0.1:1"}]},
+                    }))
+                    .expect("valid API")
+                }),
+        )
         .collect();
         RouteTable::from_apis("t", &apis)
     })
@@ -54,14 +74,26 @@ fuzz_target!(|data: &[u8]| {
     };
     let base = route.base_path.as_str();
     assert!(covers(base, path), "{path:?} routed to base path {base:?}");
-    if route.api.starts_with('i') {
-        assert!(
-            !INDEXED
-                .iter()
-                .any(|b| b.len() > base.len() && covers(b, path)),
-            "{path:?} routed to {base:?}, not to a longer base path that covers it"
-        );
-    }
+    let (bases, prefix): (Vec<&str>, char) = match route.api.chars().next() {
+        Some('x') => (INDEXED.to_vec(), 'x'),
+        Some('y') => (deep().iter().map(String::as_str).collect(), 'y'),
+        _ => return,
+    };
+    assert!(
+        !bases.iter().any(|b| b.len() > base.len() && covers(b, path)),
+        "{path:?} routed to {base:?}, not to a longer base path that covers it"
+    );
+    // between equal base paths, the first API by name (names are the prefix and the position
+    // among all the fuzz APIs: the indexed host's come first)
+    let offset = if prefix == 'x' { 0 } else { INDEXED.len() };
+    let first = bases
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == base)
+        .map(|(i, _)| format!("{prefix}{}", i + offset))
+        .min()
+        .expect("the route's base path is one of its host's");
+    assert_eq!(route.api, first, "{path:?}: ties go to the first API by name");
     let mut headers = http::HeaderMap::new();
     if let Ok(v) = http::HeaderValue::from_str(header) {
         headers.insert("x-export", v);

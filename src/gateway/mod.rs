@@ -2388,8 +2388,9 @@ async fn handshake(
     gateway: &Gateway,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    idle: Duration,
 ) -> Option<(
-    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    tokio_rustls::server::TlsStream<Stall<tokio::net::TcpStream>>,
     tls::TlsConn,
 )> {
     let fail = |cause| {
@@ -2402,6 +2403,7 @@ async fn handshake(
         return fail("no-sni");
     };
     let local = local.ip().to_string();
+    let tcp = Stall::new(tcp, idle, peer);
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let Ok(start) = acceptor.await else {
         return fail("bad-client-hello");
@@ -2619,7 +2621,7 @@ pub async fn serve(
                 // boxed, like the HTTP/2 state below: a task serving HTTP/1.1 holds neither
                 match tokio::time::timeout(
                     limits.handshake_timeout,
-                    Box::pin(handshake(&gw, tcp, peer)),
+                    Box::pin(handshake(&gw, tcp, peer, limits.idle_timeout)),
                 )
                 .await
                 {
@@ -2663,6 +2665,7 @@ pub async fn serve(
                 match peeked {
                     Ok(Ok(n)) if n > 0 => {
                         let h2 = first[..n] == b"PRI"[..n] && n == 3;
+                        let tcp = Stall::new(tcp, limits.idle_timeout, peer);
                         let conn = Arc::new(Conn::on(
                             peer,
                             None,
@@ -2753,16 +2756,11 @@ where
     conn.await
 }
 
-/// An HTTP/1.1 connection's stream, which enforces two timeouts hyper does not.
-///
-/// - The header timeout: a head must reach the handler within `limit` of its first byte (a
-///   connection's first head, of its opening), or the read fails with `TimedOut` and hyper
-///   closes the connection (slowloris). The timer is set and polled only while a head is
-///   awaited and the client has nothing more to read: a head that comes whole in one read
-///   costs one clock read and no timer.
-/// - The write stall: an answer the client does not take (its window stays full) for the
-///   idle timeout fails the write with `TimedOut` (a slow-read client would otherwise hold the
-///   connection for ever). Only a write that finds the socket full reads the clock.
+/// An HTTP/1.1 connection's stream, which enforces the header timeout hyper does not: a head
+/// must reach the handler within `limit` of its first byte (a connection's first head, of its
+/// opening), or the read fails with `TimedOut` and hyper closes the connection (slowloris).
+/// The timer is set and polled only while a head is awaited and the client has nothing more to
+/// read: a head that comes whole in one read costs one clock read and no timer.
 struct Watched<S> {
     io: S,
     conn: Arc<Conn>,
@@ -2770,9 +2768,6 @@ struct Watched<S> {
     /// The header timer, made when a head first stalls, and kept for the connection's later
     /// heads.
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// When the write that is stalled must have progressed.
-    stalled_until: Option<Instant>,
-    write_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Watched<S> {
@@ -2782,44 +2777,117 @@ impl<S> Watched<S> {
             conn,
             limit,
             timer: None,
-            stalled_until: None,
-            write_timer: None,
         }
     }
 
-    /// A write's outcome: progress ends a stall; a full socket starts one (or fails the write
-    /// once it has lasted the idle timeout).
     fn wrote(
-        &mut self,
+        &self,
         r: std::task::Poll<std::io::Result<usize>>,
-        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<usize>> {
-        match r {
-            std::task::Poll::Ready(Ok(n)) if n > 0 => {
-                self.stalled_until = None;
-                self.conn.activity.wrote();
-                r
-            }
-            std::task::Poll::Pending => self.stalled(cx).map(Err),
-            _ => r,
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.conn.activity.wrote();
+        }
+        r
+    }
+}
+
+/// A client connection's socket, which bounds how long a write may find it full: an answer
+/// the client does not take (its receive window stays closed) for the idle timeout fails the
+/// write with `TimedOut`, so a slow-read client cannot hold the connection for ever (nginx's
+/// `send_timeout`). It sits on the TCP socket, under TLS, so that any byte the socket takes
+/// counts as progress (TLS buffers whole records above it). Only a write that finds the socket
+/// full reads the clock.
+struct Stall<S> {
+    io: S,
+    idle: Duration,
+    peer: SocketAddr,
+    /// When the write that is stalled must have progressed.
+    until: Option<Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Stall<S> {
+    fn new(io: S, idle: Duration, peer: SocketAddr) -> Stall<S> {
+        Stall {
+            io,
+            idle,
+            peer,
+            until: None,
+            timer: None,
         }
     }
 
-    /// A write or flush found the socket full: `Pending`, or the error once the stall has
-    /// lasted the idle timeout.
-    fn stalled(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
-        let idle = self.conn.idle;
-        let deadline = *self
-            .stalled_until
-            .get_or_insert_with(|| Instant::now() + idle);
-        if !expired(&mut self.write_timer, deadline, cx) {
+    /// A write or flush outcome: progress ends a stall; a full socket starts one (or fails
+    /// the write once it has lasted the idle timeout).
+    fn judge<T>(
+        &mut self,
+        r: std::task::Poll<std::io::Result<T>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.until = None;
+            return r;
+        }
+        let idle = self.idle;
+        let deadline = *self.until.get_or_insert_with(|| Instant::now() + idle);
+        if !expired(&mut self.timer, deadline, cx) {
             return std::task::Poll::Pending;
         }
-        tracing::debug!(peer = %self.conn.peer, "HTTP/1.1 connection closed: the client took no bytes of its answer for the idle timeout");
-        std::task::Poll::Ready(std::io::Error::new(
+        tracing::debug!(peer = %self.peer, "gateway connection closed: the client took no bytes for the idle timeout");
+        std::task::Poll::Ready(Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "the client took no bytes of its answer within the idle timeout",
-        ))
+            "the client took no bytes within the idle timeout",
+        )))
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stall<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.judge(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.judge(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.judge(r, cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.judge(r, cx)
     }
 }
 
@@ -2871,7 +2939,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.wrote(r, cx)
+        self.wrote(r)
     }
 
     fn poll_write_vectored(
@@ -2880,7 +2948,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.wrote(r, cx)
+        self.wrote(r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -2891,16 +2959,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        // (a TLS stream flushes its records here, and can find the socket full)
-        match std::pin::Pin::new(&mut self.io).poll_flush(cx) {
-            std::task::Poll::Pending => self.stalled(cx).map(Err),
-            r => {
-                if matches!(r, std::task::Poll::Ready(Ok(()))) {
-                    self.stalled_until = None;
-                }
-                r
-            }
-        }
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(

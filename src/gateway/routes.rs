@@ -281,6 +281,8 @@ struct BaseIndex {
     by_base: HashMap<Box<str>, usize>,
     /// Segments of the deepest base path.
     depth: usize,
+    /// Length of the longest base path: no longer prefix of a path is probed.
+    longest: usize,
 }
 
 /// Hosts with more routes than this are indexed (a scan of a few is as fast as the probes).
@@ -317,7 +319,12 @@ impl HostRoutes {
             for (i, r) in self.list.iter().enumerate() {
                 by_base.entry(r.base_path.as_str().into()).or_insert(i);
             }
-            BaseIndex { by_base, depth }
+            let longest = self.list.first().map_or(0, |r| r.base_path.len());
+            BaseIndex {
+                by_base,
+                depth,
+                longest,
+            }
         });
     }
 
@@ -334,16 +341,15 @@ impl HostRoutes {
         let mut n = 0;
         let mut from = 1;
         while n < ix.depth && from <= bytes.len() {
-            match bytes[from..].iter().position(|b| *b == b'/') {
-                Some(p) => {
-                    ends[n] = from + p;
-                    from += p + 1;
-                }
-                None => {
-                    ends[n] = bytes.len();
-                    from = bytes.len() + 1;
-                }
+            let end = match bytes[from..].iter().position(|b| *b == b'/') {
+                Some(p) => from + p,
+                None => bytes.len(),
+            };
+            if end > ix.longest {
+                break; // longer than any base path: not probed (hashed) at all
             }
+            ends[n] = end;
+            from = end + 1;
             n += 1;
         }
         // the longest first; "/" matches every path

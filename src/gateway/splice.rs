@@ -1,6 +1,7 @@
 //! A connection switched to another protocol (a WebSocket, after the upstream's `101`), spliced
 //! byte for byte between the client and the upstream. It ends when either side closes, after
-//! `idle_timeout_seconds` without a byte either way, or at the gateway's shutdown (both sides
+//! `idle_timeout_seconds` without a byte either way (or with the client taking none of the
+//! bytes sent to it: its socket's `Stall` fails the write), or at the gateway's shutdown (both sides
 //! then get an orderly close, so clients reconnect, to another node if this one stops). The
 //! bytes each way are counted, for the consumer's usage.
 

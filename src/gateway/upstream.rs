@@ -94,8 +94,10 @@ impl TargetState {
         if trial || n >= rule.consecutive_failures {
             self.failures.store(0, Ordering::Relaxed);
             let until = now.saturating_add(u64::from(rule.ejection_seconds) * 1_000_000_000);
-            self.open_until.store(until.max(1), Ordering::Relaxed);
-            self.epoch.fetch_add(1, Ordering::Relaxed);
+            // the ejection, then its count: an attempt that reads the count first and then
+            // sees no ejection began before it (see `begin`)
+            self.open_until.store(until.max(1), Ordering::SeqCst);
+            self.epoch.fetch_add(1, Ordering::SeqCst);
             return true;
         }
         false
@@ -126,11 +128,17 @@ impl TargetState {
     /// trial).
     pub fn begin(self: &Arc<Self>, trial: bool) -> Attempt {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut epoch = self.epoch.load(Ordering::SeqCst);
+        // ejected between `pick` and here: the attempt did not test the ejected target, its
+        // verdict must not count (as if begun before the ejection)
+        if !trial && self.open_until.load(Ordering::SeqCst) != 0 {
+            epoch = epoch.wrapping_sub(1);
+        }
         Attempt {
             state: self.clone(),
             judged: false,
             trial,
-            epoch: self.epoch.load(Ordering::Relaxed),
+            epoch,
         }
     }
 }
@@ -144,7 +152,7 @@ impl Attempt {
     /// Whether the target was ejected since this attempt began (then its verdict is not
     /// counted: it did not test the ejected target, a trial does).
     fn stale(&self) -> bool {
-        !self.trial && self.state.epoch.load(Ordering::Relaxed) != self.epoch
+        !self.trial && self.state.epoch.load(Ordering::SeqCst) != self.epoch
     }
 
     /// A good answer; true when this closes an ejection.
@@ -269,6 +277,12 @@ mod tests {
             !streaming.success(),
             "a verdict from before the ejection is not counted"
         );
+        // nor does one of an attempt picked just before the ejection and begun after it
+        assert!(
+            !s.begin(false).success(),
+            "begun on an ejected target: not counted"
+        );
+        assert_eq!(s.availability(1_000_000_001), Availability::Trial);
         assert_eq!(s.availability(1_000_000_001), Availability::Trial);
         // a failed trial ejects again at once
         s.trial.store(true, Ordering::Relaxed);
