@@ -343,14 +343,7 @@ async fn an_idle_node_touches_no_file() {
     let mut n =
         Node::start_with("[audit]\nflush_interval_ms = 50\ncheckpoint_interval_seconds = 1\n")
             .await;
-    let r = n
-        .admin(
-            Method::POST,
-            "/admin/v1/tenants",
-            Some(json!({"name": "acme"})),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     // the start and the write settle: flushed, then checkpointed within about a second
     let mut before = file_states(&n.dir);
     let mut settled = false;
@@ -374,14 +367,12 @@ async fn an_idle_node_touches_no_file() {
     assert!(changed.is_empty(), "an idle node wrote to {changed:?}");
 
     // a write still reaches the state file and the audit segment
-    let r = n
-        .admin(
-            Method::POST,
-            "/admin/v1/tenants/acme/consumers",
-            Some(json!({"name": "late"})),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    created(
+        &n,
+        "/admin/v1/tenants/acme/consumers",
+        json!({"name": "late"}),
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let later = file_states(&n.dir);
     let state = n.dir.join("state.redb");

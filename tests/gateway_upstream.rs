@@ -43,30 +43,8 @@ async fn upstream(healthy: Arc<AtomicBool>) -> SocketAddr {
     addr
 }
 
-/// An upstream that reads the request head and closes the connection without answering.
-async fn resetting_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut buf = [0u8; 1024];
-                let _ = tcp.read(&mut buf).await;
-                let _ = tcp.set_zero_linger(); // close with a TCP reset
-                drop(tcp);
-            });
-        }
-    });
-    addr
-}
-
-/// An upstream that answers a good head, sends part of the body it announced, and resets the
-/// connection.
-async fn breaking_upstream() -> SocketAddr {
+/// An upstream that reads the request head, writes `reply` (if any), and resets the connection.
+async fn raw_upstream(reply: &'static [u8]) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -78,16 +56,27 @@ async fn breaking_upstream() -> SocketAddr {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 4096];
                 let _ = tcp.read(&mut buf).await;
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"served_by\"")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !reply.is_empty() {
+                    let _ = tcp.write_all(reply).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 let _ = tcp.set_zero_linger(); // close with a TCP reset
                 drop(tcp);
             });
         }
     });
     addr
+}
+
+/// An upstream that reads the request head and closes the connection without answering.
+async fn resetting_upstream() -> SocketAddr {
+    raw_upstream(b"").await
+}
+
+/// An upstream that answers a good head, sends part of the body it announced, and resets the
+/// connection.
+async fn breaking_upstream() -> SocketAddr {
+    raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"served_by\"").await
 }
 
 /// A loopback address nothing listens on.
