@@ -2817,15 +2817,19 @@ impl<S> Stall<S> {
         }
     }
 
-    /// A write or flush outcome: progress ends a stall; a full socket starts one (or fails
-    /// the write once it has lasted the idle timeout).
+    /// A write, flush or shutdown outcome: a write the socket took ends a stall (a flush or
+    /// shutdown that completes proves nothing: on a TCP socket they do not wait for the
+    /// client); a full socket starts one, or fails once it has lasted the idle timeout.
     fn judge<T>(
         &mut self,
         r: std::task::Poll<std::io::Result<T>>,
+        took: impl FnOnce(&T) -> bool,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<T>> {
-        if r.is_ready() {
-            self.until = None;
+        if let std::task::Poll::Ready(done) = &r {
+            if done.as_ref().is_ok_and(took) {
+                self.until = None;
+            }
             return r;
         }
         let idle = self.idle;
@@ -2858,7 +2862,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
-        self.judge(r, cx)
+        self.judge(r, |n| *n > 0, cx)
     }
 
     fn poll_write_vectored(
@@ -2867,7 +2871,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.judge(r, cx)
+        self.judge(r, |n| *n > 0, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -2879,7 +2883,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
-        self.judge(r, cx)
+        self.judge(r, |_| false, cx)
     }
 
     fn poll_shutdown(
@@ -2887,7 +2891,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
-        self.judge(r, cx)
+        self.judge(r, |_| false, cx)
     }
 }
 
