@@ -864,3 +864,56 @@ async fn https_upstreams_with_a_private_ca_and_a_client_certificate() {
         .await;
     assert_eq!(r.status, 409, "{:?}", r.body);
 }
+
+/// A client that stops taking its answer over TLS is cut after the idle timeout: the bound
+/// sits on the socket, below TLS (HTTP/1.1; an HTTP/2 stream is held by flow control instead,
+/// without filling the socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_stops_reading_is_cut_after_the_idle_timeout() {
+    const BIG: usize = 64 << 20;
+    let n = Node::start_with("[gateway]\nidle_timeout_seconds = 2\n").await;
+    let up = http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async move {
+        let chunks = futures::stream::iter((0..BIG / 65536).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(
+                vec![b'x'; 65536],
+            )))
+        }));
+        hyper::Response::new(http_body_util::StreamBody::new(chunks))
+    })
+    .await
+    .to_string();
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let server_ca = ca("acme server CA");
+    let (chain, key) = leaf(
+        &server_ca,
+        &["big.example"],
+        &[(DnType::CommonName, "big")],
+        90,
+    );
+    let r = add_certificate(&n, "acme", "big", &chain, &key).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    publish(&n, "acme", "big", &["big.example"], &up, json!([])).await;
+    let c = client(
+        &n,
+        &server_ca.pem,
+        &["big.example"],
+        &[b"http/1.1"],
+        false,
+        None,
+    );
+    let mut resp = until_ok(&c, "big.example", "/").await;
+    let mut got = resp
+        .chunk()
+        .await
+        .expect("a first part")
+        .map_or(0, |b| b.len());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(b)) = resp.chunk().await {
+            got += b.len();
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled answer was never cut off");
+    assert!(got < BIG, "the whole answer came: {got} bytes");
+}
