@@ -581,16 +581,7 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     publish(&n, "stream", streaming, json!([])).await;
     // a 64 MiB answer, more than the sockets between client and gateway hold
     const BIG: usize = 64 << 20;
-    let big = http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async move {
-        let chunks = futures::stream::iter((0..BIG / 65536).map(|_| {
-            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(
-                vec![b'x'; 65536],
-            )))
-        }));
-        hyper::Response::new(http_body_util::StreamBody::new(chunks))
-    })
-    .await;
-    publish(&n, "big", big, json!([])).await;
+    publish(&n, "big", big_upstream(BIG).await, json!([])).await;
     let port = n.gateway_port;
     wait_routed(port, "plain.example").await;
     wait_routed(port, "stream.example").await;

@@ -872,16 +872,7 @@ async fn https_upstreams_with_a_private_ca_and_a_client_certificate() {
 async fn a_tls_client_that_stops_reading_is_cut_after_the_idle_timeout() {
     const BIG: usize = 64 << 20;
     let n = Node::start_with("[gateway]\nidle_timeout_seconds = 2\n").await;
-    let up = http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async move {
-        let chunks = futures::stream::iter((0..BIG / 65536).map(|_| {
-            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(
-                vec![b'x'; 65536],
-            )))
-        }));
-        hyper::Response::new(http_body_util::StreamBody::new(chunks))
-    })
-    .await
-    .to_string();
+    let up = big_upstream(BIG).await.to_string();
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     let server_ca = ca("acme server CA");
     let (chain, key) = leaf(

@@ -1714,7 +1714,6 @@ impl Gateway {
         conn: Arc<Conn>,
     ) -> Response<Body> {
         let in_flight = conn.begin();
-        let h1 = in_flight.is_none();
         let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
@@ -1789,7 +1788,7 @@ impl Gateway {
             });
         }
         // (after a switch of protocols, the bytes that follow are no head)
-        if h1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             conn.end();
         }
         resp
@@ -2837,9 +2836,8 @@ impl<S> Stall<S> {
         if !expired(&mut self.timer, deadline, cx) {
             return std::task::Poll::Pending;
         }
-        tracing::debug!(peer = %self.peer, "gateway connection closed: the client took no bytes for the idle timeout");
-        std::task::Poll::Ready(Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
+        std::task::Poll::Ready(Err(timed_out(
+            self.peer,
             "the client took no bytes within the idle timeout",
         )))
     }
@@ -2895,6 +2893,12 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stall<S> {
     }
 }
 
+/// The error that ends a client connection whose timeout ran out (logged at debug).
+fn timed_out(peer: SocketAddr, why: &'static str) -> std::io::Error {
+    tracing::debug!(peer = %peer, why, "gateway connection closed");
+    std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+}
+
 /// Whether `deadline` has passed, by `timer` (made on first use, moved to `deadline`), which
 /// wakes the task when it does.
 fn expired(
@@ -2924,9 +2928,8 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
         } else if r.is_pending() {
             if let Some(deadline) = me.conn.activity.head_deadline(me.limit) {
                 if expired(&mut me.timer, deadline, cx) {
-                    tracing::debug!(peer = %me.conn.peer, "HTTP/1.1 connection closed: request head not received in time");
-                    return std::task::Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
+                    return std::task::Poll::Ready(Err(timed_out(
+                        me.conn.peer,
                         "request head not received within the header timeout",
                     )));
                 }

@@ -485,6 +485,22 @@ where
     addr
 }
 
+/// An upstream that answers every request with `bytes` of `x`, streamed in 64 KiB frames
+/// (more than the sockets between a client and the gateway hold, for a large `bytes`).
+pub async fn big_upstream(bytes: usize) -> std::net::SocketAddr {
+    http_upstream(
+        move |_req: hyper::Request<hyper::body::Incoming>| async move {
+            let chunks = futures::stream::iter((0..bytes / 65536).map(|_| {
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::from(
+                    vec![b'x'; 65536],
+                )))
+            }));
+            hyper::Response::new(http_body_util::StreamBody::new(chunks))
+        },
+    )
+    .await
+}
+
 /// An upstream that answers every request with a JSON echo of what it received; `/slow` waits
 /// three seconds first.
 pub async fn echo_upstream() -> std::net::SocketAddr {
