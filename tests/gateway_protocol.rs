@@ -486,8 +486,9 @@ const H2_END_STREAM: u8 = 0x1;
 
 /// Speaks HTTP/2 by prior knowledge on the gateway's plain port: asks `GET path` of `host` on
 /// stream 1 and records the frames that come back until the gateway closes the connection or
-/// `limit` passes (SETTINGS and PING are acknowledged, as a client must).
-async fn h2_frames(port: u16, host: &str, path: &str, limit: Duration) -> Frames {
+/// `limit` passes (SETTINGS and PING are acknowledged, as a client must). `settings` is the
+/// payload of the client's SETTINGS frame; no WINDOW_UPDATE is ever sent.
+async fn h2_frames(port: u16, host: &str, path: &str, settings: &[u8], limit: Duration) -> Frames {
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
         f.extend_from_slice(&[kind, flags]);
@@ -501,7 +502,7 @@ async fn h2_frames(port: u16, host: &str, path: &str, limit: Duration) -> Frames
     block.extend_from_slice(&[0x41, host.len() as u8]);
     block.extend_from_slice(host.as_bytes());
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend(frame(0x4, 0, 0, &[]));
+    hello.extend(frame(0x4, 0, 0, settings));
     hello.extend(frame(H2_HEADERS, 0x4 | H2_END_STREAM, 1, &block));
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let sent = std::time::Instant::now();
@@ -547,6 +548,96 @@ fn h2_times(frames: &Frames) -> (Option<Duration>, Option<Duration>) {
         .map(|f| f.0);
     let goaway = frames.iter().find(|f| f.1 == H2_GOAWAY).map(|f| f.0);
     (ended, goaway)
+}
+
+/// An HTTP/2 client that gives its streams no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE
+/// 0) and never opens one gets the answer's head and no byte of its body; after the idle
+/// timeout the gateway drops the answer, and with it the upstream connection that streams it,
+/// and closes the connection with a GOAWAY, instead of holding both for as long as the client
+/// likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_given_no_window_are_dropped_after_the_idle_timeout() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let idle = Duration::from_secs(2);
+    let n =
+        Node::start_with("[gateway]\nidle_timeout_seconds = 2\nheader_timeout_seconds = 1\n").await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    // an endless answer at /endless, which notes when the upstream's server lets go of it
+    // (a short one elsewhere)
+    let released = Arc::new(Mutex::new(None::<Instant>));
+    let mark = released.clone();
+    let endless = http_upstream(move |req: hyper::Request<hyper::body::Incoming>| {
+        struct Released(Arc<Mutex<Option<Instant>>>);
+        impl Drop for Released {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap() = Some(Instant::now());
+            }
+        }
+        let mark = (req.uri().path() == "/endless").then(|| Released(mark.clone()));
+        async move {
+            let chunks = futures::stream::unfold((mark, false), |(mark, done)| async move {
+                // (the short answer is one chunk)
+                if done {
+                    return None;
+                }
+                let frame = hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 65536]));
+                let done = mark.is_none();
+                Some((Ok::<_, std::convert::Infallible>(frame), (mark, done)))
+            });
+            hyper::Response::new(http_body_util::StreamBody::new(chunks))
+        }
+    })
+    .await;
+    publish(&n, "endless", endless, json!([])).await;
+    let port = n.gateway_port;
+    wait_routed(port, "endless.example").await;
+
+    let sent = Instant::now();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0
+    let frames = h2_frames(
+        port,
+        "endless.example",
+        "/endless",
+        &[0, 4, 0, 0, 0, 0],
+        Duration::from_secs(20),
+    )
+    .await;
+    let closed = sent.elapsed();
+    assert!(
+        frames.iter().any(|f| f.3 == 1 && f.1 == H2_HEADERS),
+        "no answer head: {frames:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f.3 == 1 && f.1 == 0x0),
+        "data sent beyond the window: {frames:?}"
+    );
+    let (_, goaway) = h2_times(&frames);
+    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY, closed after {closed:?}: {frames:?}"));
+    assert!(
+        goaway >= idle,
+        "GOAWAY after {goaway:?}, before the idle timeout"
+    );
+    assert!(
+        closed < Duration::from_secs(10),
+        "the connection was held for {closed:?}"
+    );
+    // the upstream's answer is let go of as well (its connection closed by the gateway)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let released_after = loop {
+        if let Some(at) = *released.lock().unwrap() {
+            break at.duration_since(sent);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upstream's answer is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        released_after >= idle,
+        "the upstream was let go of after {released_after:?}, before the idle timeout"
+    );
 }
 
 /// Idle connections end, each by its own timer (`idle_timeout_seconds = 3`,
@@ -722,7 +813,7 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     assert!(took >= header && took < idle, "closed after {took:?}");
 
     // HTTP/2 with a request: answered, then a GOAWAY once idle for the idle timeout
-    let frames = h2_frames(port, "plain.example", "/h2", Duration::from_secs(20)).await;
+    let frames = h2_frames(port, "plain.example", "/h2", &[], Duration::from_secs(20)).await;
     let (answered, goaway) = h2_times(&frames);
     let answered = answered.unwrap_or_else(|| panic!("no answer: {frames:?}"));
     let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY: {frames:?}"));
@@ -738,7 +829,7 @@ async fn idle_websockets_and_http2_connections_are_closed() {
 
     // an answer that streams for longer than the idle timeout is not cut: it ends whole,
     // before any GOAWAY
-    let frames = h2_frames(port, "stream.example", "/s", Duration::from_secs(6)).await;
+    let frames = h2_frames(port, "stream.example", "/s", &[], Duration::from_secs(6)).await;
     let (ended, goaway) = h2_times(&frames);
     let ended = ended.unwrap_or_else(|| panic!("the stream was cut: {frames:?}"));
     assert!(ended >= Duration::from_secs(4), "ended at {ended:?}");

@@ -106,7 +106,10 @@ struct Idle {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<Authority, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    // keyed by configured origins (not by anything a client sends): a fast hash, not a
+    // flood-resistant one
+    static IDLE: RefCell<HashMap<Authority, VecDeque<Idle>, rustc_hash::FxBuildHasher>> =
+        RefCell::new(HashMap::default());
 }
 
 /// A pooled connection to `origin`, the most recently used first. A connection on which
@@ -118,8 +121,9 @@ fn checkout(origin: &Authority) -> Option<TcpStream> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.get_mut(origin)?;
+        let now = Instant::now();
         while let Some(idle) = list.pop_back() {
-            if idle.since.elapsed() >= IDLE_TIMEOUT {
+            if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
                 // the rest are older still
                 list.clear();
                 return None;
@@ -148,26 +152,26 @@ fn checkin(origin: &Authority, stream: TcpStream) {
             c.set(c.get().wrapping_add(1));
             c.get()
         });
+        let now = Instant::now();
+        let expired = |i: &Idle| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT;
         if n.is_multiple_of(1024) {
             pool.retain(|_, list| {
-                list.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+                list.retain(|i| !expired(i));
                 !list.is_empty()
             });
         }
-        let list = pool.entry(origin.clone()).or_default();
-        while list
-            .front()
-            .is_some_and(|i| i.since.elapsed() >= IDLE_TIMEOUT)
-        {
+        // the origin is cloned only the first time it is pooled
+        let list = match pool.get_mut(origin) {
+            Some(list) => list,
+            None => pool.entry(origin.clone()).or_default(),
+        };
+        while list.front().is_some_and(expired) {
             list.pop_front();
         }
         if list.len() >= MAX_IDLE_PER_ORIGIN {
             list.pop_front();
         }
-        list.push_back(Idle {
-            stream,
-            since: Instant::now(),
-        });
+        list.push_back(Idle { stream, since: now });
     })
 }
 

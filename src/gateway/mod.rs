@@ -76,6 +76,8 @@ pub struct Conn {
     hold: Option<Arc<Hold>>,
     /// Its requests, for the idle timeout of HTTP/2 connections.
     pub activity: Activity,
+    /// HTTP/2: the answers being sent, for the client's flow-control stalls.
+    answers: Mutex<Vec<std::sync::Weak<Answering>>>,
     /// The gateway's shutdown signal and idle timeout, for a WebSocket spliced from it.
     stop: Option<watch::Receiver<bool>>,
     idle: Duration,
@@ -123,33 +125,68 @@ impl Drop for InFlight {
     }
 }
 
-/// An answer's body that holds `guard` until it is sent or dropped.
-struct Guarded<B, G> {
-    inner: B,
-    _guard: G,
+/// An HTTP/2 answer's body and its place in flight (see [`Conn::begin`]), which the
+/// connection's watch ([`Conn::stalled_answers`]) takes and drops when the client gives the
+/// stream no flow-control credit for the idle timeout: hyper then holds a frame it cannot send
+/// and stops pulling the body, so no timer of the body itself would run, and the upstream
+/// connection behind it would be held for as long as the client likes.
+struct Answering {
+    /// Milliseconds from the connection's opening, plus one, since which hyper has held the
+    /// answer's head or a frame of its body without pulling the next one (it waits for the
+    /// client's window); 0 while it pulls, or while the body waits for the upstream.
+    waiting_ms: std::sync::atomic::AtomicU64,
+    held: Mutex<Option<(Body, InFlight)>>,
 }
 
-impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Guarded<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// The body hyper sends of an [`Answering`].
+struct Streamed(Arc<Answering>);
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = BoxError;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &*self.0;
+        a.waiting_ms.store(0, Relaxed);
+        let mut held = lock(&a.held);
+        let Some((body, guard)) = held.as_mut() else {
+            return std::task::Poll::Ready(Some(Err(
+                "the client took none of the answer within the idle timeout".into(),
+            )));
+        };
+        let r = std::pin::Pin::new(body).poll_frame(cx);
+        if matches!(&r, std::task::Poll::Ready(Some(Ok(f))) if f.is_data()) {
+            // hyper pulls the next frame once this one is sent
+            a.waiting_ms.store(guard.0.activity.ms_now(), Relaxed);
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // (a dropped answer is not ended: hyper polls it, gets the error and resets the stream)
+        lock(&self.0.held)
+            .as_ref()
+            .is_some_and(|(body, _)| body.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        lock(&self.0.held)
+            .as_ref()
+            .map(|(body, _)| body.size_hint())
+            .unwrap_or_default()
     }
 }
 
 impl Activity {
+    /// Milliseconds from the connection's opening, plus one (never 0).
+    fn ms_now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis().saturating_add(1)).unwrap_or(u64::MAX)
+    }
+
     fn new(kept: bool) -> Activity {
         Activity {
             kept,
@@ -385,6 +422,7 @@ impl Conn {
             mtls_checked: Mutex::new(Vec::new()),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             activity: Activity::new(false),
+            answers: Mutex::new(Vec::new()),
             stop: None,
             idle: Duration::from_secs(60),
             live: None,
@@ -403,6 +441,44 @@ impl Conn {
         a.in_flight.fetch_add(1, Relaxed);
         a.requests.fetch_add(1, Relaxed);
         Some(InFlight(self.clone()))
+    }
+
+    /// HTTP/2: watches an answer being sent (the list is pruned as it grows, so it holds
+    /// about as many entries as answers in flight).
+    fn watch_answer(&self, answer: &Arc<Answering>) {
+        let mut answers = lock(&self.answers);
+        if answers.len() == answers.capacity() && answers.len() >= 8 {
+            answers.retain(|w| w.strong_count() > 0);
+        }
+        answers.push(Arc::downgrade(answer));
+    }
+
+    /// HTTP/2: drops the answers (their bodies, the upstream connections behind them, their
+    /// places in flight) that the client has left without flow-control credit for `idle`.
+    /// Returns how many, and when the next one would be due.
+    fn stalled_answers(&self, idle: Duration) -> (usize, Option<Instant>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = Instant::now();
+        let mut due = None::<Instant>;
+        let mut dropped = Vec::new();
+        lock(&self.answers).retain(|w| {
+            let Some(a) = w.upgrade() else { return false };
+            let since = a.waiting_ms.load(Relaxed);
+            if since == 0 {
+                return true;
+            }
+            let deadline = self.activity.opened + Duration::from_millis(since - 1) + idle;
+            if deadline > now {
+                due = Some(due.map_or(deadline, |d| d.min(deadline)));
+                return true;
+            }
+            if let Some(held) = lock(&a.held).take() {
+                dropped.push(held);
+            }
+            false
+        });
+        // (dropped outside the lock: a body's drop may do some work)
+        (dropped.len(), due)
     }
 
     /// The handler of an HTTP/1.1 request ended: the next bytes read begin the next head.
@@ -1188,19 +1264,20 @@ impl Gateway {
         self.tls.resolver.table.store(Arc::new(table));
     }
 
-    fn next_request_id(&self) -> String {
+    fn next_request_id(&self) -> HeaderValue {
         let n = self
             .id_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // "req-" + 8 hex digits of the prefix + 12 of the counter, without the formatter
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut id = String::with_capacity(24);
-        id.push_str("req-");
+        let mut id = [0u8; 24];
+        id[..4].copy_from_slice(b"req-");
         let value = (u128::from(self.id_prefix) << 48) | u128::from(n & 0xffff_ffff_ffff);
-        for i in (0..20).rev() {
-            id.push(HEX[((value >> (i * 4)) & 0xf) as usize] as char);
+        for (i, digit) in id[4..].iter_mut().rev().enumerate() {
+            *digit = HEX[((value >> (i * 4)) & 0xf) as usize];
         }
-        id
+        HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id))
+            .unwrap_or_else(|_| HeaderValue::from_static("req-"))
     }
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
@@ -1746,13 +1823,15 @@ impl Gateway {
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
         }
         if let Some(guard) = in_flight {
-            // an HTTP/2 request stays in flight while its answer streams
+            // an HTTP/2 request stays in flight while its answer streams, and the connection
+            // watches that the client takes it
             resp = resp.map(|inner| {
-                Guarded {
-                    inner,
-                    _guard: guard,
-                }
-                .boxed()
+                let answering = Arc::new(Answering {
+                    waiting_ms: std::sync::atomic::AtomicU64::new(conn.activity.ms_now()),
+                    held: Mutex::new(Some((inner, guard))),
+                });
+                conn.watch_answer(&answering);
+                Streamed(answering).boxed()
             });
         }
         if let Some((method, uri, version, ua)) = logged {
@@ -1848,13 +1927,18 @@ impl Gateway {
         let client =
             policy::client_address(peer.ip(), incoming_xff.as_deref(), &self.trusted_proxies);
         served.client = Some(client);
-        let request_id = req
+        // one value for the upstream request, the answer and problem documents: a client's
+        // (copied, so it pins none of the connection's buffers), or a new one
+        let request_id_value = req
             .headers()
             .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_string)
+            .map(HeaderValue::as_bytes)
+            .filter(|s| !s.is_empty() && s.len() <= 128 && s.iter().all(u8::is_ascii_graphic))
+            .and_then(|s| HeaderValue::from_bytes(s).ok())
             .unwrap_or_else(|| self.next_request_id());
+        // (all visible ASCII, checked or made so)
+        let request_id_text = request_id_value.clone();
+        let request_id = request_id_text.to_str().unwrap_or_default();
         let table = self.table.load_full();
         let host = req
             .uri()
@@ -1865,15 +1949,20 @@ impl Gateway {
                     .and_then(|v| v.to_str().ok())
                     .map(|h| split_host_port(h).0)
             })
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+            .unwrap_or_default();
+        // (copied only when it has capitals)
+        let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
         if req.headers().get_all(header::HOST).iter().count() > 1 || !host_is_valid(&host) {
             served.refusal = Some("bad-host");
             return problem(
                 StatusCode::BAD_REQUEST,
                 "bad-host",
                 "the request has no valid Host",
-                &request_id,
+                request_id,
             );
         }
         if let Some(t) = &conn.tls {
@@ -1885,12 +1974,12 @@ impl Gateway {
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected-request",
                     "this connection's certificate does not cover the requested host",
-                    &request_id,
+                    request_id,
                 );
             }
         }
         if served.want_host {
-            served.host = Some(host.clone());
+            served.host = Some(host.to_string());
         }
         // the URI shares its bytes: no copy of the path
         let uri = req.uri().clone();
@@ -1901,7 +1990,7 @@ impl Gateway {
                 StatusCode::BAD_REQUEST,
                 "bad-path",
                 "the request path is not normalised",
-                &request_id,
+                request_id,
             );
         }
         let Some(route) = table.lookup(&host, path).cloned() else {
@@ -1910,11 +1999,11 @@ impl Gateway {
                 StatusCode::NOT_FOUND,
                 "no-route",
                 "no API matches this host and path",
-                &request_id,
+                request_id,
             );
         };
         served.route = Some(route.clone());
-        if let Some(preflight) = cors_preflight(&route, &req, &request_id) {
+        if let Some(preflight) = cors_preflight(&route, &req, request_id) {
             return preflight;
         }
         let op_scopes: &[String] = match route.operation(req.method().as_str(), path, req.headers())
@@ -1927,7 +2016,7 @@ impl Gateway {
                     StatusCode::NOT_FOUND,
                     "no-route",
                     "no operation of this API matches the request",
-                    &request_id,
+                    request_id,
                 );
             }
             routes::OperationMatch::MethodNotAllowed(allowed) => {
@@ -1936,7 +2025,7 @@ impl Gateway {
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method-not-allowed",
                     "this operation does not accept the request's method",
-                    &request_id,
+                    request_id,
                 );
                 if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
                     r.headers_mut().insert(header::ALLOW, v);
@@ -1944,29 +2033,7 @@ impl Gateway {
                 return r;
             }
         };
-        let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
-            Ok(h) if served.consumer.is_some() => {
-                served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
-                h
-            }
-            Ok(h) => h,
-            Err(Refusal(status, slug, detail, headers)) => {
-                served.refusal = Some(slug);
-                let mut r = problem(status, slug, &detail, &request_id);
-                for (k, v) in headers {
-                    r.headers_mut().insert(k, v);
-                }
-                return r;
-            }
-        };
-        let rest = &path[if route.base_path == "/" {
-            0
-        } else {
-            route.base_path.len()
-        }..];
-        let rest = if rest.is_empty() { "/" } else { rest };
-        let query = req.uri().query().map(str::to_string);
-        // X-Forwarded-Host: the host the request was routed by (validated), with the port the
+        // X-Forwarded-Host (made before the policies, which may change the request): the host the request was routed by (validated), with the port the
         // client named, never a raw client header
         let port = req.uri().port_u16().map(|p| p.to_string()).or_else(|| {
             req.headers()
@@ -1986,8 +2053,28 @@ impl Gateway {
             }
             None => HeaderValue::from_str(&host).ok(),
         };
-        // one shared value for the upstream request and the answer
-        let request_id_value = HeaderValue::from_maybe_shared(Bytes::from(request_id.clone())).ok();
+        let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
+            Ok(h) if served.consumer.is_some() => {
+                served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+                h
+            }
+            Ok(h) => h,
+            Err(Refusal(status, slug, detail, headers)) => {
+                served.refusal = Some(slug);
+                let mut r = problem(status, slug, &detail, request_id);
+                for (k, v) in headers {
+                    r.headers_mut().insert(k, v);
+                }
+                return r;
+            }
+        };
+        let rest = &path[if route.base_path == "/" {
+            0
+        } else {
+            route.base_path.len()
+        }..];
+        let rest = if rest.is_empty() { "/" } else { rest };
+        let query = req.uri().query().map(str::to_string);
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
         let upgrade = upgrade_token(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -2042,9 +2129,7 @@ impl Gateway {
         if let Some(host) = original_host.filter(|_| !h.contains_key(&X_FORWARDED_HOST)) {
             h.insert(X_FORWARDED_HOST, host);
         }
-        if let Some(v) = request_id_value.clone() {
-            h.insert(X_REQUEST_ID, v);
-        }
+        h.insert(X_REQUEST_ID, request_id_value.clone());
         h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
 
         // Attempts: a retry goes to another target, and only when it is safe: the request has
@@ -2072,14 +2157,14 @@ impl Gateway {
                 if let Some((status, slug, detail)) = last_error {
                     // every target was tried: the last failure is the answer
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
-                    return problem(status, slug, detail, &request_id);
+                    return problem(status, slug, detail, request_id);
                 }
                 served.refusal = Some("no-healthy-target");
                 return problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream-unavailable",
                     "no upstream target is available",
-                    &request_id,
+                    request_id,
                 );
             };
             tried[n_tried] = idx;
@@ -2096,7 +2181,7 @@ impl Gateway {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "policy-unavailable",
                         "the upstream's TLS settings cannot be used",
-                        &request_id,
+                        request_id,
                     )
                 }
             };
@@ -2123,7 +2208,7 @@ impl Gateway {
                     StatusCode::BAD_REQUEST,
                     "bad-path",
                     "the request path cannot be forwarded",
-                    &request_id,
+                    request_id,
                 );
             };
             let last = n_tried >= max_attempts;
@@ -2245,7 +2330,7 @@ impl Gateway {
                 }
                 Err((status, slug, detail)) => {
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
-                    return problem(status, slug, detail, &request_id);
+                    return problem(status, slug, detail, request_id);
                 }
             }
         };
@@ -2327,7 +2412,7 @@ impl Gateway {
                 StatusCode::BAD_GATEWAY,
                 "upstream-failed",
                 "the upstream switched protocols unasked",
-                &request_id,
+                request_id,
             );
         }
         for p in &route.policies {
@@ -2348,9 +2433,7 @@ impl Gateway {
         parts
             .headers
             .append(header::VIA, HeaderValue::from_static("1.1 apim"));
-        if let Some(v) = request_id_value {
-            parts.headers.insert(X_REQUEST_ID, v);
-        }
+        parts.headers.insert(X_REQUEST_ID, request_id_value);
         for (k, v) in extra {
             if k == header::VARY {
                 parts.headers.append(k, v);
@@ -3005,8 +3088,15 @@ where
                 break c.activity.made_none().then_some(Duration::from_secs(1));
             }
             _ = tokio::time::sleep_until(check.into()) => {
+                // a client that leaves an answer without flow-control credit for the idle
+                // timeout loses it and the connection (nginx's send_timeout)
+                let (stalled, due) = c.stalled_answers(limits.idle_timeout);
+                if stalled > 0 {
+                    tracing::debug!(peer = %c.peer, stalled, "HTTP/2 connection closed: the client took no bytes of an answer within the idle timeout");
+                    break Some(limits.header_timeout);
+                }
                 match c.activity.deadline(limits.header_timeout, limits.idle_timeout) {
-                    Ok(next) => check = next,
+                    Ok(next) => check = due.map_or(next, |d| d.min(next)),
                     Err(true) => {
                         tracing::debug!(peer = %c.peer, "HTTP/2 connection closed: no request in time");
                         break Some(Duration::from_secs(1));
