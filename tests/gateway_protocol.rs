@@ -484,35 +484,69 @@ const H2_HEADERS: u8 = 0x1;
 const H2_GOAWAY: u8 = 0x7;
 const H2_END_STREAM: u8 = 0x1;
 
-/// Speaks HTTP/2 by prior knowledge on the gateway's plain port: asks `GET path` of `host` on
-/// stream 1 and records the frames that come back until the gateway closes the connection or
-/// `limit` passes (SETTINGS and PING are acknowledged, as a client must). `settings` is the
-/// payload of the client's SETTINGS frame; no WINDOW_UPDATE is ever sent.
-async fn h2_frames(port: u16, host: &str, path: &str, settings: &[u8], limit: Duration) -> Frames {
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.extend_from_slice(&[kind, flags]);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
+/// An HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A HEADERS frame that asks `GET path` of `host` on `stream` (and ends it).
+fn h2_get(stream: u32, host: &str, path: &str) -> Vec<u8> {
     // HPACK: :method GET, :scheme http (static indices), :path and :authority as literals
     let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
     block.extend_from_slice(path.as_bytes());
     block.extend_from_slice(&[0x41, host.len() as u8]);
     block.extend_from_slice(host.as_bytes());
+    h2_frame(H2_HEADERS, 0x4 | H2_END_STREAM, stream, &block)
+}
+
+/// A WINDOW_UPDATE frame granting `bytes` on `stream` (0: the connection).
+fn h2_window(stream: u32, bytes: u32) -> Vec<u8> {
+    h2_frame(0x8, 0, stream, &bytes.to_be_bytes())
+}
+
+/// Speaks HTTP/2 by prior knowledge on the gateway's plain port: the preface and a SETTINGS
+/// frame of `settings`, then each frame of `script` at its time from the start; records the
+/// frames that come back (time from the start, type, flags, stream) until the gateway closes
+/// the connection or `limit` passes. SETTINGS and PING are acknowledged, as a client must; no
+/// WINDOW_UPDATE is sent but the script's.
+async fn h2_session(
+    port: u16,
+    settings: &[u8],
+    script: Vec<(Duration, Vec<u8>)>,
+    limit: Duration,
+) -> Frames {
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let start = tokio::time::Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    hello.extend(frame(0x4, 0, 0, settings));
-    hello.extend(frame(H2_HEADERS, 0x4 | H2_END_STREAM, 1, &block));
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let sent = std::time::Instant::now();
-    s.write_all(&hello).await.unwrap();
+    hello.extend(h2_frame(0x4, 0, 0, settings));
+    tx.send(hello).unwrap();
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let scripted = tx.clone();
+    tokio::spawn(async move {
+        for (at, frame) in script {
+            tokio::time::sleep_until(start + at).await;
+            if scripted.send(frame).is_err() {
+                return;
+            }
+        }
+    });
     let mut frames = Vec::new();
     let mut buf = Vec::new();
-    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let mut chunk = [0u8; 16384];
-        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(start + limit, rd.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => n,
             _ => return frames, // closed, failed, or the limit
         };
@@ -526,17 +560,23 @@ async fn h2_frames(port: u16, host: &str, path: &str, settings: &[u8], limit: Du
             let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
             let payload = buf[9..9 + len].to_vec();
             buf.drain(..9 + len);
-            frames.push((sent.elapsed(), kind, flags, stream));
+            frames.push((start.elapsed(), kind, flags, stream));
             let ack = match (kind, flags & 0x1) {
-                (0x4, 0) => Some(frame(0x4, 0x1, 0, &[])),
-                (0x6, 0) => Some(frame(0x6, 0x1, 0, &payload)),
+                (0x4, 0) => Some(h2_frame(0x4, 0x1, 0, &[])),
+                (0x6, 0) => Some(h2_frame(0x6, 0x1, 0, &payload)),
                 _ => None,
             };
             if let Some(ack) = ack {
-                let _ = s.write_all(&ack).await;
+                let _ = tx.send(ack);
             }
         }
     }
+}
+
+/// [`h2_session`] that asks `GET path` of `host` on stream 1 at once.
+async fn h2_frames(port: u16, host: &str, path: &str, settings: &[u8], limit: Duration) -> Frames {
+    let ask = vec![(Duration::ZERO, h2_get(1, host, path))];
+    h2_session(port, settings, ask, limit).await
 }
 
 /// When stream 1's answer ended (a HEADERS or DATA frame with END_STREAM), and when the first
@@ -551,10 +591,12 @@ fn h2_times(frames: &Frames) -> (Option<Duration>, Option<Duration>) {
 }
 
 /// An HTTP/2 client that gives its streams no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE
-/// 0) and never opens one gets the answer's head and no byte of its body; after the idle
-/// timeout the gateway drops the answer, and with it the upstream connection that streams it,
-/// and closes the connection with a GOAWAY, instead of holding both for as long as the client
-/// likes.
+/// 0) and never opens one gets the answers' heads and no byte of their bodies; each answer is
+/// dropped once it has waited for the idle timeout, and with it the upstream connection that
+/// streams it, and the connection gets a GOAWAY and is closed, instead of holding both for as
+/// long as the client likes. A stream asked for later than the first is dropped in its turn
+/// (the connection is not held by it). A client that opens its window slowly but steadily
+/// keeps its answer, however large the upstream's chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_answers_given_no_window_are_dropped_after_the_idle_timeout() {
     use std::sync::{Arc, Mutex};
@@ -565,13 +607,13 @@ async fn http2_answers_given_no_window_are_dropped_after_the_idle_timeout() {
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     // an endless answer at /endless, which notes when the upstream's server lets go of it
     // (a short one elsewhere)
-    let released = Arc::new(Mutex::new(None::<Instant>));
+    let released = Arc::new(Mutex::new(Vec::<Instant>::new()));
     let mark = released.clone();
     let endless = http_upstream(move |req: hyper::Request<hyper::body::Incoming>| {
-        struct Released(Arc<Mutex<Option<Instant>>>);
+        struct Released(Arc<Mutex<Vec<Instant>>>);
         impl Drop for Released {
             fn drop(&mut self) {
-                *self.0.lock().unwrap() = Some(Instant::now());
+                self.0.lock().unwrap().push(Instant::now());
             }
         }
         let mark = (req.uri().path() == "/endless").then(|| Released(mark.clone()));
@@ -592,24 +634,25 @@ async fn http2_answers_given_no_window_are_dropped_after_the_idle_timeout() {
     publish(&n, "endless", endless, json!([])).await;
     let port = n.gateway_port;
     wait_routed(port, "endless.example").await;
+    const NO_WINDOW: [u8; 6] = [0, 4, 0, 0, 0, 0]; // SETTINGS_INITIAL_WINDOW_SIZE = 0
+    let host = "endless.example";
 
+    // two streams, asked for 1 s apart, never given a window
     let sent = Instant::now();
-    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0
-    let frames = h2_frames(
-        port,
-        "endless.example",
-        "/endless",
-        &[0, 4, 0, 0, 0, 0],
-        Duration::from_secs(20),
-    )
-    .await;
+    let ask = vec![
+        (Duration::ZERO, h2_get(1, host, "/endless")),
+        (Duration::from_secs(1), h2_get(3, host, "/endless")),
+    ];
+    let frames = h2_session(port, &NO_WINDOW, ask, Duration::from_secs(20)).await;
     let closed = sent.elapsed();
+    for stream in [1, 3] {
+        assert!(
+            frames.iter().any(|f| f.3 == stream && f.1 == H2_HEADERS),
+            "no answer head on stream {stream}: {frames:?}"
+        );
+    }
     assert!(
-        frames.iter().any(|f| f.3 == 1 && f.1 == H2_HEADERS),
-        "no answer head: {frames:?}"
-    );
-    assert!(
-        !frames.iter().any(|f| f.3 == 1 && f.1 == 0x0),
+        !frames.iter().any(|f| f.1 == 0x0),
         "data sent beyond the window: {frames:?}"
     );
     let (_, goaway) = h2_times(&frames);
@@ -622,21 +665,44 @@ async fn http2_answers_given_no_window_are_dropped_after_the_idle_timeout() {
         closed < Duration::from_secs(10),
         "the connection was held for {closed:?}"
     );
-    // the upstream's answer is let go of as well (its connection closed by the gateway)
+    // both upstream answers are let go of (their connections closed by the gateway), the
+    // second no sooner than the idle timeout after it was asked for
     let deadline = Instant::now() + Duration::from_secs(10);
-    let released_after = loop {
-        if let Some(at) = *released.lock().unwrap() {
-            break at.duration_since(sent);
-        }
+    while released.lock().unwrap().len() < 2 {
         assert!(
             Instant::now() < deadline,
-            "the upstream's answer is still held"
+            "an upstream answer is still held: {:?}",
+            released.lock().unwrap()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+    let last = released.lock().unwrap()[1].duration_since(sent);
     assert!(
-        released_after >= idle,
-        "the upstream was let go of after {released_after:?}, before the idle timeout"
+        last >= Duration::from_secs(1) + idle,
+        "the second answer was let go of after {last:?}"
+    );
+
+    // a slow reader: 8 KiB of window every 500 ms, less than the upstream's chunks in each
+    // idle timeout; it is still taking DATA after 5 s, with no GOAWAY nor reset
+    let mut ask = vec![(Duration::ZERO, h2_get(1, host, "/endless"))];
+    for i in 1..=12 {
+        let mut grant = h2_window(1, 8192);
+        grant.extend(h2_window(0, 8192));
+        ask.push((Duration::from_millis(500 * i), grant));
+    }
+    let frames = h2_session(port, &NO_WINDOW, ask, Duration::from_millis(6500)).await;
+    let last_data = frames
+        .iter()
+        .filter(|f| f.3 == 1 && f.1 == 0x0)
+        .map(|f| f.0)
+        .max();
+    assert!(
+        last_data.is_some_and(|t| t > Duration::from_secs(5)),
+        "the slow reader's answer stopped at {last_data:?}: {frames:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f.1 == H2_GOAWAY || f.1 == 0x3),
+        "the slow reader was cut: {frames:?}"
     );
 }
 

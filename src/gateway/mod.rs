@@ -135,8 +135,21 @@ struct Answering {
     /// answer's head or a frame of its body without pulling the next one (it waits for the
     /// client's window); 0 while it pulls, or while the body waits for the upstream.
     waiting_ms: std::sync::atomic::AtomicU64,
-    held: Mutex<Option<(Body, InFlight)>>,
+    held: Mutex<Option<Held>>,
 }
+
+/// What an [`Answering`] holds until the answer is sent or dropped.
+struct Held {
+    body: Body,
+    guard: InFlight,
+    /// The rest of the body's last data frame: hyper is given at most `PULL` bytes at a time,
+    /// so it pulls again each time the client has taken that much (a client that reads slowly
+    /// but steadily keeps its answer, however large the upstream's chunks).
+    rest: Bytes,
+}
+
+/// The most bytes of an HTTP/2 answer handed to hyper at once (one default-sized frame).
+const PULL: usize = 16 * 1024;
 
 /// The body hyper sends of an [`Answering`].
 struct Streamed(Arc<Answering>);
@@ -153,30 +166,51 @@ impl hyper::body::Body for Streamed {
         let a = &*self.0;
         a.waiting_ms.store(0, Relaxed);
         let mut held = lock(&a.held);
-        let Some((body, guard)) = held.as_mut() else {
+        let Some(h) = held.as_mut() else {
             return std::task::Poll::Ready(Some(Err(
                 "the client took none of the answer within the idle timeout".into(),
             )));
         };
-        let r = std::pin::Pin::new(body).poll_frame(cx);
-        if matches!(&r, std::task::Poll::Ready(Some(Ok(f))) if f.is_data()) {
-            // hyper pulls the next frame once this one is sent
-            a.waiting_ms.store(guard.0.activity.ms_now(), Relaxed);
+        let data = if h.rest.is_empty() {
+            match std::pin::Pin::new(&mut h.body).poll_frame(cx) {
+                std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => return std::task::Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        } else {
+            std::mem::take(&mut h.rest)
+        };
+        let mut data = data;
+        if data.len() > PULL {
+            h.rest = data.split_off(PULL);
         }
-        r
+        // hyper pulls the next frame once the client has taken this one
+        a.waiting_ms.store(h.guard.0.activity.ms_now(), Relaxed);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        // (a dropped answer is not ended: hyper polls it, gets the error and resets the stream)
+        // (a dropped answer is not ended, so it is never taken for a whole one)
         lock(&self.0.held)
             .as_ref()
-            .is_some_and(|(body, _)| body.is_end_stream())
+            .is_some_and(|h| h.rest.is_empty() && h.body.is_end_stream())
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         lock(&self.0.held)
             .as_ref()
-            .map(|(body, _)| body.size_hint())
+            .map(|h| {
+                let mut hint = h.body.size_hint();
+                let rest = h.rest.len() as u64;
+                // (the upper bound first: a lower bound above it would panic)
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper.saturating_add(rest));
+                }
+                hint.set_lower(hint.lower().saturating_add(rest));
+                hint
+            })
             .unwrap_or_default()
     }
 }
@@ -472,12 +506,17 @@ impl Conn {
                 due = Some(due.map_or(deadline, |d| d.min(deadline)));
                 return true;
             }
-            if let Some(held) = lock(&a.held).take() {
-                dropped.push(held);
+            let mut held = lock(&a.held);
+            // (unless hyper pulled again meanwhile)
+            if a.waiting_ms.load(Relaxed) != since {
+                return true;
+            }
+            if let Some(taken) = held.take() {
+                dropped.push(taken);
             }
             false
         });
-        // (dropped outside the lock: a body's drop may do some work)
+        // (the bodies are dropped outside the list's lock: a body's drop may do some work)
         (dropped.len(), due)
     }
 
@@ -1828,7 +1867,11 @@ impl Gateway {
             resp = resp.map(|inner| {
                 let answering = Arc::new(Answering {
                     waiting_ms: std::sync::atomic::AtomicU64::new(conn.activity.ms_now()),
-                    held: Mutex::new(Some((inner, guard))),
+                    held: Mutex::new(Some(Held {
+                        body: inner,
+                        guard,
+                        rest: Bytes::new(),
+                    })),
                 });
                 conn.watch_answer(&answering);
                 Streamed(answering).boxed()
@@ -3113,13 +3156,20 @@ where
     let Some(linger) = linger else {
         return conn.await;
     };
+    let mut lingered = Instant::now() + linger;
     loop {
+        // answers still in flight stay watched: another stalled one is dropped when due
+        let (_, due) = c.stalled_answers(limits.idle_timeout);
+        let wake = due.map_or(lingered, |d| d.min(lingered));
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = tokio::time::sleep(linger) => {
-                // a request that came as the GOAWAY went out finishes first
-                if !c.activity.busy() {
-                    return Ok(());
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if Instant::now() >= lingered {
+                    // a request that came as the GOAWAY went out finishes first
+                    if !c.activity.busy() {
+                        return Ok(());
+                    }
+                    lingered = Instant::now() + linger;
                 }
             }
         }
