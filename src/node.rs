@@ -294,7 +294,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 })
                 .await;
                 match res {
-                    Ok(Ok(_)) => {
+                    Ok(Ok(())) => {
                         if checkpoint {
                             last_checkpoint = Instant::now();
                         }

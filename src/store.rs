@@ -415,9 +415,9 @@ impl StateMachine {
     }
 
     /// Makes the applied state and the audit segments durable; writes a signed checkpoint when
-    /// `checkpoint_time` is given and records were added since the last one. `false` when
-    /// there was nothing to do (no file touched).
-    pub fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<bool> {
+    /// `checkpoint_time` is given and records were added since the last one. With nothing to
+    /// do, it touches no file.
+    pub fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
         self.inner.flush(checkpoint_time)
     }
 
@@ -435,10 +435,10 @@ impl StateMachine {
 impl SmInner {
     /// Holds the segment lock across the durable commit, the segment fsync and the checkpoint,
     /// so a checkpoint never covers a record that is not yet durable in the store.
-    /// Returns whether there was anything to make durable: with nothing applied since the last
-    /// flush, the segments not lagging and no checkpoint due (none asked, or none that would
-    /// sign a record the last one does not), it touches no file.
-    fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<bool> {
+    /// With nothing applied since the last flush, the segments not lagging and no checkpoint
+    /// due (none asked, or none that would sign a record the last one does not), it touches no
+    /// file.
+    fn flush(&self, checkpoint_time: Option<&str>) -> anyhow::Result<()> {
         let mut sink = lock(&self.audit);
         // An apply sets the flag after its segment append: one that is still between its commit
         // and its append when this swap reads `false` sets it for the next flush.
@@ -446,13 +446,13 @@ impl SmInner {
         let checkpoint_due =
             checkpoint_time.is_some() && sink.writer.as_ref().is_some_and(|w| w.checkpoint_due());
         if !pending && !sink.lagging && !checkpoint_due {
-            return Ok(false);
+            return Ok(());
         }
         let flushed = self.flush_locked(&mut sink, checkpoint_time);
         if flushed.is_err() {
             self.unflushed.store(true, Ordering::SeqCst);
         }
-        flushed.map(|()| true)
+        flushed
     }
 
     fn flush_locked(

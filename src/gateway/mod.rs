@@ -118,9 +118,7 @@ impl Drop for InFlight {
         use std::sync::atomic::Ordering::Relaxed;
         let a = &self.0.activity;
         // rounded up: the idle time is never counted from before the request's end
-        let ms = a.opened.elapsed().as_millis().saturating_add(1);
-        a.last_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+        a.last_ms.store(a.ms_now(), Relaxed);
         a.in_flight.fetch_sub(1, Relaxed);
     }
 }
@@ -171,7 +169,7 @@ impl hyper::body::Body for Streamed {
                 "the client took none of the answer within the idle timeout".into(),
             )));
         };
-        let data = if h.rest.is_empty() {
+        let mut data = if h.rest.is_empty() {
             match std::pin::Pin::new(&mut h.body).poll_frame(cx) {
                 std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => data,
@@ -182,7 +180,6 @@ impl hyper::body::Body for Streamed {
         } else {
             std::mem::take(&mut h.rest)
         };
-        let mut data = data;
         if data.len() > PULL {
             h.rest = data.split_off(PULL);
         }
@@ -239,9 +236,7 @@ impl Activity {
     fn bytes_read(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         if self.awaiting_head.load(Relaxed) && self.head_from_ms.load(Relaxed) == 0 {
-            let ms = self.opened.elapsed().as_millis().saturating_add(1);
-            self.head_from_ms
-                .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+            self.head_from_ms.store(self.ms_now(), Relaxed);
         }
     }
 
@@ -323,15 +318,15 @@ impl hyper::body::Body for Answer {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-        let polled = match self.get_mut() {
-            Answer::Plain(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
-            Answer::Tls(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
-        };
-        polled
+        fn boxed<E: std::error::Error + Send + Sync + 'static>(
+            polled: std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, E>>>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+            polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+        }
+        match self.get_mut() {
+            Answer::Plain(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
+            Answer::Tls(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -366,17 +361,20 @@ struct Judge {
 /// gives no verdict.
 struct Judged {
     inner: Answer,
+    /// Taken by the verdict.
     judge: Option<Judge>,
     /// Bytes still to deliver, when the answer announced its length.
     left: Option<u64>,
 }
 
 impl Judged {
-    fn new(inner: Answer, judge: Option<Judge>) -> Judged {
-        let left = judge
-            .as_ref()
-            .and_then(|_| hyper::body::Body::size_hint(&inner).exact());
-        Judged { inner, judge, left }
+    fn new(inner: Answer, judge: Judge) -> Judged {
+        let left = hyper::body::Body::size_hint(&inner).exact();
+        Judged {
+            inner,
+            judge: Some(judge),
+            left,
+        }
     }
 
     fn verdict(&mut self, failed: bool) {
@@ -1980,8 +1978,7 @@ impl Gateway {
             .and_then(|s| HeaderValue::from_bytes(s).ok())
             .unwrap_or_else(|| self.next_request_id());
         // (all visible ASCII, checked or made so)
-        let request_id_text = request_id_value.clone();
-        let request_id = request_id_text.to_str().unwrap_or_default();
+        let request_id = request_id_value.to_str().unwrap_or_default();
         let table = self.table.load_full();
         let host = req
             .uri()
@@ -2076,8 +2073,9 @@ impl Gateway {
                 return r;
             }
         };
-        // X-Forwarded-Host (made before the policies, which may change the request): the host the request was routed by (validated), with the port the
-        // client named, never a raw client header
+        // X-Forwarded-Host (made before the policies, which may change the request): the host
+        // the request was routed by (validated), with the port the client named, never a raw
+        // client header
         let port = req.uri().port_u16().map(|p| p.to_string()).or_else(|| {
             req.headers()
                 .get(header::HOST)
@@ -2313,11 +2311,7 @@ impl Gateway {
                     let bad = matches!(r.status().as_u16(), 502..=504);
                     if bad || attempt_state.is_trial() || hyper::body::Body::is_end_stream(r.body())
                     {
-                        (
-                            Some(bad),
-                            false,
-                            Ok(r.map(|b| Judged::new(b, None).boxed())),
-                        )
+                        (Some(bad), false, Ok(r.map(|b| b.boxed())))
                     } else {
                         let judge = Judge {
                             gateway: self.clone(),
@@ -2328,7 +2322,7 @@ impl Gateway {
                             // client's body when the answer breaks: the client may be the cause
                             blame_errors: bodyless || tls_client.is_none(),
                         };
-                        let r = r.map(|b| Judged::new(b, Some(judge)).boxed());
+                        let r = r.map(|b| Judged::new(b, judge).boxed());
                         break r;
                     }
                 }

@@ -283,7 +283,6 @@ mod tests {
             "begun on an ejected target: not counted"
         );
         assert_eq!(s.availability(1_000_000_001), Availability::Trial);
-        assert_eq!(s.availability(1_000_000_001), Availability::Trial);
         // a failed trial ejects again at once
         s.trial.store(true, Ordering::Relaxed);
         assert!(s.begin(true).failure(1_000_000_001, &rule));
