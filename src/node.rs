@@ -519,14 +519,42 @@ async fn start_gateway(
     }
     tokio::spawn(gateway.clone().run_health_checks(stop.clone()));
     tokio::spawn(gateway.clone().run_jwks_refresh(stop.clone()));
-    let drained = crate::gateway::start_workers(gateway.clone(), listeners, stop.clone(), limits)
-        .context("cannot start the gateway's worker threads")?;
     // Usage metering: flushed into the replicated state every interval, and once more after
     // the listeners have drained. Batches are numbered after the last one the state applied.
     let node_id = cfg.node_id;
-    gateway
+    let own_after = gateway
         .usage
         .start_batches_after(reader.read(|kv| crate::state::last_usage_batch(kv, node_id))?);
+    // Quotas count from the replicated usage counters: told of every batch applied from now on,
+    // then read, before the first request (gateway::quota).
+    gateway.quotas.set_own(node_id, own_after);
+    {
+        let (quotas, reader) = (Arc::downgrade(&gateway), reader.clone());
+        sm.on_usage(Arc::new(move |applied| {
+            let Some(gateway) = quotas.upgrade() else {
+                return;
+            };
+            match applied {
+                crate::store::UsageApplied::Batch {
+                    node,
+                    batch,
+                    entries,
+                } => gateway.quotas.applied(node, batch, entries),
+                crate::store::UsageApplied::Replaced => {
+                    if let Err(e) = gateway.quotas.reload(&reader) {
+                        tracing::error!(error = %e, "cannot read the usage counters after a snapshot; quotas count what they counted before");
+                    }
+                }
+            }
+        }));
+    }
+    let counters = gateway
+        .quotas
+        .reload(reader)
+        .context("cannot read the usage counters the quotas count from")?;
+    tracing::debug!(counters, "quota counters read");
+    let drained = crate::gateway::start_workers(gateway.clone(), listeners, stop.clone(), limits)
+        .context("cannot start the gateway's worker threads")?;
     {
         let (gateway, cluster, mut stop) = (gateway.clone(), cluster.clone(), stop.clone());
         let every = Duration::from_secs(cfg.gateway.usage_flush_seconds);

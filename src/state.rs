@@ -10,7 +10,7 @@
 use crate::audit::{self, Outcome as AuditOutcome, Record, Sealed};
 use crate::model::{Kind, Object, ObjectMeta, Role, Spec};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Error of the underlying store (IO, corruption). Not a business outcome.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +181,34 @@ pub fn last_usage_batch(kv: &dyn KvRead, node: u64) -> Result<u64, StoreError> {
         Some(v) => serde_json::from_slice(&v).unwrap_or(0),
         None => 0,
     })
+}
+
+/// The last usage batch applied from every node that wrote one.
+pub fn usage_batches(kv: &dyn KvRead) -> Result<HashMap<u64, u64>, StoreError> {
+    let prefix = "m/usage_batch/";
+    let mut out = HashMap::new();
+    for (key, value) in kv.scan_prefix(prefix)? {
+        if let Ok(node) = key[prefix.len()..].parse::<u64>() {
+            out.insert(node, serde_json::from_slice(&value).unwrap_or(0));
+        }
+    }
+    Ok(out)
+}
+
+/// The usage counters of every tenant from hour `from` on (the tenants found by skipping from
+/// one to the next, each read as [`usage`] reads it).
+pub fn usage_since(kv: &dyn KvRead, from: i64) -> Result<Vec<UsageEntry>, StoreError> {
+    let (prefix, end) = ("u/", prefix_end("u/"));
+    let mut out = Vec::new();
+    let mut cursor = prefix.to_string();
+    while let Some((key, _)) = kv.scan_range(&cursor, &end, 1)?.pop() {
+        let Some(tenant) = key[prefix.len()..].split('/').next() else {
+            break;
+        };
+        out.extend(usage(kv, tenant, None, (from, i64::MAX))?);
+        cursor = prefix_end(&format!("{prefix}{tenant}/"));
+    }
+    Ok(out)
 }
 
 /// Key of a usage counter: `u/{tenant}/{consumer}/{hour, 10 digits}/{api}` (a consumer's hours
@@ -1616,6 +1644,39 @@ mod tests {
         let rows = usage(&kv, "acme", Some("app"), (0, i64::MAX)).unwrap();
         assert_eq!(rows[0].counts.requests, 6);
         assert!(usage(&kv, "acme", None, (0, 492_999)).unwrap().is_empty());
+        // every tenant's counters from an hour on, and every node's last batch (the quotas')
+        let other = |tenant: &str, hour| UsageEntry {
+            tenant: tenant.into(),
+            hour,
+            ..entry(1)
+        };
+        kv.run(
+            6,
+            &Command::RecordUsage {
+                node: 2,
+                batch: 40,
+                entries: vec![
+                    other("beta", 493_001),
+                    other("beta", 492_000),
+                    other("zed", 493_005),
+                ],
+            },
+        );
+        let mut since: Vec<(String, i64)> = usage_since(&kv, 493_000)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.tenant, e.hour))
+            .collect();
+        since.sort();
+        assert_eq!(
+            since,
+            [("acme", 493_000), ("beta", 493_001), ("zed", 493_005)]
+                .map(|(t, h)| (t.to_string(), h))
+        );
+        assert_eq!(
+            usage_batches(&kv).unwrap(),
+            HashMap::from([(1, 6), (2, 40)])
+        );
     }
 
     /// A store that counts the entries its scans return.

@@ -332,9 +332,25 @@ struct AuditSink {
     lagging: bool,
 }
 
+/// Usage the applied state took in, told to the gateway's quotas (`StateMachine::on_usage`).
+pub enum UsageApplied<'a> {
+    /// A `RecordUsage` batch, applied (one already applied is not told again).
+    Batch {
+        node: u64,
+        batch: u64,
+        entries: &'a [state::UsageEntry],
+    },
+    /// A snapshot replaced the whole state: counters are to be read again.
+    Replaced,
+}
+
+/// Told, after the commit, of every usage batch applied and every snapshot installed.
+pub type UsageSink = Arc<dyn Fn(UsageApplied<'_>) + Send + Sync>;
+
 struct SmInner {
     /// Bumped after each applied batch that changed what the gateway serves.
     gateway_changes: tokio::sync::watch::Sender<u64>,
+    usage_sink: Mutex<Option<UsageSink>>,
     db: Database,
     audit: Mutex<AuditSink>,
     audit_dir: PathBuf,
@@ -388,6 +404,7 @@ impl StateMachine {
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", audit_dir.display()))?;
         let inner = SmInner {
             gateway_changes: tokio::sync::watch::Sender::new(0),
+            usage_sink: Mutex::new(None),
             db,
             audit: Mutex::new(AuditSink {
                 writer: None,
@@ -429,6 +446,12 @@ impl StateMachine {
     /// plans, subscriptions, keys).
     pub fn gateway_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.gateway_changes.subscribe()
+    }
+
+    /// Tells `sink` of every usage batch applied from now on, and of every snapshot installed
+    /// (replacing the sink set before).
+    pub fn on_usage(&self, sink: UsageSink) {
+        *lock(&self.inner.usage_sink) = Some(sink);
     }
 }
 
@@ -535,6 +558,8 @@ impl SmInner {
         let mut responses = Vec::with_capacity(entries.len());
         let mut sealed_all: Vec<Sealed> = Vec::new();
         let mut gateway_dirty = false;
+        // (node, batch, entries) of the usage batches applied, told once committed
+        let mut usage_applied = Vec::new();
         {
             let mut kv = tx.open_table(KV).map_err(write_sm_err)?;
             let mut meta = tx.open_table(SM_META).map_err(write_sm_err)?;
@@ -588,6 +613,17 @@ impl SmInner {
                             sealed_all.push(s);
                         }
                         responses.push(applied.response.unwrap_or(Response::Noop));
+                        if let state::Command::RecordUsage {
+                            node,
+                            batch,
+                            entries,
+                        } = cmd
+                        {
+                            // (a batch applied before writes nothing, not even its number)
+                            if !applied.writes.is_empty() {
+                                usage_applied.push((node, batch, entries));
+                            }
+                        }
                     }
                 }
             }
@@ -595,6 +631,17 @@ impl SmInner {
         tx.commit().map_err(write_sm_err)?;
         if gateway_dirty {
             self.gateway_changes.send_modify(|n| *n += 1);
+        }
+        if !usage_applied.is_empty() {
+            if let Some(sink) = lock(&self.usage_sink).clone() {
+                for (node, batch, entries) in &usage_applied {
+                    sink(UsageApplied::Batch {
+                        node: *node,
+                        batch: *batch,
+                        entries,
+                    });
+                }
+            }
         }
         if !sealed_all.is_empty() {
             let mut sink = lock(&self.audit);
@@ -780,6 +827,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             tx.commit().map_err(write_sm_err)?;
             inner.gateway_changes.send_modify(|n| *n += 1);
+            if let Some(sink) = lock(&inner.usage_sink).clone() {
+                sink(UsageApplied::Replaced);
+            }
             Ok(())
         })
         .await

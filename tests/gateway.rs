@@ -821,3 +821,99 @@ async fn usage_is_metered_per_consumer_api_and_hour() {
         stdout(&out)
     );
 }
+
+/// Waits until the replicated usage counters hold `want` requests of consumer `app`.
+async fn metered(n: &Node, tenant: &str, want: u64) {
+    let mut used = Value::Null;
+    for _ in 0..100 {
+        used = n
+            .admin(
+                Method::GET,
+                &format!("/admin/v1/tenants/{tenant}/usage?consumer=app"),
+                None,
+            )
+            .await
+            .body;
+        if used["totals"]["requests"] == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used["totals"]["requests"], want, "{used}");
+}
+
+/// A plan's quota counts from the replicated usage counters: a node killed and started again
+/// still knows what the consumer used today, and this month.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_count_from_the_replicated_usage_and_survive_a_crash() {
+    let up = echo_upstream().await;
+    let mut n = Node::start_with("[gateway]\nusage_flush_seconds = 1\n").await;
+    let t = "/admin/v1/tenants/acme";
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    created(
+        &n,
+        &format!("{t}/plans"),
+        json!({"name": "daily", "quota": {"per_day": 4}}),
+    )
+    .await;
+    created(
+        &n,
+        &format!("{t}/plans"),
+        json!({"name": "monthly", "quota": {"per_day": 100, "per_month": 2}}),
+    )
+    .await;
+    for (api, host) in [("pay", "pay.example"), ("info", "info.example")] {
+        publish(
+            &n,
+            "acme",
+            json!({"name": api, "version": "v1", "hosts": [host], "base_path": "/",
+            "upstream": {"targets": [{"url": format!("http://{up}")}]},
+            "policies": [{"type": "api-key"}]}),
+        )
+        .await;
+    }
+    created(&n, &format!("{t}/consumers"), json!({"name": "app"})).await;
+    for (api, plan) in [("pay", "daily"), ("info", "monthly")] {
+        created(
+            &n,
+            &format!("{t}/subscriptions"),
+            json!({"consumer": "app", "api": api, "plan": plan, "status": "active"}),
+        )
+        .await;
+    }
+    let (key, _) = key_for(&n, "acme", "app").await;
+    let gw = Gw::new(&n);
+    assert_eq!(gw.until("pay.example", "/", Some(&key), 200).await.0, 200);
+    for _ in 0..2 {
+        assert_eq!(gw.get("pay.example", "/", Some(&key)).await.0, 200);
+    }
+    assert_eq!(gw.until("info.example", "/", Some(&key), 200).await.0, 200);
+    // flushed into the replicated state: 3 requests on `pay`, 1 on `info`
+    metered(&n, "acme", 4).await;
+    // the node's own flushed batch is not counted twice (1 of 2 this month used on `info`)
+    assert_eq!(gw.get("info.example", "/", Some(&key)).await.0, 200);
+    metered(&n, "acme", 5).await;
+
+    // SIGKILL: nothing more is flushed, and the gateway's memory is gone
+    n.kill();
+    n.boot().await;
+    let gw = Gw::new(&n);
+    // one request of the four a day is left on `pay`; `info`'s two a month are used
+    assert_eq!(gw.until("pay.example", "/", Some(&key), 200).await.0, 200);
+    for (host, bound) in [("pay.example", 86_400), ("info.example", 31 * 86_400)] {
+        let (s, h, b) = gw.get(host, "/", Some(&key)).await;
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (429, Some("urn:apim:problem:gateway:quota-exceeded")),
+            "{host}: {b}"
+        );
+        let retry: u64 = h
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("retry-after");
+        assert!((1..=bound).contains(&retry), "{host}: {retry}");
+    }
+    // refused requests are neither counted nor metered
+    metered(&n, "acme", 6).await;
+}

@@ -10,6 +10,7 @@ pub mod access;
 pub mod h1;
 pub mod jwks;
 pub mod policy;
+pub mod quota;
 pub mod routes;
 pub mod splice;
 pub mod tls;
@@ -550,7 +551,8 @@ pub struct Gateway {
     /// GCRA state per (tenant, API, consumer, limit).
     rate: Mutex<HashMap<String, u64>>,
     /// Quota counters per (tenant, API, consumer, window): (window index, count).
-    quota: Mutex<HashMap<String, (i64, u64)>>,
+    /// Plan quotas, counted from the replicated usage counters (`quota`).
+    pub quotas: quota::Quotas,
     client: Client<HttpConnector, Body>,
     timeouts: UpstreamTimeouts,
     started: Instant,
@@ -1044,7 +1046,7 @@ impl Gateway {
         Ok(Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             rate: Mutex::new(HashMap::new()),
-            quota: Mutex::new(HashMap::new()),
+            quotas: quota::Quotas::default(),
             client,
             timeouts,
             started: Instant::now(),
@@ -1704,28 +1706,37 @@ impl Gateway {
         let Some(plan) = plan else {
             return Ok(());
         };
-        let mut base =
-            String::with_capacity(route.tenant.len() + route.api.len() + consumer.len() + 8);
-        for part in [
-            route.tenant.as_str(),
-            "/",
-            route.api.as_str(),
-            "/",
-            consumer,
-        ] {
-            base.push_str(part);
-        }
         if let Some(rl) = &plan.rate_limit {
-            let mut key = base.clone();
-            key.push_str("/plan");
+            let mut key =
+                String::with_capacity(route.tenant.len() + route.api.len() + consumer.len() + 8);
+            for part in [
+                route.tenant.as_str(),
+                "/",
+                route.api.as_str(),
+                "/",
+                consumer,
+                "/plan",
+            ] {
+                key.push_str(part);
+            }
             self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer_headers)?;
         }
         if let Some(q) = &plan.quota {
-            if let Some(limit) = q.per_day {
-                self.quota(&format!("{base}/day"), limit, day_window(now))?;
-            }
-            if let Some(limit) = q.per_month {
-                self.quota(&format!("{base}/month"), limit, month_window(now))?;
+            let who = (route.tenant.as_str(), route.api.as_str(), consumer);
+            if let Err(exceeded) = self.quotas.admit(who, q.per_day, q.per_month, now) {
+                let left = match exceeded {
+                    quota::Exceeded::Day(s) | quota::Exceeded::Month(s) => s,
+                };
+                let mut r = refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "quota-exceeded",
+                    "the plan's quota for this period is used up",
+                );
+                let mut digits = [0u8; 20];
+                if let Ok(v) = HeaderValue::from_str(access::digits(left, &mut digits)) {
+                    r.3.push((header::RETRY_AFTER, v));
+                }
+                return Err(r);
             }
         }
         Ok(())
@@ -1795,31 +1806,6 @@ impl Gateway {
         }
     }
 
-    fn quota(&self, key: &str, limit: u64, (window, left_secs): (i64, u64)) -> Result<(), Refusal> {
-        let mut m = self.quota.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() > 100_000 {
-            m.retain(|_, (w, _)| *w >= window - 1);
-        }
-        let slot = m.entry(key.to_string()).or_insert((window, 0));
-        if slot.0 != window {
-            *slot = (window, 0);
-        }
-        if slot.1 >= limit {
-            let mut r = refuse(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota-exceeded",
-                "the plan's quota for this period is used up",
-            );
-            if let Ok(v) = HeaderValue::from_str(&left_secs.to_string()) {
-                r.3.push((header::RETRY_AFTER, v));
-            }
-            return Err(r);
-        }
-        slot.1 += 1;
-        Ok(())
-    }
-
-    /// Handles one request end to end.
     /// Handles one request end to end and writes its access-log line (target
     /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
     pub async fn handle(

@@ -87,10 +87,13 @@ impl Meter {
 
     /// Numbers batches after `last` (the last batch of this node the state has applied, and
     /// never below the current time in milliseconds, so numbers grow across restarts).
-    pub fn start_batches_after(&self, last: u64) {
+    /// Returns the number after which batches are this process's.
+    pub fn start_batches_after(&self, last: u64) -> u64 {
         let now = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(0);
-        *self.batch.lock().unwrap_or_else(|p| p.into_inner()) = last.max(now);
+        let first = last.max(now);
+        *self.batch.lock().unwrap_or_else(|p| p.into_inner()) = first;
+        first
     }
 
     /// The next batch to write: the one a failed flush left, or a new one of everything counted
