@@ -908,3 +908,192 @@ async fn a_tls_client_that_stops_reading_is_cut_after_the_idle_timeout() {
     assert!(ended.is_ok(), "the stalled answer was never cut off");
     assert!(got < BIG, "the whole answer came: {got} bytes");
 }
+
+/// An HTTPS upstream speaking HTTP/1.1 that answers `200 ok` as soon as it has a request head,
+/// then reads what else comes until the gateway closes the connection; it tells `closed`, for
+/// each connection that carried a POST, how long after its answer the connection ended.
+async fn answer_first_upstream(
+    server: &(String, String),
+    closed: tokio::sync::mpsc::UnboundedSender<Duration>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        CertificateDer::pem_slice_iter(server.0.as_bytes())
+            .map(|c| c.unwrap())
+            .collect(),
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, closed) = (acceptor.clone(), closed.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 16 * 1024];
+                let mut answered = None;
+                loop {
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // every complete head is answered at once (keep-alive GETs included);
+                    // `GET /stall` gets 7 bytes of the 100 its head announces, and no more
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let post = seen.starts_with(b"POST");
+                        let answer: &[u8] = if seen.starts_with(b"GET /stall ") {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        seen.drain(..end + 4);
+                        if tls.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if post {
+                            answered = Some(std::time::Instant::now());
+                            // the rest is the POST's body: read, never parsed
+                            seen.clear();
+                            break;
+                        }
+                    }
+                    if answered.is_some() {
+                        seen.clear();
+                    }
+                }
+                if let Some(at) = answered {
+                    let _ = closed.send(at.elapsed());
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client that stops sending its request body once the answer has come does not hold the
+/// HTTPS upstream's connection (hyper's client pulls the body in its own task, past the
+/// answer): the body is cut after the idle timeout, and the upstream connection closed. An
+/// HTTPS upstream that stops sending its answer's body does not hold the client: the answer
+/// is cut after the upstream response timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_bodies_that_stop_coming_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let n = Node::start_with(
+        "[gateway]\nidle_timeout_seconds = 2\nupstream_response_timeout_seconds = 3\n",
+    )
+    .await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    let upstream_ca = ca("internal services CA");
+    let server = leaf(
+        &upstream_ca,
+        &["upstream.internal"],
+        &[(DnType::CommonName, "svc")],
+        30,
+    );
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let up = answer_first_upstream(&server, closed_tx).await;
+    created(
+        &n,
+        "/admin/v1/tenants/acme/apis",
+        json!({
+            "name": "stall", "version": "v1", "hosts": ["stall.example"], "base_path": "/",
+            "lifecycle": "published",
+            "upstream": {"targets": [{"url": format!("https://{up}")}],
+                         "tls": {"ca_bundle": upstream_ca.pem, "server_name": "upstream.internal"}},
+        }),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/", n.gateway_port);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = http
+            .get(&url)
+            .header("host", "stall.example")
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(status, 200, "the API is routed");
+
+    // a body of 1 MB announced, 10 bytes sent, then silence (the socket stays open)
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
+    c.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: stall.example\r\nContent-Length: 1000000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"ok") {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the answer comes")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let after = tokio::time::timeout(Duration::from_secs(15), closed.recv())
+        .await
+        .expect("the upstream connection is closed within the idle timeout, not held")
+        .expect("a POST connection ended");
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(8),
+        "closed {after:?} after the answer (idle timeout 2 s)"
+    );
+    drop(c);
+
+    // the answer's body stops after 7 of its 100 bytes: the client's connection is closed
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
+    c.write_all(b"GET /stall HTTP/1.1\r\nHost: stall.example\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(15), c.read(&mut buf))
+            .await
+            .expect("the stalled answer is cut, not held")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("partial"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "cut after {:?}, not before the response timeout (3 s)",
+        started.elapsed()
+    );
+}

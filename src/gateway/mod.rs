@@ -308,7 +308,7 @@ impl Activity {
 /// An upstream's answer body: from the plain HTTP/1.1 client, or hyper's (HTTPS upstreams).
 enum Answer {
     Plain(h1::UpBody),
-    Tls(Incoming),
+    Tls(Idle<Incoming>),
 }
 
 impl hyper::body::Body for Answer {
@@ -326,7 +326,7 @@ impl hyper::body::Body for Answer {
         }
         match self.get_mut() {
             Answer::Plain(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
-            Answer::Tls(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
+            Answer::Tls(b) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -342,6 +342,79 @@ impl hyper::body::Body for Answer {
             Answer::Plain(b) => b.size_hint(),
             Answer::Tls(b) => b.size_hint(),
         }
+    }
+}
+
+/// A body that fails when none of it comes for `idle`, for the bodies hyper's client (HTTPS
+/// targets) moves: the request body, which it pulls in its own connection task, past the
+/// answer (without this bound a client that stops sending would hold the upstream connection
+/// for as long as it kept its own open), and the answer's body (an upstream that stops
+/// sending would hold the client's request). `what` names the body in the error.
+struct Idle<B> {
+    inner: B,
+    idle: Duration,
+    what: &'static str,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Whether the timer runs (since the first wait after a frame).
+    armed: bool,
+}
+
+impl<B> Idle<B> {
+    fn new(inner: B, idle: Duration, what: &'static str) -> Idle<B> {
+        Idle {
+            inner,
+            idle,
+            what,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            armed: false,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Idle<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.armed = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                }
+                match std::future::Future::poll(this.timer.as_mut(), cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "no {} came for {} s",
+                        this.what,
+                        this.idle.as_secs()
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -2239,7 +2312,7 @@ impl Gateway {
                 );
             };
             let last = n_tried >= max_attempts;
-            let mut attempt = Request::new(match body.take() {
+            let mut sent = match body.take() {
                 Some(b) if last || !bodyless => match &served.bytes_in {
                     Some(counter) => usage::Counted::new(b, counter.clone())
                         .map_err(|e| Box::new(e) as BoxError)
@@ -2250,7 +2323,11 @@ impl Gateway {
                     body = other;
                     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
                 }
-            });
+            };
+            if tls_client.is_some() && !bodyless {
+                sent = Idle::new(sent, conn.idle, "request body").boxed();
+            }
+            let mut attempt = Request::new(sent);
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = hyper::Version::HTTP_11;
@@ -2267,8 +2344,11 @@ impl Gateway {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
                     .await
                     .map(|r| {
-                        r.map(|r| r.map(Answer::Tls))
-                            .map_err(|e| (e.is_connect(), true))
+                        r.map(|r| {
+                            let idle = self.timeouts.response;
+                            r.map(|b| Answer::Tls(Idle::new(b, idle, "answer body")))
+                        })
+                        .map_err(|e| (e.is_connect(), true))
                     }),
                 (None, Some(origin)) => tokio::time::timeout_at(
                     left,
