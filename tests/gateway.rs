@@ -463,6 +463,42 @@ async fn path_tricks_query_keys_and_host_claims() {
         .await;
     assert_eq!(s, 200, "{e:?}");
     assert_eq!(e["uri"], "/a?x=1");
+    // X-Forwarded-Host keeps the port the client named, in Host or in an absolute-form target
+    // (which wins over Host), though the key's removal rewrites the URI
+    let (s, _, e) = gw
+        .get(
+            "api.acme.example:8081",
+            &format!("/open/a?apikey={key}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, e["headers"]["x-forwarded-host"].as_str()),
+        (200, Some("api.acme.example:8081")),
+        "{e}"
+    );
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+            .await
+            .unwrap();
+        let head = format!(
+            "GET http://api.acme.example:8082/open/b?apikey={key}&y=2 HTTP/1.1\r\n\
+             Host: api.acme.example\r\nConnection: close\r\n\r\n"
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let e: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(e["uri"], "/b?y=2", "{answer}");
+        assert_eq!(
+            e["headers"]["x-forwarded-host"], "api.acme.example:8082",
+            "{answer}"
+        );
+    }
 
     // path tricks are refused before routing
     for path in [
