@@ -331,6 +331,27 @@ pub struct Upstream {
     /// TLS to `https://` targets: required when any target is `https://`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// The HTTP version spoken to the targets.
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_auto")]
+    pub protocol: UpstreamProtocol,
+}
+
+/// The HTTP version the gateway speaks to an API's targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 to `http://` targets; HTTP/2 or HTTP/1.1 by ALPN to `https://` targets.
+    #[default]
+    Auto,
+    /// HTTP/2 only, for gRPC and other HTTP/2 services: with prior knowledge (h2c) to
+    /// `http://` targets, by ALPN to `https://` targets (one that does not offer `h2` fails).
+    Http2,
+}
+
+impl UpstreamProtocol {
+    pub fn is_auto(&self) -> bool {
+        *self == UpstreamProtocol::Auto
+    }
 }
 
 /// How the gateway verifies and authenticates to HTTPS targets (HTTP/2 or HTTP/1.1 by ALPN).
@@ -365,6 +386,7 @@ impl Default for Upstream {
             ejection: Ejection::default(),
             health_check: None,
             tls: None,
+            protocol: UpstreamProtocol::Auto,
         }
     }
 }

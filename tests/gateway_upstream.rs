@@ -608,3 +608,138 @@ async fn kept_alive_upstream_connections_never_relay_stray_bytes_and_stalls_end(
         "the stalled body was cut by the upstream timeout"
     );
 }
+
+/// An HTTP/2-only upstream without TLS (h2c, prior knowledge), shaped like a gRPC service: it
+/// answers every request with what it saw (version, `te`, path, body length) and the trailers
+/// `grpc-status: 0` and `grpc-message: done`.
+async fn h2c_upstream() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let (parts, body) = req.into_parts();
+                        let got = body.collect().await.map_or(0, |b| b.to_bytes().len());
+                        let seen = json!({
+                            "version": format!("{:?}", parts.version),
+                            "te": parts.headers.get("te").and_then(|v| v.to_str().ok()),
+                            "path": parts.uri.path(),
+                            "body": got,
+                        });
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers
+                            .insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                        trailers.insert(
+                            "grpc-message",
+                            hyper::header::HeaderValue::from_static("done"),
+                        );
+                        let frames: Vec<Result<_, std::convert::Infallible>> = vec![
+                            Ok(hyper::body::Frame::data(bytes::Bytes::from(
+                                seen.to_string(),
+                            ))),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(http_body_util::StreamBody::new(futures::stream::iter(
+                                    frames,
+                                )))
+                                .unwrap(),
+                        )
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `protocol: http2` speaks HTTP/2 with prior knowledge to an `http://` target (a gRPC-like
+/// service): requests, `TE: trailers` and the answer's trailers go through, and the health
+/// checks use HTTP/2 too. Without it, the same target is not reachable over HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_to_plain_targets_relays_trailers_for_grpc() {
+    use http_body_util::BodyExt;
+    let (n, gw) = node_with("[gateway]\n").await;
+    let up = h2c_upstream().await;
+    let r = n
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/acme/apis",
+            Some(json!({
+                "name": "bad", "version": "v1", "hosts": ["bad.example"], "base_path": "/",
+                "upstream": {"targets": targets(&[up]), "protocol": "http3"},
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.body.to_string().contains("protocol"), "{:?}", r.body);
+    publish(
+        &n,
+        "grpc",
+        json!({"targets": targets(&[up]), "protocol": "http2",
+               "health_check": {"path": "/grpc.health.v1.Health/Check", "interval_seconds": 1,
+                                "unhealthy_threshold": 1, "healthy_threshold": 1}}),
+    )
+    .await;
+    publish(&n, "plain", json!({"targets": targets(&[up])})).await;
+    gw.ready("grpc.example").await;
+    gw.ready("plain.example").await;
+
+    // a client over HTTP/2 (prior knowledge on the plain listener), as gRPC clients are
+    let call = || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::post("http://grpc.example/pkg.Service/Method")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\x05hello",
+            )))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let seen: Value = serde_json::from_slice(&collected.to_bytes()).unwrap_or(Value::Null);
+        (status, seen, trailers)
+    };
+    let (status, seen, trailers) = call().await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["te"], "trailers", "{seen}");
+    assert_eq!(seen["path"], "/pkg.Service/Method", "{seen}");
+    assert_eq!(seen["body"], 10, "{seen}");
+    assert_eq!(
+        trailers.get("grpc-status").and_then(|v| v.to_str().ok()),
+        Some("0"),
+        "{trailers:?}"
+    );
+    assert_eq!(
+        trailers.get("grpc-message").and_then(|v| v.to_str().ok()),
+        Some("done")
+    );
+    // the health checks (over HTTP/2 as well) keep the target in
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, seen, _) = call().await;
+    assert_eq!(status, 200, "the target stays healthy: {seen}");
+    // the same target as an HTTP/1.1 one fails (it speaks only HTTP/2)
+    let (s, b) = gw.get("plain.example", "/").await;
+    assert_eq!(s, 502, "{b}");
+}

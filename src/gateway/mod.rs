@@ -305,10 +305,11 @@ impl Activity {
     }
 }
 
-/// An upstream's answer body: from the plain HTTP/1.1 client, or hyper's (HTTPS upstreams).
+/// An upstream's answer body: from the plain HTTP/1.1 client, or hyper's (HTTPS targets, and
+/// HTTP/2 to `http://` targets).
 enum Answer {
     Plain(h1::UpBody),
-    Tls(Idle<Incoming>),
+    Hyper(Idle<Incoming>),
 }
 
 impl hyper::body::Body for Answer {
@@ -326,21 +327,21 @@ impl hyper::body::Body for Answer {
         }
         match self.get_mut() {
             Answer::Plain(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
-            Answer::Tls(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Answer::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Answer::Plain(b) => b.is_end_stream(),
-            Answer::Tls(b) => b.is_end_stream(),
+            Answer::Hyper(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
             Answer::Plain(b) => b.size_hint(),
-            Answer::Tls(b) => b.size_hint(),
+            Answer::Hyper(b) => b.size_hint(),
         }
     }
 }
@@ -627,6 +628,8 @@ pub struct Gateway {
     /// Plan quotas, counted from the replicated usage counters (`quota`).
     pub quotas: quota::Quotas,
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 with prior knowledge (h2c) to `http://` targets of APIs with `protocol: http2`.
+    h2c: Client<HttpConnector, Body>,
     timeouts: UpstreamTimeouts,
     started: Instant,
     metrics: Arc<crate::telemetry::Metrics>,
@@ -1115,12 +1118,20 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             rate: Mutex::new(HashMap::new()),
             quotas: quota::Quotas::default(),
             client,
+            h2c,
             timeouts,
             started: Instant::now(),
             metrics,
@@ -1165,8 +1176,9 @@ impl Gateway {
                 },
                 None => None,
             };
+            let http2 = route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
             let id = format!(
-                "{}|{}|{}",
+                "{}|{}|{}|{http2}",
                 crate::pki::secret_hash(&tls.ca_bundle),
                 key.as_ref()
                     .and_then(|k| k.cert.first())
@@ -1176,7 +1188,7 @@ impl Gateway {
             );
             let client = match cache.remove(&id).or_else(|| kept.get(&id).cloned()) {
                 Some(c) => Ok(c),
-                None => self.https_client(tls, key),
+                None => self.https_client(tls, key, http2),
             };
             match client {
                 Ok(c) => {
@@ -1196,6 +1208,7 @@ impl Gateway {
         &self,
         tls: &crate::model::UpstreamTls,
         key: Option<Arc<rustls::sign::CertifiedKey>>,
+        http2_only: bool,
     ) -> anyhow::Result<HttpsClient> {
         let roots = crate::pki::root_store(&tls.ca_bundle)?;
         let b = rustls::ClientConfig::builder_with_provider(Arc::new(tls::provider()))
@@ -1220,8 +1233,14 @@ impl Gateway {
             }
             None => builder,
         };
-        let connector = builder.enable_all_versions().wrap_connector(http);
+        // ALPN offers h2 and http/1.1, or h2 alone (`protocol: http2`)
+        let connector = if http2_only {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_all_versions().wrap_connector(http)
+        };
         Ok(Client::builder(TokioExecutor::new())
+            .http2_only(http2_only)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .build(connector))
@@ -1308,6 +1327,8 @@ impl Gateway {
                 Some(Ok(c)) => c.request(req),
                 _ => return false,
             }
+        } else if route.upstream.protocol == crate::model::UpstreamProtocol::Http2 {
+            self.h2c.request(req)
         } else {
             self.client.request(req)
         };
@@ -2178,6 +2199,13 @@ impl Gateway {
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
         let upgrade = upgrade_token(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        // whether the client takes trailers (`TE: trailers`, a hop-by-hop header)
+        let wants_trailers = req.headers().get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
         let (mut parts, body) = req.into_parts();
         parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
@@ -2324,7 +2352,11 @@ impl Gateway {
                     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
                 }
             };
-            if tls_client.is_some() && !bodyless {
+            // hyper's client, for HTTPS targets and HTTP/2 to http:// ones
+            let h2c = tls_client.is_none()
+                && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
+            let via_hyper = tls_client.is_some() || h2c;
+            if via_hyper && !bodyless {
                 sent = Idle::new(sent, conn.idle, "request body").boxed();
             }
             let mut attempt = Request::new(sent);
@@ -2337,19 +2369,28 @@ impl Gateway {
             } else {
                 headers.clone().unwrap_or_default()
             };
+            if via_hyper && wants_trailers {
+                // trailers are relayed: an HTTP/2 service (gRPC) may ask the client for this
+                attempt
+                    .headers_mut()
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             let left = tokio::time::Instant::from_std(deadline);
+            let idle = self.timeouts.response;
+            let hyper_answer =
+                |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
+                    r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
+                        .map_err(|e| (e.is_connect(), true))
+                };
             // (answer, or the failure: whether it came before connecting, whether the
             // upstream is to blame)
             let result = match (tls_client, &target.authority) {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
                     .await
-                    .map(|r| {
-                        r.map(|r| {
-                            let idle = self.timeouts.response;
-                            r.map(|b| Answer::Tls(Idle::new(b, idle, "answer body")))
-                        })
-                        .map_err(|e| (e.is_connect(), true))
-                    }),
+                    .map(hyper_answer),
+                (None, Some(_)) if h2c => tokio::time::timeout_at(left, self.h2c.request(attempt))
+                    .await
+                    .map(hyper_answer),
                 (None, Some(origin)) => tokio::time::timeout_at(
                     left,
                     h1::send(
@@ -2386,7 +2427,7 @@ impl Gateway {
                             attempt: attempt_state,
                             // hyper's client (HTTPS targets) may still be streaming the
                             // client's body when the answer breaks: the client may be the cause
-                            blame_errors: bodyless || tls_client.is_none(),
+                            blame_errors: bodyless || !via_hyper,
                         };
                         let r = r.map(|b| Judged::new(b, judge).boxed());
                         break r;
