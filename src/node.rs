@@ -529,7 +529,7 @@ async fn start_gateway(
     // then read, before the first request (gateway::quota).
     gateway.quotas.set_own(node_id, own_after);
     {
-        let (quotas, reader) = (Arc::downgrade(&gateway), reader.clone());
+        let quotas = Arc::downgrade(&gateway);
         sm.on_usage(Arc::new(move |applied| {
             let Some(gateway) = quotas.upgrade() else {
                 return;
@@ -540,9 +540,9 @@ async fn start_gateway(
                     batch,
                     entries,
                 } => gateway.quotas.applied(node, batch, entries),
-                crate::store::UsageApplied::Replaced => {
-                    if let Err(e) = gateway.quotas.reload(&reader) {
-                        tracing::error!(error = %e, "cannot read the usage counters after a snapshot; quotas count what they counted before");
+                crate::store::UsageApplied::Replaced(reader) => {
+                    if let Err(e) = gateway.quotas.reload(reader) {
+                        tracing::error!(error = %e, "cannot read the usage counters after a snapshot; quotas keep the counts they had, plus the batches applied since");
                     }
                 }
             }
@@ -564,7 +564,7 @@ async fn start_gateway(
                     _ = tokio::time::sleep(every) => {}
                     _ = stop.changed() => return,
                 }
-                flush_usage(&cluster, node_id, &gateway.usage).await;
+                flush_usage(&cluster, node_id, &gateway).await;
             }
         });
     }
@@ -574,17 +574,20 @@ async fn start_gateway(
             let _ = worker.await;
         }
         gateway.access.flush();
-        flush_usage(&cluster, node_id, &gateway.usage).await;
+        flush_usage(&cluster, node_id, &gateway).await;
     }))
 }
 
 /// Writes the usage counted since the last flush (a batch that failed first, unchanged); a
 /// batch that cannot be written is kept for the next flush.
-async fn flush_usage(cluster: &Cluster, node: u64, meter: &crate::gateway::usage::Meter) {
+async fn flush_usage(cluster: &Cluster, node: u64, gateway: &crate::gateway::Gateway) {
+    let meter = &gateway.usage;
     for _ in 0..2 {
         let Some((batch, entries)) = meter.next_batch() else {
             return;
         };
+        // the quotas take its requests out of their local count once the state holds it
+        gateway.quotas.writing(batch, &entries);
         let n = entries.len();
         let cmd = Command::RecordUsage {
             node,

@@ -340,8 +340,8 @@ pub enum UsageApplied<'a> {
         batch: u64,
         entries: &'a [state::UsageEntry],
     },
-    /// A snapshot replaced the whole state: counters are to be read again.
-    Replaced,
+    /// A snapshot replaced the whole state: counters are to be read again, from this reader.
+    Replaced(&'a StateReader),
 }
 
 /// Told, after the commit, of every usage batch applied and every snapshot installed.
@@ -828,7 +828,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tx.commit().map_err(write_sm_err)?;
             inner.gateway_changes.send_modify(|n| *n += 1);
             if let Some(sink) = lock(&inner.usage_sink).clone() {
-                sink(UsageApplied::Replaced);
+                sink(UsageApplied::Replaced(&StateReader {
+                    inner: inner.clone(),
+                }));
             }
             Ok(())
         })

@@ -355,7 +355,9 @@ struct Idle<B> {
     inner: B,
     idle: Duration,
     what: &'static str,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Made at the first wait, by the task that polls the body (hyper's client polls a
+    /// request body in its connection task, which may run on another worker's event loop).
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Whether the timer runs (since the first wait after a frame).
     armed: bool,
 }
@@ -366,7 +368,7 @@ impl<B> Idle<B> {
             inner,
             idle,
             what,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             armed: false,
         }
     }
@@ -395,9 +397,15 @@ where
                 if !this.armed {
                     this.armed = true;
                     let deadline = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
+                    match this.timer.as_mut() {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
                 }
-                match std::future::Future::poll(this.timer.as_mut(), cx) {
+                let Some(timer) = this.timer.as_mut() else {
+                    return Poll::Pending; // (armed above)
+                };
+                match std::future::Future::poll(timer.as_mut(), cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(format!(
                         "no {} came for {} s",
                         this.what,

@@ -1,66 +1,75 @@
 //! Plan quotas (requests per UTC day and per UTC month) counted from the replicated usage
-//! counters, so that a restart does not reset them and every node of a cluster sees the
-//! others' traffic.
+//! counters, so that a restart does not reset them and, in a cluster, every node counts the
+//! others' flushed traffic.
 //!
 //! A consumer's use of an API in a window is `stored + local`:
 //! - `stored`: what the replicated state's usage counters hold for the window (every node's
-//!   flushed batches). Read once when the gateway starts (and again after a snapshot replaced
-//!   the state), then kept up to date from every batch the state applies
+//!   flushed batches). Read when the gateway starts (and again after a snapshot replaced the
+//!   state), then kept up to date from every batch the state applies
 //!   (`StateMachine::on_usage`).
-//! - `local`: the requests this node admitted that no applied batch of its own holds yet. A
-//!   batch of this node's, once applied, moves its counts from `local` to `stored`.
+//! - `local`: the requests this node admitted that the state does not hold yet. A batch this
+//!   process wrote, once the state holds it (applied here, or in a snapshot read), moves its
+//!   counts from `local` to `stored`.
 //!
 //! So a node sees its own requests at once and the other nodes' within their flush interval
 //! (`gateway.usage_flush_seconds`); a crash loses what the node had not flushed.
 
 use crate::state::{StoreError, UsageEntry};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-/// Requests in the current UTC day and month (windows as indexes: days since the epoch,
-/// `year * 12 + month - 1`).
+/// Requests by UTC day and month (windows as indexes: days since the epoch,
+/// `year * 12 + month - 1`), the two latest of each: a node whose clock runs a little ahead
+/// (its batch already in tomorrow) does not hide today's count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Windows {
-    day: i64,
-    day_n: u64,
-    month: i64,
-    month_n: u64,
+    days: [(i64, u64); 2],
+    months: [(i64, u64); 2],
+}
+
+fn slot_add(slots: &mut [(i64, u64); 2], window: i64, n: u64) {
+    if let Some(s) = slots.iter_mut().find(|s| s.0 == window) {
+        s.1 = s.1.saturating_add(n);
+        return;
+    }
+    // a newer window takes the older slot; one older than both is past and ignored
+    let older = usize::from(slots[1].0 < slots[0].0);
+    if window > slots[older].0 {
+        slots[older] = (window, n);
+    }
+}
+
+fn slot_sub(slots: &mut [(i64, u64); 2], window: i64, n: u64) {
+    if let Some(s) = slots.iter_mut().find(|s| s.0 == window) {
+        s.1 = s.1.saturating_sub(n);
+    }
+}
+
+fn slot_used(slots: &[(i64, u64); 2], window: i64) -> u64 {
+    slots.iter().find(|s| s.0 == window).map_or(0, |s| s.1)
 }
 
 impl Windows {
-    /// Adds `n` requests of `day` and `month`: a later window starts from zero, an earlier
-    /// one is past and ignored.
+    /// Adds `n` requests of `day` and `month`.
     fn add(&mut self, (day, month): (i64, i64), n: u64) {
-        if day > self.day {
-            (self.day, self.day_n) = (day, 0);
-        }
-        if day == self.day {
-            self.day_n = self.day_n.saturating_add(n);
-        }
-        if month > self.month {
-            (self.month, self.month_n) = (month, 0);
-        }
-        if month == self.month {
-            self.month_n = self.month_n.saturating_add(n);
-        }
+        slot_add(&mut self.days, day, n);
+        slot_add(&mut self.months, month, n);
     }
 
     /// Takes back `n` requests of `day` and `month` (never below zero).
     fn sub(&mut self, (day, month): (i64, i64), n: u64) {
-        if day == self.day {
-            self.day_n = self.day_n.saturating_sub(n);
-        }
-        if month == self.month {
-            self.month_n = self.month_n.saturating_sub(n);
-        }
+        slot_sub(&mut self.days, day, n);
+        slot_sub(&mut self.months, month, n);
     }
 
     /// Requests in `day` and in `month`.
     fn used(&self, (day, month): (i64, i64)) -> (u64, u64) {
-        (
-            if self.day == day { self.day_n } else { 0 },
-            if self.month == month { self.month_n } else { 0 },
-        )
+        (slot_used(&self.days, day), slot_used(&self.months, month))
+    }
+
+    /// Whether it counts something in `month` or later.
+    fn current(&self, month: i64) -> bool {
+        self.months.iter().any(|s| s.0 >= month && s.1 > 0)
     }
 }
 
@@ -84,7 +93,23 @@ fn key_into(out: &mut String, tenant: &str, api: &str, consumer: &str) {
     }
 }
 
-#[derive(Default)]
+/// Requests of one batch, by key and windows.
+type Counts = Vec<(String, (i64, i64), u64)>;
+
+fn counts_of(entries: &[UsageEntry]) -> Counts {
+    let mut key = String::new();
+    entries
+        .iter()
+        .map(|e| {
+            key_into(&mut key, &e.tenant, &e.api, &e.consumer);
+            (key.clone(), windows_of_hour(e.hour), e.counts.requests)
+        })
+        .collect()
+}
+
+/// Keys kept before the maps are pruned of past windows.
+const PRUNE_AT: usize = 100_000;
+
 struct Book {
     /// Whether `stored` holds what was read from the state: batches applied before that are
     /// kept in `early`.
@@ -94,6 +119,32 @@ struct Book {
     seen: HashMap<u64, u64>,
     stored: HashMap<String, Windows>,
     local: HashMap<String, Windows>,
+    /// This process's batches being written, by number: once the state holds one, its
+    /// requests leave `local` (when it is applied, or found in a snapshot read at a reload).
+    writing: BTreeMap<u64, Counts>,
+    /// Size of the maps that makes the next check prune them.
+    prune_at: usize,
+}
+
+impl Default for Book {
+    fn default() -> Self {
+        Book {
+            loaded: false,
+            early: Vec::new(),
+            seen: HashMap::new(),
+            stored: HashMap::new(),
+            local: HashMap::new(),
+            writing: BTreeMap::new(),
+            prune_at: PRUNE_AT,
+        }
+    }
+}
+
+fn add_to(map: &mut HashMap<String, Windows>, key: &str, windows: (i64, i64), n: u64) {
+    match map.get_mut(key) {
+        Some(w) => w.add(windows, n),
+        None => map.entry(key.to_string()).or_default().add(windows, n),
+    }
 }
 
 impl Book {
@@ -107,21 +158,29 @@ impl Book {
         }
         // a batch this node wrote since it started: its requests were counted locally
         let mine = node == own.0 && batch > own.1;
-        let mut key = String::new();
-        for e in entries {
-            key_into(&mut key, &e.tenant, &e.api, &e.consumer);
-            let windows = windows_of_hour(e.hour);
-            let n = e.counts.requests;
-            match self.stored.get_mut(key.as_str()) {
-                Some(w) => w.add(windows, n),
-                None => self.stored.entry(key.clone()).or_default().add(windows, n),
-            }
+        if mine {
+            self.writing.remove(&batch);
+        }
+        for (key, windows, n) in counts_of(entries) {
+            add_to(&mut self.stored, &key, windows, n);
             if mine {
                 if let Some(w) = self.local.get_mut(key.as_str()) {
                     w.sub(windows, n);
                 }
             }
         }
+    }
+
+    /// Drops the keys that count nothing in `month` or later, when the maps have grown past
+    /// `prune_at` (then set to twice what is left, so a month with many active keys does not
+    /// prune at every check).
+    fn prune(&mut self, month: i64) {
+        if self.stored.len() + self.local.len() <= self.prune_at {
+            return;
+        }
+        self.stored.retain(|_, w| w.current(month));
+        self.local.retain(|_, w| w.current(month));
+        self.prune_at = PRUNE_AT.max(2 * (self.stored.len() + self.local.len()));
     }
 }
 
@@ -137,6 +196,8 @@ pub struct Quotas {
     /// This node's id, and the batch number after which its batches are this process's.
     own: Mutex<(u64, u64)>,
     book: Mutex<Book>,
+    /// Held by a reload from its start to its end: two never interleave.
+    reloading: Mutex<()>,
 }
 
 impl Default for Quotas {
@@ -144,8 +205,13 @@ impl Default for Quotas {
         Quotas {
             own: Mutex::new((0, u64::MAX)),
             book: Mutex::new(Book::default()),
+            reloading: Mutex::new(()),
         }
     }
+}
+
+fn month_now() -> i64 {
+    super::month_window(time::OffsetDateTime::now_utc()).0
 }
 
 impl Quotas {
@@ -153,66 +219,93 @@ impl Quotas {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn own(&self) -> (u64, u64) {
+        *self.own.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// This node's id, and the number after which the batches it writes are this process's.
     pub fn set_own(&self, node: u64, batches_after: u64) {
         *self.own.lock().unwrap_or_else(|p| p.into_inner()) = (node, batches_after);
     }
 
+    /// A batch of this node's about to be written (again, after a failure: the same number).
+    pub fn writing(&self, batch: u64, entries: &[UsageEntry]) {
+        let mut book = self.book();
+        book.writing
+            .entry(batch)
+            .or_insert_with(|| counts_of(entries));
+    }
+
     /// Marks the stored counters as about to be read: batches applied from now until
     /// [`Quotas::load`] are held back, then counted if the read did not hold them.
-    pub fn unload(&self) {
+    fn unload(&self) {
         self.book().loaded = false;
     }
 
     /// Takes the counters read from the state (`entries`, of the current month at least) and
     /// the last batch it applied from each node, then the batches applied meanwhile.
-    pub fn load(&self, entries: &[UsageEntry], seen: HashMap<u64, u64>) {
-        let own = *self.own.lock().unwrap_or_else(|p| p.into_inner());
+    fn load(&self, entries: &[UsageEntry], seen: HashMap<u64, u64>) {
+        let own = self.own();
         let mut book = self.book();
         book.stored.clear();
+        for (key, windows, n) in counts_of(entries) {
+            add_to(&mut book.stored, &key, windows, n);
+        }
+        // this process's batches the read holds (a snapshot can bring them without their
+        // being applied here) leave `local`
+        let held = seen.get(&own.0).copied().unwrap_or(0);
+        let in_state: Vec<u64> = book.writing.range(..=held).map(|(b, _)| *b).collect();
+        for batch in in_state {
+            for (key, windows, n) in book.writing.remove(&batch).unwrap_or_default() {
+                if let Some(w) = book.local.get_mut(key.as_str()) {
+                    w.sub(windows, n);
+                }
+            }
+        }
         book.seen = seen;
-        let mut key = String::new();
-        for e in entries {
-            key_into(&mut key, &e.tenant, &e.api, &e.consumer);
-            book.stored
-                .entry(key.clone())
-                .or_default()
-                .add(windows_of_hour(e.hour), e.counts.requests);
-        }
-        book.loaded = true;
-        for (node, batch, entries) in std::mem::take(&mut book.early) {
-            book.applied(own, node, batch, &entries);
-        }
+        book.resume(own);
     }
 
     /// Reads the stored counters again (at start, and after a snapshot replaced the state):
-    /// those of the current UTC month, and the last batch applied from each node.
+    /// those of the current UTC month, and the last batch applied from each node. A read that
+    /// fails leaves the counters as they were, and counts the batches applied meanwhile.
     pub fn reload(&self, reader: &crate::store::StateReader) -> Result<usize, StoreError> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
         let now = time::OffsetDateTime::now_utc();
         let month_start = now
             .replace_day(1)
             .map(|d| d.date().midnight().assume_utc().unix_timestamp() / 3600)
             .unwrap_or(0);
         self.unload();
-        let (entries, seen) = reader.read(|kv| {
+        let read = reader.read(|kv| {
             Ok((
                 crate::state::usage_since(kv, month_start)?,
                 crate::state::usage_batches(kv)?,
             ))
-        })?;
-        self.load(&entries, seen);
-        Ok(entries.len())
+        });
+        match read {
+            Ok((entries, seen)) => {
+                self.load(&entries, seen);
+                Ok(entries.len())
+            }
+            Err(e) => {
+                let own = self.own();
+                self.book().resume(own);
+                Err(e)
+            }
+        }
     }
 
     /// A usage batch the state applied.
     pub fn applied(&self, node: u64, batch: u64, entries: &[UsageEntry]) {
-        let own = *self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let own = self.own();
         let mut book = self.book();
         if !book.loaded {
             book.early.push((node, batch, entries.to_vec()));
             return;
         }
         book.applied(own, node, batch, entries);
+        book.prune(month_now());
     }
 
     /// Admits one request of `consumer` on `tenant/api` under the plan's limits per day and
@@ -234,10 +327,7 @@ impl Quotas {
             let mut key = key.borrow_mut();
             key_into(&mut key, tenant, api, consumer);
             let mut book = self.book();
-            if book.local.len() > 100_000 {
-                // keys whose windows are past count nothing
-                book.local.retain(|_, w| w.month >= month);
-            }
+            book.prune(month);
             let stored = book
                 .stored
                 .get(key.as_str())
@@ -252,12 +342,19 @@ impl Quotas {
             if per_month.is_some_and(|limit| stored.1.saturating_add(local.1) >= limit) {
                 return Err(Exceeded::Month(month_left));
             }
-            match book.local.get_mut(key.as_str()) {
-                Some(w) => w.add(windows, 1),
-                None => book.local.entry(key.clone()).or_default().add(windows, 1),
-            }
+            add_to(&mut book.local, &key, windows, 1);
             Ok(())
         })
+    }
+}
+
+impl Book {
+    /// Counts the batches held back while the counters were read, and counts from now on.
+    fn resume(&mut self, own: (u64, u64)) {
+        self.loaded = true;
+        for (node, batch, entries) in std::mem::take(&mut self.early) {
+            self.applied(own, node, batch, &entries);
+        }
     }
 }
 
@@ -287,7 +384,7 @@ mod tests {
 
     #[test]
     fn stored_and_local_requests_add_up_and_windows_roll() {
-        // 2026-11-29T10:00Z: hour 498_394
+        // 2026-11-29T10:00Z: hour 498_874
         let hour = 1_795_946_400 / 3600;
         let q = Quotas::default();
         q.set_own(1, 100);
@@ -355,6 +452,90 @@ mod tests {
             q2.admit(WHO, Some(2), None, now).is_err(),
             "1 stored + 1 local"
         );
+    }
+
+    #[test]
+    fn a_snapshot_read_takes_this_process_batches_out_of_local() {
+        let hour = 1_795_946_400 / 3600;
+        let now = at(hour);
+        let q = Quotas::default();
+        q.set_own(1, 1000);
+        q.load(&[], HashMap::new());
+        for _ in 0..3 {
+            assert_eq!(q.admit(WHO, Some(10), None, now), Ok(()));
+        }
+        // batch 1001 (the three requests) is written; the state took it, but this node
+        // learns of it only from a snapshot (it was never applied here)
+        q.writing(1001, &[entry("app", hour, 3)]);
+        q.unload();
+        q.load(&[entry("app", hour, 3)], HashMap::from([(1, 1001)]));
+        // 3, not 6: counted once
+        for _ in 0..7 {
+            assert_eq!(q.admit(WHO, Some(10), None, now), Ok(()));
+        }
+        assert!(q.admit(WHO, Some(10), None, now).is_err());
+        // a batch being written that the snapshot does not hold stays local
+        q.writing(1002, &[entry("app", hour, 7)]);
+        q.unload();
+        q.load(&[entry("app", hour, 3)], HashMap::from([(1, 1001)]));
+        assert!(
+            q.admit(WHO, Some(10), None, now).is_err(),
+            "3 stored + 7 local"
+        );
+        // applied later, it moves from local to stored
+        q.applied(1, 1002, &[entry("app", hour, 7)]);
+        assert!(q.admit(WHO, Some(11), None, now).is_ok(), "10 stored");
+    }
+
+    #[test]
+    fn a_batch_dated_tomorrow_does_not_hide_today() {
+        let hour = 1_795_946_400 / 3600 + 13; // 23:00 UTC
+        let now = at(hour);
+        let q = Quotas::default();
+        q.load(&[entry("app", hour, 4)], HashMap::new());
+        // another node, its clock ahead, already in tomorrow
+        q.applied(2, 5, &[entry("app", hour + 1, 1)]);
+        assert!(
+            q.admit(WHO, Some(4), None, now).is_err(),
+            "today's 4 still count"
+        );
+        assert!(
+            q.admit(WHO, Some(5), None, at(hour + 1)).is_ok(),
+            "tomorrow: 1 + 1"
+        );
+        assert!(q.admit(WHO, Some(3), None, at(hour + 1)).is_ok());
+        assert!(q.admit(WHO, Some(3), None, at(hour + 1)).is_err());
+    }
+
+    #[test]
+    fn batches_held_back_by_a_failed_read_are_still_counted() {
+        let hour = 1_795_946_400 / 3600;
+        let q = Quotas::default();
+        q.load(&[entry("app", hour, 1)], HashMap::new());
+        q.unload();
+        q.applied(2, 9, &[entry("app", hour, 2)]);
+        // the read failed: what was counted stays, and the batch held back counts
+        let own = q.own();
+        q.book().resume(own);
+        assert!(q.admit(WHO, Some(4), None, at(hour)).is_ok(), "1 + 2 + 1");
+        assert!(q.admit(WHO, Some(4), None, at(hour)).is_err());
+    }
+
+    #[test]
+    fn maps_drop_past_windows_when_they_grow() {
+        let hour = 1_795_946_400 / 3600;
+        let q = Quotas::default();
+        let last_month = hour - 24 * 40;
+        let old: Vec<UsageEntry> = (0..50)
+            .map(|i| entry(&format!("c{i}"), last_month, 1))
+            .collect();
+        q.load(&old, HashMap::new());
+        q.book().prune_at = 10;
+        assert_eq!(q.admit(WHO, Some(5), None, at(hour)), Ok(()));
+        let book = q.book();
+        assert!(book.stored.is_empty(), "last month's keys are gone");
+        assert_eq!(book.local.len(), 1);
+        assert_eq!(book.prune_at, PRUNE_AT);
     }
 
     #[test]
