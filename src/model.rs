@@ -334,6 +334,35 @@ pub struct Upstream {
     /// The HTTP version spoken to the targets.
     #[serde(default, skip_serializing_if = "UpstreamProtocol::is_auto")]
     pub protocol: UpstreamProtocol,
+    /// This API's upstream timeouts, each in place of the node's default.
+    #[serde(default, skip_serializing_if = "ApiTimeouts::is_empty")]
+    pub timeouts: ApiTimeouts,
+}
+
+/// Timeouts of an API's upstream exchanges; an absent one is the node's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTimeouts {
+    /// Time to open a connection to a target, in milliseconds (1 to 60000; default
+    /// `gateway.upstream_connect_timeout_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_ms: Option<u32>,
+    /// Time from the first attempt until the answer's head, retries included, and the longest
+    /// wait for each next part of the answer's body, in seconds (1 to 3600; default
+    /// `gateway.upstream_response_timeout_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_seconds: Option<u32>,
+    /// Time from the first attempt until the answer's last byte, in seconds (1 to 86400;
+    /// default: none). Past it an answer not begun is 504 `upstream-timeout`, and one being
+    /// sent is cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_seconds: Option<u32>,
+}
+
+impl ApiTimeouts {
+    pub fn is_empty(&self) -> bool {
+        *self == ApiTimeouts::default()
+    }
 }
 
 /// The HTTP version the gateway speaks to an API's targets.
@@ -387,6 +416,7 @@ impl Default for Upstream {
             health_check: None,
             tls: None,
             protocol: UpstreamProtocol::Auto,
+            timeouts: ApiTimeouts::default(),
         }
     }
 }
@@ -517,6 +547,18 @@ impl Upstream {
         }
         if self.retries > 5 {
             return Err(FieldError::new("upstream.retries", "must be at most 5"));
+        }
+        for (field, value, range) in [
+            ("connect_ms", self.timeouts.connect_ms, 1..=60_000),
+            ("response_seconds", self.timeouts.response_seconds, 1..=3600),
+            ("total_seconds", self.timeouts.total_seconds, 1..=86_400),
+        ] {
+            if value.is_some_and(|v| !range.contains(&v)) {
+                return Err(FieldError::new(
+                    format!("upstream.timeouts.{field}"),
+                    format!("must be between {} and {}", range.start(), range.end()),
+                ));
+            }
         }
         if !(1..=1000).contains(&self.ejection.consecutive_failures) {
             return Err(FieldError::new(
@@ -1776,6 +1818,18 @@ mod tests {
                 "upstream.tls",
             ),
             (Box::new(|a| a.upstream.retries = 6), "upstream.retries"),
+            (
+                Box::new(|a| a.upstream.timeouts.connect_ms = Some(0)),
+                "upstream.timeouts.connect_ms",
+            ),
+            (
+                Box::new(|a| a.upstream.timeouts.response_seconds = Some(3601)),
+                "upstream.timeouts.response_seconds",
+            ),
+            (
+                Box::new(|a| a.upstream.timeouts.total_seconds = Some(86_401)),
+                "upstream.timeouts.total_seconds",
+            ),
             (
                 Box::new(|a| {
                     a.policies = vec![Policy::IpFilter {

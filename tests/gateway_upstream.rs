@@ -743,3 +743,150 @@ async fn http2_to_plain_targets_relays_trailers_for_grpc() {
     let (s, b) = gw.get("plain.example", "/").await;
     assert_eq!(s, 502, "{b}");
 }
+
+/// An upstream whose answer comes in 10 parts of 100 bytes, 300 ms apart (3 s in all).
+async fn dripping_upstream() -> SocketAddr {
+    http_upstream(|_req: hyper::Request<hyper::body::Incoming>| async {
+        let parts = futures::stream::unfold(0u32, |i| async move {
+            if i == 10 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let part = hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 100]));
+            Some((Ok::<_, std::convert::Infallible>(part), i + 1))
+        });
+        hyper::Response::builder()
+            .header("content-length", "1000")
+            .body(http_body_util::StreamBody::new(parts))
+            .unwrap()
+    })
+    .await
+}
+
+/// A loopback port that takes no connection: its accept queue is full, so a new connection's
+/// SYN goes unanswered and connecting waits until its timeout. The listener and the
+/// connection filling its queue live as long as the returned values.
+fn unanswering_port() -> (SocketAddr, socket2::Socket, std::net::TcpStream) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (addr, s, filler)
+}
+
+/// An API's own timeouts take the place of the node's: a longer response timeout lets a slow
+/// answer through, a total timeout cuts a long answer (and answers 504 when the head is late),
+/// a shorter connect timeout gives up sooner on a target that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_timeouts_take_the_place_of_the_node_defaults() {
+    // node defaults: response 1 s, connect 2 s
+    let (n, gw) = node().await;
+    let live = upstream(Arc::new(AtomicBool::new(true))).await;
+    let drip = dripping_upstream().await;
+    let (silent, _listener, _filler) = unanswering_port();
+    publish(
+        &n,
+        "patient",
+        json!({"targets": targets(&[live]), "timeouts": {"response_seconds": 3}}),
+    )
+    .await;
+    publish(
+        &n,
+        "bounded",
+        json!({"targets": targets(&[drip]), "timeouts": {"total_seconds": 1}}),
+    )
+    .await;
+    publish(
+        &n,
+        "late",
+        json!({"targets": targets(&[live]),
+               "timeouts": {"response_seconds": 5, "total_seconds": 1}}),
+    )
+    .await;
+    publish(&n, "whole", json!({"targets": targets(&[drip])})).await;
+    publish(
+        &n,
+        "hasty",
+        json!({"targets": targets(&[silent]), "retries": 0, "timeouts": {"connect_ms": 200}}),
+    )
+    .await;
+    publish(
+        &n,
+        "waiting",
+        json!({"targets": targets(&[silent]), "retries": 0, "timeouts": {"response_seconds": 5}}),
+    )
+    .await;
+    for host in ["patient", "bounded", "late", "whole", "hasty", "waiting"] {
+        gw.ready(&format!("{host}.example")).await;
+    }
+    let r = n
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/tenants/acme/apis",
+            Some(json!({
+                "name": "bad", "version": "v1", "hosts": ["bad.example"], "base_path": "/",
+                "upstream": {"targets": targets(&[live]), "timeouts": {"total_seconds": 0}},
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        r.body["invalid-params"][0]["name"], "upstream.timeouts.total_seconds",
+        "{:?}",
+        r.body
+    );
+
+    // the slow answer (2 s) passes the API's 3 s, not the node's 1 s
+    assert_eq!(gw.get("patient.example", "/slow").await.0, 200);
+    // its head is late for the total (1 s), though within the response timeout (5 s)
+    let (s, b) = gw.get("late.example", "/slow").await;
+    assert_eq!(
+        (s, b["type"].as_str()),
+        (504, Some("urn:apim:problem:gateway:upstream-timeout"))
+    );
+    // a 3 s answer: whole without a total (each part within the 1 s response timeout), cut
+    // after 1 s with one
+    let whole = gw
+        .http
+        .get(format!("{}/", gw.base))
+        .header("host", "whole.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.bytes().await.map(|b| b.len()).ok(), Some(1000));
+    let started = std::time::Instant::now();
+    let cut = gw
+        .http
+        .get(format!("{}/", gw.base))
+        .header("host", "bounded.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cut.status(), 200, "the head came in time");
+    assert!(cut.bytes().await.is_err(), "the answer is cut short");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "cut after {took:?}"
+    );
+    // a target that does not answer: the API's 200 ms, not the node's 2 s (with a response
+    // timeout above it: the head's deadline bounds the connection too)
+    for (host, within) in [("hasty.example", 1500), ("waiting.example", 5000)] {
+        let started = std::time::Instant::now();
+        let (s, b) = gw.get(host, "/").await;
+        let took = started.elapsed();
+        assert_eq!(
+            (s, b["type"].as_str()),
+            (502, Some("urn:apim:problem:gateway:upstream-unavailable")),
+            "{host}"
+        );
+        assert!(took < Duration::from_millis(within), "{host}: {took:?}");
+        if host == "waiting.example" {
+            assert!(took >= Duration::from_millis(1800), "{host}: {took:?}");
+        }
+    }
+}

@@ -45,6 +45,8 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A pooled client for `https://` targets (HTTP/2 or HTTP/1.1 by ALPN).
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+/// hyper's client with HTTP/2 prior knowledge, for `http://` targets of `protocol: http2`.
+pub type H2cClient = Client<HttpConnector, Body>;
 
 /// Limits of the gateway's upstream calls.
 #[derive(Debug, Clone, Copy)]
@@ -427,6 +429,47 @@ where
     }
 }
 
+/// An answer body cut at the API's total timeout (`upstream.timeouts.total_seconds`): past
+/// its deadline it fails, so the client's connection is cut (HTTP/1.1) or its stream reset.
+/// It wraps the answer outside its verdict: a long answer cut short is not the target's
+/// failure.
+struct Until {
+    inner: Body,
+    deadline: tokio::time::Instant,
+    /// Made at the first poll, by the task that sends the answer.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for Until {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(
+                "the API's total upstream timeout passed before the answer's end".into(),
+            )));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The pending verdict on the target that gave a good answer head.
 struct Judge {
     gateway: Arc<Gateway>,
@@ -636,8 +679,9 @@ pub struct Gateway {
     /// Plan quotas, counted from the replicated usage counters (`quota`).
     pub quotas: quota::Quotas,
     client: Client<HttpConnector, Body>,
-    /// HTTP/2 with prior knowledge (h2c) to `http://` targets of APIs with `protocol: http2`.
-    h2c: Client<HttpConnector, Body>,
+    /// Clients with HTTP/2 prior knowledge (h2c), by connect timeout in milliseconds: one
+    /// pool per timeout, shared by the APIs with `protocol: http2` and `http://` targets.
+    h2c_clients: Mutex<HashMap<u64, H2cClient>>,
     timeouts: UpstreamTimeouts,
     started: Instant,
     metrics: Arc<crate::telemetry::Metrics>,
@@ -1126,20 +1170,13 @@ impl Gateway {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(connector.clone());
-        let h2c = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             rate: Mutex::new(HashMap::new()),
             quotas: quota::Quotas::default(),
             client,
-            h2c,
+            h2c_clients: Mutex::new(HashMap::new()),
             timeouts,
             started: Instant::now(),
             metrics,
@@ -1163,8 +1200,51 @@ impl Gateway {
         jwks::run(&self.jwks, &self.table, stop).await;
     }
 
+    /// The API's upstream timeouts: connect, response head (and each next part of the body),
+    /// and the total if it has one; its own, or the node's.
+    fn route_timeouts(&self, route: &Route) -> (Duration, Duration, Option<Duration>) {
+        let t = &route.upstream.timeouts;
+        (
+            t.connect_ms
+                .map_or(self.timeouts.connect, |ms| Duration::from_millis(ms.into())),
+            t.response_seconds
+                .map_or(self.timeouts.response, |s| Duration::from_secs(s.into())),
+            t.total_seconds.map(|s| Duration::from_secs(s.into())),
+        )
+    }
+
+    /// Gives each route that speaks HTTP/2 to `http://` targets its h2c client, one per
+    /// connect timeout, reused across swaps.
+    fn bind_h2c(&self, table: &RouteTable) {
+        let mut cache = lock(&self.h2c_clients);
+        let mut kept: HashMap<u64, H2cClient> = HashMap::new();
+        for route in table.all() {
+            if route.upstream.protocol != crate::model::UpstreamProtocol::Http2 {
+                continue;
+            }
+            let connect = self.route_timeouts(route).0;
+            let ms = connect.as_millis() as u64;
+            let client = cache.remove(&ms).or_else(|| kept.get(&ms).cloned());
+            let client = client.unwrap_or_else(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(connect));
+                connector.set_nodelay(true);
+                Client::builder(TokioExecutor::new())
+                    .http2_only(true)
+                    .timer(TokioTimer::new())
+                    .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_timer(TokioTimer::new())
+                    .build(connector)
+            });
+            let _ = route.h2c_client.set(client.clone());
+            kept.insert(ms, client);
+        }
+        *cache = kept;
+    }
+
     /// Gives each route with HTTPS settings its client: one per distinct CA bundle, client
-    /// certificate and server name, reused across swaps.
+    /// certificate, server name, protocol and connect timeout, reused across swaps.
     fn bind_https(&self, table: &RouteTable) {
         let certs = self.tls.resolver.table.load();
         let mut cache = lock(&self.https_clients);
@@ -1173,6 +1253,7 @@ impl Gateway {
             let Some(tls) = &route.upstream.tls else {
                 continue;
             };
+            let connect = self.route_timeouts(route).0;
             let key = match &tls.client_certificate {
                 Some(name) => match certs.by_name.get(&format!("{}/{name}", route.tenant)) {
                     Some(k) => Some(k.clone()),
@@ -1186,17 +1267,18 @@ impl Gateway {
             };
             let http2 = route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
             let id = format!(
-                "{}|{}|{}|{http2}",
+                "{}|{}|{}|{http2}|{}",
                 crate::pki::secret_hash(&tls.ca_bundle),
                 key.as_ref()
                     .and_then(|k| k.cert.first())
                     .map(|c| crate::pki::fingerprint(c))
                     .unwrap_or_default(),
-                tls.server_name.as_deref().unwrap_or_default()
+                tls.server_name.as_deref().unwrap_or_default(),
+                connect.as_millis()
             );
             let client = match cache.remove(&id).or_else(|| kept.get(&id).cloned()) {
                 Some(c) => Ok(c),
-                None => self.https_client(tls, key, http2),
+                None => self.https_client(tls, key, http2, connect),
             };
             match client {
                 Ok(c) => {
@@ -1217,6 +1299,7 @@ impl Gateway {
         tls: &crate::model::UpstreamTls,
         key: Option<Arc<rustls::sign::CertifiedKey>>,
         http2_only: bool,
+        connect: Duration,
     ) -> anyhow::Result<HttpsClient> {
         let roots = crate::pki::root_store(&tls.ca_bundle)?;
         let b = rustls::ClientConfig::builder_with_provider(Arc::new(tls::provider()))
@@ -1228,7 +1311,7 @@ impl Gateway {
         };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(self.timeouts.connect));
+        http.set_connect_timeout(Some(connect));
         http.set_nodelay(true);
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cfg)
@@ -1336,7 +1419,10 @@ impl Gateway {
                 _ => return false,
             }
         } else if route.upstream.protocol == crate::model::UpstreamProtocol::Http2 {
-            self.h2c.request(req)
+            match route.h2c_client.get() {
+                Some(c) => c.request(req),
+                None => return false,
+            }
         } else {
             self.client.request(req)
         };
@@ -1428,6 +1514,7 @@ impl Gateway {
             .set(i64::try_from(table.routes).unwrap_or(i64::MAX));
         self.targets.bind(&table);
         self.bind_https(&table);
+        self.bind_h2c(&table);
         // Every API's series exist before the table serves (a request still on the old table
         // then never brings a removed API's series back): an API the old table had keeps its
         // handles, a new one gets its series.
@@ -2284,7 +2371,12 @@ impl Gateway {
         let mut tried = [0usize; 6];
         let mut n_tried = 0;
         let upstream_started = Instant::now();
-        let deadline = upstream_started + self.timeouts.response;
+        let (connect_timeout, response_timeout, total) = self.route_timeouts(&route);
+        // the answer's head within the response timeout, and within the total if there is one
+        let total_deadline = total.map(|t| upstream_started + t);
+        let deadline = total_deadline.map_or(upstream_started + response_timeout, |t| {
+            t.min(upstream_started + response_timeout)
+        });
         let mut now = upstream_started;
         let mut last_error = None;
         let resp = loop {
@@ -2384,7 +2476,7 @@ impl Gateway {
                     .insert(header::TE, HeaderValue::from_static("trailers"));
             }
             let left = tokio::time::Instant::from_std(deadline);
-            let idle = self.timeouts.response;
+            let idle = response_timeout;
             let hyper_answer =
                 |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
                     r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
@@ -2396,17 +2488,15 @@ impl Gateway {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
                     .await
                     .map(hyper_answer),
-                (None, Some(_)) if h2c => tokio::time::timeout_at(left, self.h2c.request(attempt))
-                    .await
-                    .map(hyper_answer),
+                (None, Some(_)) if h2c => match route.h2c_client.get() {
+                    Some(c) => tokio::time::timeout_at(left, c.request(attempt))
+                        .await
+                        .map(hyper_answer),
+                    None => Ok(Err((true, false))),
+                },
                 (None, Some(origin)) => tokio::time::timeout_at(
                     left,
-                    h1::send(
-                        origin,
-                        attempt,
-                        self.timeouts.connect,
-                        self.timeouts.response,
-                    ),
+                    h1::send(origin, attempt, connect_timeout, response_timeout),
                 )
                 .await
                 .map(|r| {
@@ -2593,6 +2683,16 @@ impl Gateway {
                 parts.headers.insert(k, v);
             }
         }
+        let body = match total_deadline {
+            // (a spliced connection's bytes are bounded by the idle timeout instead)
+            Some(at) if !spliced && !hyper::body::Body::is_end_stream(&body) => Until {
+                inner: body,
+                deadline: tokio::time::Instant::from_std(at),
+                timer: None,
+            }
+            .boxed(),
+            _ => body,
+        };
         Response::from_parts(parts, body)
     }
 }

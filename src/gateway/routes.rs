@@ -50,6 +50,8 @@ pub struct Route {
     /// The client for `https://` targets, bound when the table is installed (an error names
     /// why the upstream's TLS cannot be used; such targets then fail closed).
     pub tls_client: std::sync::OnceLock<Result<super::HttpsClient, &'static str>>,
+    /// The client for `http://` targets with `protocol: http2`, bound the same way.
+    pub h2c_client: std::sync::OnceLock<super::H2cClient>,
     /// Weighted round-robin over `targets`: each index appears `weight` times.
     schedule: Vec<usize>,
     cursor: AtomicUsize,
@@ -633,6 +635,7 @@ fn compile(
         targets,
         upstream: api.upstream.clone(),
         tls_client: Default::default(),
+        h2c_client: Default::default(),
         schedule,
         cursor: AtomicUsize::new(0),
         subscriptions,
