@@ -679,17 +679,23 @@ pub enum Policy {
         #[serde(default)]
         max_age_seconds: u32,
     },
+    /// Headers of the request sent upstream: `remove` first, then `rename`, then `add`.
     RequestHeaders {
         #[serde(default)]
         add: Vec<HeaderValue>,
         #[serde(default)]
         remove: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rename: Vec<HeaderRename>,
     },
+    /// Headers of the answer sent to the client: `remove` first, then `rename`, then `add`.
     ResponseHeaders {
         #[serde(default)]
         add: Vec<HeaderValue>,
         #[serde(default)]
         remove: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rename: Vec<HeaderRename>,
     },
     RequestSizeLimit {
         max_bytes: u64,
@@ -717,6 +723,42 @@ pub enum CertMapping {
 pub struct HeaderValue {
     pub name: String,
     pub value: String,
+}
+
+/// A header renamed: the values of `from`, if any, are sent as `to` (in place of any `to`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRename {
+    pub from: String,
+    pub to: String,
+}
+
+/// Headers a policy may not set (`add`, or the target of a `rename`): the message's framing,
+/// its connection and its host are the gateway's to write.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn check_settable_header(field: &str, name: &str) -> Checked {
+    check_header_name(field, name)?;
+    if RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+    {
+        return Err(FieldError::new(
+            field,
+            format!("{name:?} is set by the gateway itself (framing, connection, host)"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_header_name(field: &str, name: &str) -> Checked {
@@ -970,9 +1012,28 @@ impl Policy {
                     check_header_name(&format!("{at}.allow_headers[{i}]"), h)?;
                 }
             }
-            Policy::RequestHeaders { add, remove } | Policy::ResponseHeaders { add, remove } => {
+            Policy::RequestHeaders {
+                add,
+                remove,
+                rename,
+            }
+            | Policy::ResponseHeaders {
+                add,
+                remove,
+                rename,
+            } => {
+                for (i, r) in rename.iter().enumerate() {
+                    check_header_name(&format!("{at}.rename[{i}].from"), &r.from)?;
+                    check_settable_header(&format!("{at}.rename[{i}].to"), &r.to)?;
+                    if r.from.eq_ignore_ascii_case(&r.to) {
+                        return Err(FieldError::new(
+                            format!("{at}.rename[{i}].to"),
+                            "must differ from `from`",
+                        ));
+                    }
+                }
                 for (i, h) in add.iter().enumerate() {
-                    check_header_name(&format!("{at}.add[{i}].name"), &h.name)?;
+                    check_settable_header(&format!("{at}.add[{i}].name"), &h.name)?;
                     if h.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                         return Err(FieldError::new(
                             format!("{at}.add[{i}].value"),

@@ -953,3 +953,190 @@ async fn quotas_count_from_the_replicated_usage_and_survive_a_crash() {
     // refused requests are neither counted nor metered
     metered(&n, "acme", 6).await;
 }
+
+/// Header policies (remove, rename, add, both ways), the request size limit, expired keys and
+/// another tenant's key, each allowed and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_size_and_key_policies_allow_and_refuse() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let n = Node::start().await;
+    let t = "/admin/v1/tenants/acme";
+    for tenant in ["acme", "other"] {
+        created(&n, "/admin/v1/tenants", json!({"name": tenant})).await;
+        created(
+            &n,
+            &format!("/admin/v1/tenants/{tenant}/consumers"),
+            json!({"name": "app"}),
+        )
+        .await;
+    }
+    created(&n, &format!("{t}/plans"), json!({"name": "p"})).await;
+    let target = json!({"targets": [{"url": format!("http://{up}")}]});
+    publish(
+        &n,
+        "acme",
+        json!({"name": "shaped", "version": "v1", "hosts": ["shaped.example"], "base_path": "/",
+        "upstream": target, "policies": [
+            {"type": "api-key"},
+            {"type": "request-size-limit", "max_bytes": 10},
+            {"type": "request-headers", "remove": ["x-drop"],
+             "rename": [{"from": "x-client-id", "to": "x-partner-id"}],
+             "add": [{"name": "x-gateway", "value": "apim"}]},
+            {"type": "response-headers", "remove": ["content-type"],
+             "rename": [{"from": "date", "to": "x-upstream-date"}],
+             "add": [{"name": "x-api", "value": "shaped"}]}
+        ]}),
+    )
+    .await;
+    created(
+        &n,
+        &format!("{t}/subscriptions"),
+        json!({"consumer": "app", "api": "shaped", "plan": "p", "status": "active"}),
+    )
+    .await;
+    // policies may not set the message's framing, connection or host
+    for (policy, field) in [
+        (
+            json!({"type": "request-headers", "add": [{"name": "Content-Length", "value": "1"}]}),
+            "policies[0].add[0].name",
+        ),
+        (
+            json!({"type": "response-headers", "rename": [{"from": "x-a", "to": "transfer-encoding"}]}),
+            "policies[0].rename[0].to",
+        ),
+        (
+            json!({"type": "request-headers", "rename": [{"from": "x-a", "to": "X-A"}]}),
+            "policies[0].rename[0].to",
+        ),
+    ] {
+        let r = n
+            .admin(
+                Method::POST,
+                &format!("{t}/apis"),
+                Some(
+                    json!({"name": "bad", "version": "v1", "hosts": ["bad.example"],
+                    "base_path": "/", "upstream": target, "policies": [policy]}),
+                ),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{:?}", r.body);
+        assert_eq!(r.body["invalid-params"][0]["name"], field, "{:?}", r.body);
+    }
+    let (key, _) = key_for(&n, "acme", "app").await;
+    let (other_key, _) = key_for(&n, "other", "app").await;
+    let soon = (time::OffsetDateTime::now_utc() + time::Duration::seconds(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let r = n
+        .admin(
+            Method::POST,
+            &format!("{t}/consumers/app/keys"),
+            Some(json!({"expires_at": soon})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let expiring = r.body["key"].as_str().unwrap().to_string();
+    let gw = Gw::new(&n);
+    gw.until("shaped.example", "/", Some(&key), 200).await;
+
+    let send = |key: &str, body: &'static str| {
+        gw.http
+            .post(format!("{}/x", gw.base))
+            .header("host", "shaped.example")
+            .header("x-api-key", key)
+            .header("x-drop", "1")
+            .header("x-client-id", "partner-42")
+            .body(body)
+            .send()
+    };
+    let r = send(&key, "hello").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    assert!(h.get("content-type").is_none(), "removed: {h:?}");
+    assert!(h.get("x-upstream-date").is_some(), "renamed: {h:?}");
+    assert_eq!(h.get("x-api").and_then(|v| v.to_str().ok()), Some("shaped"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["body"], "hello");
+    assert!(e["headers"].get("x-drop").is_none(), "{e}");
+    assert!(e["headers"].get("x-client-id").is_none(), "{e}");
+    assert_eq!(e["headers"]["x-partner-id"], "partner-42", "{e}");
+    assert_eq!(e["headers"]["x-gateway"], "apim", "{e}");
+    // over the limit: 413; no declared length: 411
+    let r = send(&key, "01234567890").await.unwrap();
+    assert_eq!(r.status(), 413);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["type"], "urn:apim:problem:gateway:body-too-large");
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /x HTTP/1.1\r\nHost: shaped.example\r\nx-api-key: {key}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 411"), "{answer}");
+    assert!(answer.contains("length-required"), "{answer}");
+
+    // another tenant's key, and a key past its expiry: the same 401 as a wrong key
+    let r = send(&other_key, "x").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["type"], "urn:apim:problem:gateway:invalid-credential");
+    assert_eq!(send(&expiring, "x").await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = send(&expiring, "x").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["type"], "urn:apim:problem:gateway:invalid-credential");
+}
+
+/// `gateway.max_connections` caps the connections open at once: one more is closed as soon as
+/// accepted, and a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_closes_connections_beyond_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let n = Node::start_with("[gateway]\nmax_connections = 2\n").await;
+    let open = || tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port));
+    let first = open().await.unwrap();
+    let mut second = open().await.unwrap();
+    // the second is served (no route: 404), so both hold their slots
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: none.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n2 = second.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n2]).starts_with("HTTP/1.1 404"));
+    let mut third = open().await.unwrap();
+    let _ = third
+        .write_all(b"GET / HTTP/1.1\r\nHost: none.example\r\n\r\n")
+        .await;
+    let got = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed, not left waiting");
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "the third connection is closed without an answer: {got:?}"
+    );
+    // a slot freed serves again
+    drop(first);
+    let mut answered = false;
+    for _ in 0..50 {
+        let mut c = open().await.unwrap();
+        let _ = c
+            .write_all(b"GET / HTTP/1.1\r\nHost: none.example\r\n\r\n")
+            .await;
+        if let Ok(Ok(k)) = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await {
+            if k > 0 && buf.starts_with(b"HTTP/1.1 404") {
+                answered = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered, "a freed slot serves a new connection");
+}

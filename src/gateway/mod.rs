@@ -744,6 +744,43 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
+/// A header policy's edits: `remove`, then `rename` (every value of `from` moves to `to`, in
+/// place of any `to`), then `add` (in place of any value of the name).
+fn edit_headers(
+    h: &mut HeaderMap,
+    add: &[crate::model::HeaderValue],
+    remove: &[String],
+    rename: &[crate::model::HeaderRename],
+) {
+    for name in remove {
+        h.remove(name.as_str());
+    }
+    for r in rename {
+        let (Ok(from), Ok(to)) = (
+            HeaderName::from_bytes(r.from.as_bytes()),
+            HeaderName::from_bytes(r.to.as_bytes()),
+        ) else {
+            continue;
+        };
+        let values: Vec<HeaderValue> = match h.entry(from) {
+            header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
+            header::Entry::Vacant(_) => continue,
+        };
+        h.remove(&to);
+        for v in values {
+            h.append(to.clone(), v);
+        }
+    }
+    for a in add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(a.name.as_bytes()),
+            HeaderValue::from_str(&a.value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names; most messages carry at most `Connection`.
     let mut doomed: Vec<HeaderName> = Vec::new();
@@ -1677,19 +1714,11 @@ impl Gateway {
                         ));
                     }
                 }
-                Policy::RequestHeaders { add, remove } => {
-                    for h in remove {
-                        req.headers_mut().remove(h.as_str());
-                    }
-                    for h in add {
-                        if let (Ok(n), Ok(v)) = (
-                            HeaderName::from_bytes(h.name.as_bytes()),
-                            HeaderValue::from_str(&h.value),
-                        ) {
-                            req.headers_mut().insert(n, v);
-                        }
-                    }
-                }
+                Policy::RequestHeaders {
+                    add,
+                    remove,
+                    rename,
+                } => edit_headers(req.headers_mut(), add, remove, rename),
                 Policy::ResponseHeaders { .. } => {}
                 Policy::Jwt {
                     issuer,
@@ -2658,18 +2687,13 @@ impl Gateway {
             );
         }
         for p in &route.policies {
-            if let Policy::ResponseHeaders { add, remove } = p {
-                for h in remove {
-                    parts.headers.remove(h.as_str());
-                }
-                for h in add {
-                    if let (Ok(n), Ok(v)) = (
-                        HeaderName::from_bytes(h.name.as_bytes()),
-                        HeaderValue::from_str(&h.value),
-                    ) {
-                        parts.headers.insert(n, v);
-                    }
-                }
+            if let Policy::ResponseHeaders {
+                add,
+                remove,
+                rename,
+            } = p
+            {
+                edit_headers(&mut parts.headers, add, remove, rename);
             }
         }
         parts
