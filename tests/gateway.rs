@@ -1140,3 +1140,56 @@ async fn the_connection_cap_closes_connections_beyond_it() {
     }
     assert!(answered, "a freed slot serves a new connection");
 }
+
+/// On SIGTERM a request in flight is answered in full (its connection then closed) before the
+/// node exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_finish_when_the_node_stops() {
+    let up = echo_upstream().await;
+    let mut n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "slow", "version": "v1", "hosts": ["slow.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": format!("http://{up}")}]}, "policies": []}),
+    )
+    .await;
+    let gw = Gw::new(&n);
+    gw.until("slow.example", "/", None, 200).await;
+    // the echo upstream answers `/slow` after 3 s
+    let url = format!("{}/slow", gw.base);
+    let http = gw.http.clone();
+    let in_flight = tokio::spawn(async move {
+        let r = http
+            .get(url)
+            .header("host", "slow.example")
+            .send()
+            .await
+            .expect("answered");
+        let close = r
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (r.status().as_u16(), close, r.json::<Value>().await.ok())
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let started = std::time::Instant::now();
+    let (code, n) = tokio::task::spawn_blocking(move || {
+        let code = n.terminate();
+        (code, n)
+    })
+    .await
+    .unwrap();
+    let (status, close, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "the request in flight is answered");
+    assert_eq!(body.map(|b| b["uri"].clone()), Some(json!("/slow")));
+    assert_eq!(close.as_deref(), Some("close"), "and its connection closed");
+    assert_eq!(code, Some(0), "a clean exit; log:\n{}", n.log());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the node waited for the answer ({:?})",
+        started.elapsed()
+    );
+}
