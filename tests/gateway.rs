@@ -934,14 +934,45 @@ async fn quotas_count_from_the_replicated_usage_and_survive_a_crash() {
     n.kill();
     n.boot().await;
     let gw = Gw::new(&n);
-    // one request of the four a day is left on `pay`; `info`'s two a month are used
-    assert_eq!(gw.until("pay.example", "/", Some(&key), 200).await.0, 200);
+    // one request of the four a day is left on `pay`; `info`'s two a month are used. The
+    // answers say so in the IETF RateLimit headers (policies "day" and "month")
+    let lines = |h: &reqwest::header::HeaderMap, name: &str| -> Vec<String> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (s, h, _) = gw.until("pay.example", "/", Some(&key), 200).await;
+    assert_eq!(s, 200);
+    assert_eq!(lines(&h, "ratelimit-policy"), ["\"day\";q=4;w=86400"]);
+    let state = lines(&h, "ratelimit");
+    assert!(
+        state.len() == 1 && state[0].starts_with("\"day\";r=0;t="),
+        "{state:?}"
+    );
     for (host, bound) in [("pay.example", 86_400), ("info.example", 31 * 86_400)] {
         let (s, h, b) = gw.get(host, "/", Some(&key)).await;
         assert_eq!(
             (s, b["type"].as_str()),
             (429, Some("urn:apim:problem:gateway:quota-exceeded")),
             "{host}: {b}"
+        );
+        // the policy of the window used up (a month is its days in seconds), nothing left
+        let (policy, window) = if host == "pay.example" {
+            ("\"day\";q=4;w=86400", "day")
+        } else {
+            ("\"month\";q=2;w=", "month")
+        };
+        let policies = lines(&h, "ratelimit-policy");
+        assert!(
+            policies.len() == 1 && policies[0].starts_with(policy),
+            "{host}: {policies:?}"
+        );
+        assert!(
+            lines(&h, "ratelimit")
+                .concat()
+                .starts_with(&format!("\"{window}\";r=0;t=")),
+            "{host}: {h:?}"
         );
         let retry: u64 = h
             .get("retry-after")

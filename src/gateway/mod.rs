@@ -1133,6 +1133,25 @@ fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> 
     Refusal(status, slug, detail.into(), Vec::new())
 }
 
+/// A quota's IETF RateLimit headers: `RateLimit-Policy: "<name>";q=<limit>;w=<seconds>` and
+/// `RateLimit: "<name>";r=<remaining>;t=<seconds left>` (each one more item of its list).
+fn push_quota_headers(
+    out: &mut Vec<(HeaderName, HeaderValue)>,
+    name: &str,
+    limit: Option<u64>,
+    width: u64,
+    remaining: u64,
+    left: u64,
+) {
+    let Some(limit) = limit else { return };
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={limit};w={width}")) {
+        out.push((HeaderName::from_static("ratelimit-policy"), v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={left}")) {
+        out.push((HeaderName::from_static("ratelimit"), v));
+    }
+}
+
 /// Seconds until the end of the current UTC day, and the day's index.
 fn day_window(now: time::OffsetDateTime) -> (i64, u64) {
     let secs = now.unix_timestamp();
@@ -1941,20 +1960,33 @@ impl Gateway {
         }
         if let Some(q) = &plan.quota {
             let who = (route.tenant.as_str(), route.api.as_str(), consumer);
-            if let Err(exceeded) = self.quotas.admit(who, q.per_day, q.per_month, now) {
-                let left = match exceeded {
-                    quota::Exceeded::Day(s) | quota::Exceeded::Month(s) => s,
-                };
-                let mut r = refuse(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "quota-exceeded",
-                    "the plan's quota for this period is used up",
-                );
-                let mut digits = [0u8; 20];
-                if let Ok(v) = HeaderValue::from_str(access::digits(left, &mut digits)) {
-                    r.3.push((header::RETRY_AFTER, v));
+            // the quotas as RateLimit policies named "day" and "month" (windows in seconds)
+            let month_secs = 86_400 * u64::from(now.month().length(now.year()));
+            let named = |exceeded: &quota::Window| match exceeded {
+                quota::Window::Day => ("day", q.per_day, 86_400),
+                quota::Window::Month => ("month", q.per_month, month_secs),
+            };
+            match self.quotas.admit(who, q.per_day, q.per_month, now) {
+                Ok(left) => {
+                    for (window, remaining, secs) in left {
+                        let (name, limit, width) = named(&window);
+                        push_quota_headers(answer_headers, name, limit, width, remaining, secs);
+                    }
                 }
-                return Err(r);
+                Err((window, secs)) => {
+                    let mut r = refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "quota-exceeded",
+                        "the plan's quota for this period is used up",
+                    );
+                    let mut digits = [0u8; 20];
+                    if let Ok(v) = HeaderValue::from_str(access::digits(secs, &mut digits)) {
+                        r.3.push((header::RETRY_AFTER, v));
+                    }
+                    let (name, limit, width) = named(&window);
+                    push_quota_headers(&mut r.3, name, limit, width, 0, secs);
+                    return Err(r);
+                }
             }
         }
         Ok(())
@@ -1989,6 +2021,11 @@ impl Gateway {
                 remaining,
                 reset_secs,
             } => {
+                // one "default" item: the last rate limit checked is the one reported
+                answer.retain(|(k, v)| {
+                    !((k == "ratelimit" || k == "ratelimit-policy")
+                        && v.as_bytes().starts_with(b"\"default\""))
+                });
                 if let Some(p) = policy {
                     answer.push((HeaderName::from_static("ratelimit-policy"), p));
                 }
@@ -2701,7 +2738,9 @@ impl Gateway {
             .append(header::VIA, HeaderValue::from_static("1.1 apim"));
         parts.headers.insert(X_REQUEST_ID, request_id_value);
         for (k, v) in extra {
-            if k == header::VARY {
+            // (the RateLimit headers are lists: a plan's rate limit and its quotas each add
+            // an item)
+            if k == header::VARY || k == "ratelimit" || k == "ratelimit-policy" {
                 parts.headers.append(k, v);
             } else {
                 parts.headers.insert(k, v);

@@ -184,12 +184,19 @@ impl Book {
     }
 }
 
-/// The refusal of a quota check: which window is used up, and the seconds until it ends.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Exceeded {
-    Day(u64),
-    Month(u64),
+/// A quota window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Day,
+    Month,
 }
+
+/// The refusal of a quota check: the window used up, and the seconds until it ends.
+pub type Exceeded = (Window, u64);
+
+/// What an admitted request leaves of each quota the plan sets: the window, the requests
+/// left in it, the seconds until it ends.
+pub type Left = Vec<(Window, u64, u64)>;
 
 /// The quotas of a gateway.
 pub struct Quotas {
@@ -316,7 +323,7 @@ impl Quotas {
         per_day: Option<u64>,
         per_month: Option<u64>,
         now: time::OffsetDateTime,
-    ) -> Result<(), Exceeded> {
+    ) -> Result<Left, Exceeded> {
         thread_local! {
             static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
@@ -336,14 +343,25 @@ impl Quotas {
                 .local
                 .get(key.as_str())
                 .map_or((0, 0), |w| w.used(windows));
-            if per_day.is_some_and(|limit| stored.0.saturating_add(local.0) >= limit) {
-                return Err(Exceeded::Day(day_left));
+            let used = (
+                stored.0.saturating_add(local.0),
+                stored.1.saturating_add(local.1),
+            );
+            if per_day.is_some_and(|limit| used.0 >= limit) {
+                return Err((Window::Day, day_left));
             }
-            if per_month.is_some_and(|limit| stored.1.saturating_add(local.1) >= limit) {
-                return Err(Exceeded::Month(month_left));
+            if per_month.is_some_and(|limit| used.1 >= limit) {
+                return Err((Window::Month, month_left));
             }
             add_to(&mut book.local, &key, windows, 1);
-            Ok(())
+            let mut left = Left::new();
+            if let Some(limit) = per_day {
+                left.push((Window::Day, limit - used.0 - 1, day_left));
+            }
+            if let Some(limit) = per_month {
+                left.push((Window::Month, limit - used.1 - 1, month_left));
+            }
+            Ok(left)
         })
     }
 }
@@ -394,31 +412,38 @@ mod tests {
             HashMap::new(),
         );
         let now = at(hour);
-        assert_eq!(q.admit(WHO, Some(3), Some(10), now), Ok(()));
-        let Err(Exceeded::Day(left)) = q.admit(WHO, Some(3), Some(10), now) else {
+        assert!(q.admit(WHO, Some(3), Some(10), now).is_ok());
+        let Err((Window::Day, left)) = q.admit(WHO, Some(3), Some(10), now) else {
             panic!("the day's three requests are used");
         };
         assert_eq!(left, 13 * 3600 + 1800);
         // the month: 6 of 7 used (5 stored, 1 local), one more, then refused
-        assert_eq!(q.admit(WHO, None, Some(7), now), Ok(()));
+        assert!(q.admit(WHO, None, Some(7), now).is_ok());
         assert!(matches!(
             q.admit(WHO, None, Some(7), now),
-            Err(Exceeded::Month(_))
+            Err((Window::Month, _))
         ));
         // another consumer has its own count
         assert_eq!(
             q.admit(("acme", "pay", "other"), Some(1), None, now),
-            Ok(())
+            Ok(vec![(Window::Day, 0, 13 * 3600 + 1800)])
         );
-        // the next day starts from zero; the month goes on (5 stored + 2 local)
+        // the next day starts from zero; the month goes on (5 stored + 2 local): what is left
+        // of each after this request
         let tomorrow = at(hour + 24);
-        assert_eq!(q.admit(WHO, Some(1), Some(8), tomorrow), Ok(()));
+        let Ok(left) = q.admit(WHO, Some(1), Some(8), tomorrow) else {
+            panic!("admitted");
+        };
+        assert_eq!(
+            left.iter().map(|l| (l.0, l.1)).collect::<Vec<_>>(),
+            [(Window::Day, 0), (Window::Month, 0)]
+        );
         assert!(matches!(
             q.admit(WHO, Some(5), Some(8), tomorrow),
-            Err(Exceeded::Month(_))
+            Err((Window::Month, _))
         ));
         // a refused request counts nothing
-        assert_eq!(q.admit(WHO, Some(2), None, tomorrow), Ok(()));
+        assert!(q.admit(WHO, Some(2), None, tomorrow).is_ok());
     }
 
     #[test]
@@ -433,7 +458,7 @@ mod tests {
         q.applied(2, 8, &[entry("app", hour, 1)]);
         // the read held node 2's batch 7, not 8
         q.load(&[entry("app", hour, 4)], HashMap::from([(2, 7)]));
-        assert_eq!(q.admit(WHO, Some(6), None, now), Ok(()));
+        assert!(q.admit(WHO, Some(6), None, now).is_ok());
         assert!(q.admit(WHO, Some(6), None, now).is_err(), "4 + 1 + 1");
         // a batch applied again is not counted again
         q.applied(2, 8, &[entry("app", hour, 1)]);
@@ -446,7 +471,7 @@ mod tests {
         let q2 = Quotas::default();
         q2.set_own(1, 1000);
         q2.load(&[], HashMap::new());
-        assert_eq!(q2.admit(WHO, Some(2), None, now), Ok(()));
+        assert!(q2.admit(WHO, Some(2), None, now).is_ok());
         q2.applied(1, 999, &[entry("app", hour, 1)]);
         assert!(
             q2.admit(WHO, Some(2), None, now).is_err(),
@@ -462,7 +487,7 @@ mod tests {
         q.set_own(1, 1000);
         q.load(&[], HashMap::new());
         for _ in 0..3 {
-            assert_eq!(q.admit(WHO, Some(10), None, now), Ok(()));
+            assert!(q.admit(WHO, Some(10), None, now).is_ok());
         }
         // batch 1001 (the three requests) is written; the state took it, but this node
         // learns of it only from a snapshot (it was never applied here)
@@ -471,7 +496,7 @@ mod tests {
         q.load(&[entry("app", hour, 3)], HashMap::from([(1, 1001)]));
         // 3, not 6: counted once
         for _ in 0..7 {
-            assert_eq!(q.admit(WHO, Some(10), None, now), Ok(()));
+            assert!(q.admit(WHO, Some(10), None, now).is_ok());
         }
         assert!(q.admit(WHO, Some(10), None, now).is_err());
         // a batch being written that the snapshot does not hold stays local
@@ -531,7 +556,7 @@ mod tests {
             .collect();
         q.load(&old, HashMap::new());
         q.book().prune_at = 10;
-        assert_eq!(q.admit(WHO, Some(5), None, at(hour)), Ok(()));
+        assert!(q.admit(WHO, Some(5), None, at(hour)).is_ok());
         let book = q.book();
         assert!(book.stored.is_empty(), "last month's keys are gone");
         assert_eq!(book.local.len(), 1);
