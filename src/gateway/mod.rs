@@ -1654,7 +1654,10 @@ impl Gateway {
                             "the API key is not valid for this API",
                         ));
                     };
-                    self.admit(route, &entry.consumer, now, &mut answer_headers)?;
+                    // (a consumer two policies identify is admitted, and counted, once)
+                    if served.consumer.as_deref() != Some(entry.consumer.as_str()) {
+                        self.admit(route, &entry.consumer, now, &mut answer_headers)?;
+                    }
                     served.consumer = Some(entry.consumer.clone());
                 }
                 Policy::RateLimit {
@@ -1818,7 +1821,9 @@ impl Gateway {
                                 "the token is not valid for this API",
                             ));
                         };
-                        self.admit(route, name, now, &mut answer_headers)?;
+                        if served.consumer.as_deref() != Some(name) {
+                            self.admit(route, name, now, &mut answer_headers)?;
+                        }
                         served.consumer = Some(name.to_string());
                     }
                 }
@@ -1835,7 +1840,9 @@ impl Gateway {
                 }
                 Policy::MutualTls { map_by, .. } => {
                     let who = self.client_certificate(table, route, i, *map_by, conn)?;
-                    self.admit(route, &who, now, &mut answer_headers)?;
+                    if served.consumer.as_deref() != Some(who.as_str()) {
+                        self.admit(route, &who, now, &mut answer_headers)?;
+                    }
                     served.consumer = Some(who);
                 }
             }
@@ -2443,6 +2450,9 @@ impl Gateway {
         let deadline = total_deadline.map_or(upstream_started + response_timeout, |t| {
             t.min(upstream_started + response_timeout)
         });
+        // a head late for the total only (not for the response timeout) is not the target's
+        // failure
+        let total_binds = total_deadline.is_some_and(|t| t < upstream_started + response_timeout);
         let mut now = upstream_started;
         let mut last_error = None;
         let resp = loop {
@@ -2558,7 +2568,14 @@ impl Gateway {
                     Some(c) => tokio::time::timeout_at(left, c.request(attempt))
                         .await
                         .map(hyper_answer),
-                    None => Ok(Err((true, false))),
+                    None => {
+                        return problem(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "policy-unavailable",
+                            "the upstream's HTTP/2 client is not available",
+                            request_id,
+                        )
+                    }
                 },
                 (None, Some(origin)) => tokio::time::timeout_at(
                     left,
@@ -2598,7 +2615,7 @@ impl Gateway {
                     }
                 }
                 Err(_) => (
-                    bodyless.then_some(true),
+                    (bodyless && !total_binds).then_some(true),
                     false,
                     Err((
                         StatusCode::GATEWAY_TIMEOUT,
@@ -2737,6 +2754,14 @@ impl Gateway {
             .headers
             .append(header::VIA, HeaderValue::from_static("1.1 apim"));
         parts.headers.insert(X_REQUEST_ID, request_id_value);
+        if extra
+            .iter()
+            .any(|(k, _)| k == "ratelimit" || k == "ratelimit-policy")
+        {
+            // the gateway's limits replace any the upstream reported
+            parts.headers.remove("ratelimit");
+            parts.headers.remove("ratelimit-policy");
+        }
         for (k, v) in extra {
             // (the RateLimit headers are lists: a plan's rate limit and its quotas each add
             // an item)
