@@ -544,4 +544,37 @@ mod tests {
         assert!(doc["components"]["schemas"]["ApiSpec"].is_object());
         assert!(doc["components"]["schemas"]["Policy"].is_object());
     }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::String(r)) = m.get("$ref") {
+                        out.push(r);
+                    }
+                    m.values().for_each(|v| refs(v, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in found {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("unexpected reference {r}"));
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "{r} has no schema"
+            );
+        }
+        // the upstream's newer settings are documented
+        for name in ["ApiTimeouts", "UpstreamProtocol", "HeaderRename"] {
+            assert!(doc["components"]["schemas"][name].is_object(), "{name}");
+        }
+    }
 }
