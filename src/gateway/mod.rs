@@ -678,7 +678,6 @@ pub struct Gateway {
     /// Quota counters per (tenant, API, consumer, window): (window index, count).
     /// Plan quotas, counted from the replicated usage counters (`quota`).
     pub quotas: quota::Quotas,
-    client: Client<HttpConnector, Body>,
     /// Clients with HTTP/2 prior knowledge (h2c), by connect timeout in milliseconds: one
     /// pool per timeout, shared by the APIs with `protocol: http2` and `http://` targets.
     h2c_clients: Mutex<HashMap<u64, H2cClient>>,
@@ -1220,18 +1219,10 @@ impl Gateway {
         forwarding: Forwarding,
         access: access::AccessLog,
     ) -> anyhow::Result<Gateway> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeouts.connect));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Ok(Gateway {
             table: ArcSwap::from_pointee(RouteTable::default()),
             rate: Mutex::new(HashMap::new()),
             quotas: quota::Quotas::default(),
-            client,
             h2c_clients: Mutex::new(HashMap::new()),
             timeouts,
             started: Instant::now(),
@@ -1469,6 +1460,7 @@ impl Gateway {
             HeaderValue::from_static("apim-health-check"),
         );
         let timeout = Duration::from_millis(u64::from(hc.timeout_ms));
+        let passed = |s: StatusCode| s.is_success() || s.is_redirection();
         let sent = if target.origin.starts_with("https://") {
             match route.tls_client.get() {
                 Some(Ok(c)) => c.request(req),
@@ -1480,10 +1472,19 @@ impl Gateway {
                 None => return false,
             }
         } else {
-            self.client.request(req)
+            // the gateway's own HTTP/1.1 client, with the API's connect timeout
+            let Some(origin) = &target.authority else {
+                return false;
+            };
+            let connect = self.route_timeouts(route).0;
+            let sent = h1::send(origin, req, connect, timeout);
+            return matches!(
+                tokio::time::timeout(timeout, sent).await,
+                Ok(Ok(r)) if passed(r.status())
+            );
         };
         match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(r)) => r.status().is_success() || r.status().is_redirection(),
+            Ok(Ok(r)) => passed(r.status()),
             _ => false,
         }
     }
