@@ -1233,3 +1233,71 @@ async fn requests_in_flight_finish_when_the_node_stops() {
         started.elapsed()
     );
 }
+
+/// A request body that stops coming, or breaks, is the client's fault: 408 after the idle
+/// timeout (before the response timeout), 400 for a broken one; no answer blames the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_that_stop_or_break_are_the_clients_fault() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = echo_upstream().await;
+    let n = Node::start_with(
+        "[gateway]\nidle_timeout_seconds = 2\nupstream_response_timeout_seconds = 6\n",
+    )
+    .await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    publish(
+        &n,
+        "acme",
+        json!({"name": "echo", "version": "v1", "hosts": ["echo.example"], "base_path": "/",
+        "upstream": {"targets": [{"url": format!("http://{up}")}]}, "policies": []}),
+    )
+    .await;
+    let gw = Gw::new(&n);
+    gw.until("echo.example", "/", None, 200).await;
+    for (request, status) in [
+        (
+            &b"POST /up HTTP/1.1\r\nHost: echo.example\r\nContent-Length: 1000\r\n\r\n0123456789"[..],
+            "HTTP/1.1 408",
+        ),
+        (
+            &b"POST /up HTTP/1.1\r\nHost: echo.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"[..],
+            "HTTP/1.1 400",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+            .await
+            .unwrap();
+        c.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+                .await
+                .expect("an answer comes")
+                .unwrap_or(0);
+            if k == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        if status.ends_with("400") && text.is_empty() {
+            continue; // (hyper may drop a connection whose chunk is malformed)
+        }
+        assert!(text.starts_with(status), "{status}: {text}");
+        if status.ends_with("408") {
+            let took = started.elapsed();
+            assert!(
+                took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+                "{took:?}"
+            );
+        }
+    }
+    let m = metrics(&n).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("apim_gateway_refusals_total{cause=\"request-timeout\"}")),
+        "{m}"
+    );
+}

@@ -951,8 +951,14 @@ async fn answer_first_upstream(
                     }
                     seen.extend_from_slice(&buf[..n]);
                     // every complete head is answered at once (keep-alive GETs included);
-                    // `GET /stall` gets 7 bytes of the 100 its head announces, and no more
+                    // `GET /stall` gets 7 bytes of the 100 its head announces, and no more;
+                    // `POST /wait` gets no answer at all
                     while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if seen.starts_with(b"POST /wait ") {
+                            seen.clear();
+                            answered = Some(std::time::Instant::now());
+                            break;
+                        }
                         let post = seen.starts_with(b"POST");
                         let answer: &[u8] = if seen.starts_with(b"GET /stall ") {
                             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial"
@@ -1096,4 +1102,26 @@ async fn https_upstream_bodies_that_stop_coming_are_cut() {
         "cut after {:?}, not before the response timeout (3 s)",
         started.elapsed()
     );
+
+    // a body that stops coming before any answer: 408 after the idle timeout (2 s), before the
+    // response timeout (3 s), and the client's fault, not the upstream's
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
+    c.write_all(
+        b"POST /wait HTTP/1.1\r\nHost: stall.example\r\nContent-Length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("an answer comes")
+            .unwrap();
+        assert!(k > 0, "closed without an answer");
+        got.extend_from_slice(&buf[..k]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }

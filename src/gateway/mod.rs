@@ -408,12 +408,10 @@ where
                     return Poll::Pending; // (armed above)
                 };
                 match std::future::Future::poll(timer.as_mut(), cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                        "no {} came for {} s",
-                        this.what,
-                        this.idle.as_secs()
-                    )
-                    .into()))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled {
+                        what: this.what,
+                        secs: this.idle.as_secs(),
+                    })))),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -427,6 +425,63 @@ where
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The error of an [`Idle`] body that waited too long.
+#[derive(Debug)]
+struct BodyStalled {
+    what: &'static str,
+    secs: u64,
+}
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no {} came for {} s", self.what, self.secs)
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+/// Why an upstream attempt failed.
+enum Failed {
+    /// No connection could be opened: the request never left.
+    Connect,
+    /// The exchange failed; `blamed` when the upstream may be the cause.
+    Upstream { blamed: bool },
+    /// The client's request body failed: it stopped coming (`stalled`) or broke.
+    ClientBody { stalled: bool },
+}
+
+/// Whether hyper's client failed because of the request body the client sent: `Some(true)`
+/// when it stopped coming ([`Idle`]), `Some(false)` when it broke.
+fn client_body_fault(e: &hyper_util::client::legacy::Error) -> Option<bool> {
+    let mut cause = std::error::Error::source(e);
+    let mut from_body = false;
+    while let Some(c) = cause {
+        if c.downcast_ref::<BodyStalled>().is_some() {
+            return Some(true);
+        }
+        // (hyper's "user" errors of a client are its request body's)
+        if c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            from_body = true;
+        }
+        cause = c.source();
+    }
+    from_body.then_some(false)
+}
+
+/// Whether `e`, or an error under it, is an [`Idle`] body's wait.
+fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<BodyStalled>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An answer body cut at the API's total timeout (`upstream.timeouts.total_seconds`): past
@@ -2533,7 +2588,9 @@ impl Gateway {
             let h2c = tls_client.is_none()
                 && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
             let via_hyper = tls_client.is_some() || h2c;
-            if via_hyper && !bodyless {
+            // a request body that stops coming fails after the idle timeout (hyper's client
+            // pulls it in its own task, past the answer; the HTTP/1.1 client in this one)
+            if !bodyless {
                 sent = Idle::new(sent, conn.idle, "request body").boxed();
             }
             let mut attempt = Request::new(sent);
@@ -2557,10 +2614,12 @@ impl Gateway {
             let hyper_answer =
                 |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
                     r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
-                        .map_err(|e| (e.is_connect(), true))
+                        .map_err(|e| match client_body_fault(&e) {
+                            _ if e.is_connect() => Failed::Connect,
+                            Some(stalled) => Failed::ClientBody { stalled },
+                            None => Failed::Upstream { blamed: true },
+                        })
                 };
-            // (answer, or the failure: whether it came before connecting, whether the
-            // upstream is to blame)
             let result = match (tls_client, &target.authority) {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
                     .await
@@ -2584,10 +2643,17 @@ impl Gateway {
                 )
                 .await
                 .map(|r| {
-                    r.map(|r| r.map(Answer::Plain))
-                        .map_err(|e| (e.is_connect(), !e.is_blameless()))
+                    r.map(|r| r.map(Answer::Plain)).map_err(|e| match e {
+                        h1::Error::Body(e) => Failed::ClientBody {
+                            stalled: stalled(&*e),
+                        },
+                        e if e.is_connect() => Failed::Connect,
+                        e => Failed::Upstream {
+                            blamed: !e.is_blameless(),
+                        },
+                    })
                 }),
-                (None, None) => Ok(Err((true, true))),
+                (None, None) => Ok(Err(Failed::Connect)),
             };
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
             // client may be the cause (a request body that broke off or was slow to come): such
@@ -2624,7 +2690,7 @@ impl Gateway {
                         "the upstream did not answer in time",
                     )),
                 ),
-                Ok(Err((true, _))) => (
+                Ok(Err(Failed::Connect)) => (
                     Some(true),
                     true,
                     Err((
@@ -2633,13 +2699,32 @@ impl Gateway {
                         "the upstream could not be reached",
                     )),
                 ),
-                Ok(Err((false, blamed))) => (
+                Ok(Err(Failed::Upstream { blamed })) => (
                     (bodyless && blamed).then_some(true),
                     idempotent,
                     Err((
                         StatusCode::BAD_GATEWAY,
                         "upstream-failed",
                         "the upstream connection failed",
+                    )),
+                ),
+                // the client's fault: no verdict on the target, no retry
+                Ok(Err(Failed::ClientBody { stalled: true })) => (
+                    None,
+                    false,
+                    Err((
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                        "the request body stopped coming",
+                    )),
+                ),
+                Ok(Err(Failed::ClientBody { stalled: false })) => (
+                    None,
+                    false,
+                    Err((
+                        StatusCode::BAD_REQUEST,
+                        "bad-request-body",
+                        "the request body could not be read",
                     )),
                 ),
             };
@@ -2656,6 +2741,9 @@ impl Gateway {
                 }
                 Err((status, slug, detail)) => {
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
+                    if status.is_client_error() {
+                        served.refusal = Some(slug);
+                    }
                     return problem(status, slug, detail, request_id);
                 }
             }
