@@ -668,7 +668,7 @@ async fn h2c_upstream() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_to_plain_targets_relays_trailers_for_grpc() {
     use http_body_util::BodyExt;
-    let (n, gw) = node_with("[gateway]\n").await;
+    let (n, gw) = node_with("[gateway]\nidle_timeout_seconds = 2\n").await;
     let up = h2c_upstream().await;
     let r = n
         .admin(
@@ -742,6 +742,24 @@ async fn http2_to_plain_targets_relays_trailers_for_grpc() {
     // the same target as an HTTP/1.1 one fails (it speaks only HTTP/2)
     let (s, b) = gw.get("plain.example", "/").await;
     assert_eq!(s, 502, "{b}");
+    // a request body that stops coming (the service waits for all of it): 408 after the idle
+    // timeout, the client's fault, though hyper's HTTP/2 client only says the stream broke
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
+    c.write_all(
+        b"POST /pkg.Service/Method HTTP/1.1\r\nHost: grpc.example\r\nContent-Length: 100\r\n\r\n01234",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+        .await
+        .expect("an answer comes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..k]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
 /// An upstream whose answer comes in 10 parts of 100 bytes, 300 ms apart (3 s in all).

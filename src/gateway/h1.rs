@@ -2,7 +2,8 @@
 //!
 //! A request is written and its answer read in the request's own task, on a keep-alive
 //! connection taken from a pool kept per thread (each gateway worker thread runs its own
-//! runtime, so a pooled connection never changes threads and never needs a lock). hyper's
+//! runtime, so a pooled connection never changes threads and never needs a lock; the health
+//! checks, on the main runtime, use its threads' pools). hyper's
 //! pooled client hands every request through a channel to a connection task instead, which cost
 //! about a third of the gateway's CPU per request (measured with `perf`, see the README).
 //!
@@ -59,7 +60,8 @@ pub enum Error {
     Io(io::Error),
     /// The upstream broke the protocol.
     Protocol(&'static str),
-    /// The request body failed (the client's side broke off).
+    /// The request body failed: the client's side broke off, or stopped sending (the
+    /// gateway's idle bound).
     Body(BoxError),
 }
 

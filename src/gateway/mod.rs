@@ -348,11 +348,11 @@ impl hyper::body::Body for Answer {
     }
 }
 
-/// A body that fails when none of it comes for `idle`, for the bodies hyper's client (HTTPS
-/// targets) moves: the request body, which it pulls in its own connection task, past the
-/// answer (without this bound a client that stops sending would hold the upstream connection
-/// for as long as it kept its own open), and the answer's body (an upstream that stops
-/// sending would hold the client's request). `what` names the body in the error.
+/// A body that fails when none of it comes for `idle`: every request body sent upstream
+/// (hyper's client pulls it in its own connection task, past the answer: without this bound a
+/// client that stops sending would hold the upstream connection for as long as it kept its
+/// own open), and the answer's body from hyper's client (an upstream that stops sending would
+/// hold the client's request). `what` names the body in the error.
 struct Idle<B> {
     inner: B,
     idle: Duration,
@@ -362,6 +362,38 @@ struct Idle<B> {
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Whether the timer runs (since the first wait after a frame).
     armed: bool,
+    /// A request body's fate, read by the attempt (the errors of hyper's HTTP/2 client do not
+    /// carry the body's).
+    watch: Option<Arc<BodyWatch>>,
+}
+
+/// What became of a request body on its way upstream.
+#[derive(Default)]
+struct BodyWatch {
+    /// The client sent all of it.
+    done: std::sync::atomic::AtomicBool,
+    /// The last look found nothing from the client (as opposed to the upstream not taking
+    /// the body, when it is not looked at).
+    waiting: std::sync::atomic::AtomicBool,
+    /// 0, or how it failed: 1 it stopped coming, 2 it broke.
+    failed: std::sync::atomic::AtomicU8,
+}
+
+impl BodyWatch {
+    /// `Some(true)` when the body stopped coming, `Some(false)` when it broke.
+    fn failure(&self) -> Option<bool> {
+        match self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether the client is behind: its body is not all sent and the gateway waits for it.
+    fn client_behind(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        !self.done.load(Relaxed) && self.waiting.load(Relaxed)
+    }
 }
 
 impl<B> Idle<B> {
@@ -372,6 +404,7 @@ impl<B> Idle<B> {
             what,
             timer: None,
             armed: false,
+            watch: None,
         }
     }
 }
@@ -388,14 +421,27 @@ where
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::sync::atomic::Ordering::Relaxed;
         use std::task::Poll;
         let this = self.get_mut();
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.armed = false;
+                if let Some(w) = &this.watch {
+                    w.waiting.store(false, Relaxed);
+                    match &frame {
+                        None => w.done.store(true, Relaxed),
+                        Some(Err(_)) => w.failed.store(2, Relaxed),
+                        Some(Ok(_)) if this.inner.is_end_stream() => w.done.store(true, Relaxed),
+                        Some(Ok(_)) => {}
+                    }
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
+                if let Some(w) = &this.watch {
+                    w.waiting.store(true, Relaxed);
+                }
                 if !this.armed {
                     this.armed = true;
                     let deadline = tokio::time::Instant::now() + this.idle;
@@ -408,10 +454,15 @@ where
                     return Poll::Pending; // (armed above)
                 };
                 match std::future::Future::poll(timer.as_mut(), cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled {
-                        what: this.what,
-                        secs: this.idle.as_secs(),
-                    })))),
+                    Poll::Ready(()) => {
+                        if let Some(w) = &this.watch {
+                            w.failed.store(1, Relaxed);
+                        }
+                        Poll::Ready(Some(Err(Box::new(BodyStalled {
+                            what: this.what,
+                            secs: this.idle.as_secs(),
+                        }))))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -450,38 +501,6 @@ enum Failed {
     Upstream { blamed: bool },
     /// The client's request body failed: it stopped coming (`stalled`) or broke.
     ClientBody { stalled: bool },
-}
-
-/// Whether hyper's client failed because of the request body the client sent: `Some(true)`
-/// when it stopped coming ([`Idle`]), `Some(false)` when it broke.
-fn client_body_fault(e: &hyper_util::client::legacy::Error) -> Option<bool> {
-    let mut cause = std::error::Error::source(e);
-    let mut from_body = false;
-    while let Some(c) = cause {
-        if c.downcast_ref::<BodyStalled>().is_some() {
-            return Some(true);
-        }
-        // (hyper's "user" errors of a client are its request body's)
-        if c.downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_user)
-        {
-            from_body = true;
-        }
-        cause = c.source();
-    }
-    from_body.then_some(false)
-}
-
-/// Whether `e`, or an error under it, is an [`Idle`] body's wait.
-fn stalled(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if c.downcast_ref::<BodyStalled>().is_some() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
 
 /// An answer body cut at the API's total timeout (`upstream.timeouts.total_seconds`): past
@@ -1527,10 +1546,13 @@ impl Gateway {
                 None => return false,
             }
         } else {
-            // the gateway's own HTTP/1.1 client, with the API's connect timeout
+            // the gateway's own HTTP/1.1 client, with the API's connect timeout; the probe's
+            // connection is not kept (its answer is not read)
             let Some(origin) = &target.authority else {
                 return false;
             };
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
             let connect = self.route_timeouts(route).0;
             let sent = h1::send(origin, req, connect, timeout);
             return matches!(
@@ -2589,10 +2611,15 @@ impl Gateway {
                 && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
             let via_hyper = tls_client.is_some() || h2c;
             // a request body that stops coming fails after the idle timeout (hyper's client
-            // pulls it in its own task, past the answer; the HTTP/1.1 client in this one)
-            if !bodyless {
-                sent = Idle::new(sent, conn.idle, "request body").boxed();
+            // pulls it in its own task, past the answer; the HTTP/1.1 client in this one), and
+            // the attempt learns what became of it
+            let watch = (!bodyless).then(|| Arc::new(BodyWatch::default()));
+            if let Some(w) = &watch {
+                let mut idle_body = Idle::new(sent, conn.idle, "request body");
+                idle_body.watch = Some(w.clone());
+                sent = idle_body.boxed();
             }
+            let body_failure = || watch.as_ref().and_then(|w| w.failure());
             let mut attempt = Request::new(sent);
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = uri;
@@ -2614,7 +2641,7 @@ impl Gateway {
             let hyper_answer =
                 |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
                     r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
-                        .map_err(|e| match client_body_fault(&e) {
+                        .map_err(|e| match body_failure() {
                             _ if e.is_connect() => Failed::Connect,
                             Some(stalled) => Failed::ClientBody { stalled },
                             None => Failed::Upstream { blamed: true },
@@ -2644,8 +2671,8 @@ impl Gateway {
                 .await
                 .map(|r| {
                     r.map(|r| r.map(Answer::Plain)).map_err(|e| match e {
-                        h1::Error::Body(e) => Failed::ClientBody {
-                            stalled: stalled(&*e),
+                        h1::Error::Body(_) => Failed::ClientBody {
+                            stalled: body_failure() == Some(true),
                         },
                         e if e.is_connect() => Failed::Connect,
                         e => Failed::Upstream {
@@ -2681,6 +2708,17 @@ impl Gateway {
                         break r;
                     }
                 }
+                // the gateway was waiting for the rest of the request body: the client was too
+                // slow, not the upstream
+                Err(_) if watch.as_ref().is_some_and(|w| w.client_behind()) => (
+                    None,
+                    false,
+                    Err((
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request-timeout",
+                        "the request body did not come in time",
+                    )),
+                ),
                 Err(_) => (
                     (bodyless && !total_binds).then_some(true),
                     false,
@@ -2741,7 +2779,7 @@ impl Gateway {
                 }
                 Err((status, slug, detail)) => {
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
-                    if status.is_client_error() {
+                    if matches!(slug, "request-timeout" | "bad-request-body") {
                         served.refusal = Some(slug);
                     }
                     return problem(status, slug, detail, request_id);
