@@ -1238,7 +1238,6 @@ async fn requests_in_flight_finish_when_the_node_stops() {
 /// timeout (before the response timeout), 400 for a broken one; no answer blames the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_that_stop_or_break_are_the_clients_fault() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = echo_upstream().await;
     let n = Node::start_with(
         "[gateway]\nidle_timeout_seconds = 2\nupstream_response_timeout_seconds = 6\n",
@@ -1265,23 +1264,7 @@ async fn request_bodies_that_stop_or_break_are_the_clients_fault() {
         ),
     ] {
         let started = std::time::Instant::now();
-        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
-            .await
-            .unwrap();
-        c.write_all(request).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-                .await
-                .expect("an answer comes")
-                .unwrap_or(0);
-            if k == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..k]);
-        }
-        let text = String::from_utf8_lossy(&got);
+        let text = raw_head(n.gateway_port, request).await;
         assert!(text.starts_with(status), "{status}: {text}");
         if status.ends_with("408") {
             let took = started.elapsed();
@@ -1302,18 +1285,11 @@ async fn request_bodies_that_stop_or_break_are_the_clients_fault() {
     )
     .await;
     gw.until("brisk.example", "/", None, 200).await;
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
-        .await
-        .unwrap();
-    c.write_all(b"POST /up HTTP/1.1\r\nHost: brisk.example\r\nContent-Length: 1000\r\n\r\n01234")
-        .await
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
-        .await
-        .expect("an answer comes")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf[..k]);
+    let text = raw_head(
+        n.gateway_port,
+        b"POST /up HTTP/1.1\r\nHost: brisk.example\r\nContent-Length: 1000\r\n\r\n01234",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     let m = metrics(&n).await;
     for cause in ["request-timeout", "bad-request-body"] {

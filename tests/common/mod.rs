@@ -556,3 +556,27 @@ pub async fn metrics(n: &Node) -> String {
         .await
         .expect("metrics text")
 }
+
+/// Sends `request` on a new connection to the gateway's `port` and returns what comes back
+/// until the answer's head is complete or the connection closes (panics after 10 s: the
+/// gateway must answer or close).
+pub async fn raw_head(port: u16, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connected");
+    c.write_all(request).await.expect("request sent");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("an answer, or the connection closed, within 10 s")
+            .unwrap_or(0);
+        if k == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..k]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
