@@ -689,6 +689,30 @@ async fn mutual_tls_maps_client_certificates_to_consumers() {
     assert_eq!(line["consumer"], "tpp-one", "{line}");
 }
 
+/// The TLS side of a test upstream: `server` (PEM chain, PEM key) as its certificate, `clients`
+/// deciding on client certificates, `alpn` offered.
+fn upstream_acceptor(
+    server: (&str, &str),
+    clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsAcceptor {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_client_cert_verifier(clients)
+    .with_single_cert(
+        CertificateDer::pem_slice_iter(server.0.as_bytes())
+            .map(|c| c.unwrap())
+            .collect(),
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+}
+
 /// An HTTPS upstream (HTTP/2 or HTTP/1.1 by ALPN) that requires a client certificate from
 /// `client_ca` and echoes the protocol version and the client's subject.
 async fn tls_upstream(server: (&str, &str), client_ca: &str) -> std::net::SocketAddr {
@@ -703,19 +727,7 @@ async fn tls_upstream(server: (&str, &str), client_ca: &str) -> std::net::Socket
     )
     .build()
     .unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            CertificateDer::pem_slice_iter(server.0.as_bytes())
-                .map(|c| c.unwrap())
-                .collect(),
-            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = upstream_acceptor(server, verifier, &[b"h2", b"http/1.1"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -917,21 +929,11 @@ async fn answer_first_upstream(
     closed: tokio::sync::mpsc::UnboundedSender<Duration>,
 ) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        CertificateDer::pem_slice_iter(server.0.as_bytes())
-            .map(|c| c.unwrap())
-            .collect(),
-        rustls_pki_types::PrivateKeyDer::from_pem_slice(server.1.as_bytes()).unwrap(),
-    )
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = upstream_acceptor(
+        (&server.0, &server.1),
+        Arc::new(rustls::server::NoClientAuth),
+        &[b"http/1.1"],
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -407,6 +407,14 @@ impl<B> Idle<B> {
             watch: None,
         }
     }
+
+    /// A request body, its fate told to `watch`.
+    fn watched(inner: B, idle: Duration, watch: Arc<BodyWatch>) -> Idle<B> {
+        Idle {
+            watch: Some(watch),
+            ..Idle::new(inner, idle, "request body")
+        }
+    }
 }
 
 impl<B> hyper::body::Body for Idle<B>
@@ -458,10 +466,12 @@ where
                         if let Some(w) = &this.watch {
                             w.failed.store(1, Relaxed);
                         }
-                        Poll::Ready(Some(Err(Box::new(BodyStalled {
-                            what: this.what,
-                            secs: this.idle.as_secs(),
-                        }))))
+                        Poll::Ready(Some(Err(format!(
+                            "no {} came for {} s",
+                            this.what,
+                            this.idle.as_secs()
+                        )
+                        .into())))
                     }
                     Poll::Pending => Poll::Pending,
                 }
@@ -477,21 +487,6 @@ where
         self.inner.size_hint()
     }
 }
-
-/// The error of an [`Idle`] body that waited too long.
-#[derive(Debug)]
-struct BodyStalled {
-    what: &'static str,
-    secs: u64,
-}
-
-impl std::fmt::Display for BodyStalled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no {} came for {} s", self.what, self.secs)
-    }
-}
-
-impl std::error::Error for BodyStalled {}
 
 /// Why an upstream attempt failed.
 enum Failed {
@@ -2445,13 +2440,17 @@ impl Gateway {
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
         let upgrade = upgrade_token(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        // whether the client takes trailers (`TE: trailers`, a hop-by-hop header)
-        let wants_trailers = req.headers().get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
+        // whether the client takes trailers (`TE: trailers`, a hop-by-hop header), for the
+        // routes hyper's client may carry (HTTPS targets, HTTP/2)
+        let hyper_route = route.upstream.tls.is_some()
+            || route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
+        let wants_trailers = hyper_route
+            && req.headers().get_all(header::TE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+                })
+            });
         let (mut parts, body) = req.into_parts();
         parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
@@ -2615,9 +2614,7 @@ impl Gateway {
             // the attempt learns what became of it
             let watch = (!bodyless).then(|| Arc::new(BodyWatch::default()));
             if let Some(w) = &watch {
-                let mut idle_body = Idle::new(sent, conn.idle, "request body");
-                idle_body.watch = Some(w.clone());
-                sent = idle_body.boxed();
+                sent = Idle::watched(sent, conn.idle, w.clone()).boxed();
             }
             let body_failure = || watch.as_ref().and_then(|w| w.failure());
             let mut attempt = Request::new(sent);
