@@ -958,3 +958,185 @@ async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
     assert_eq!(page["totals"]["bytes_in"], sent, "{page}");
     assert_eq!(page["totals"]["bytes_out"], received, "{page}");
 }
+
+/// Splits what a connection received into answers: (head, body). `bodiless[i]` says the i-th
+/// answer has no body whatever its head says (a `HEAD`'s). Panics on framing that does not add
+/// up: an answer cut short, or bytes left over.
+fn split_answers(mut bytes: &[u8], bodiless: &[bool]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("a head: {}", String::from_utf8_lossy(bytes)))
+            + 4;
+        let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+        bytes = &bytes[end..];
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                .map(|v| v.trim().to_string())
+        };
+        let status = status_of(&head);
+        let mut body = Vec::new();
+        if bodiless.get(out.len()) == Some(&true) || status == 204 || status == 304 {
+            // nothing
+        } else if field("transfer-encoding").as_deref() == Some("chunked") {
+            loop {
+                let line_end = bytes.windows(2).position(|w| w == b"\r\n").expect("a size");
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&bytes[..line_end]).unwrap().trim(),
+                    16,
+                )
+                .expect("a hex size");
+                bytes = &bytes[line_end + 2..];
+                if size == 0 {
+                    assert!(bytes.starts_with(b"\r\n"), "no trailers expected");
+                    bytes = &bytes[2..];
+                    break;
+                }
+                body.extend_from_slice(&bytes[..size]);
+                assert_eq!(&bytes[size..size + 2], b"\r\n");
+                bytes = &bytes[size + 2..];
+            }
+        } else {
+            let len: usize = field("content-length")
+                .unwrap_or_else(|| panic!("a framed answer: {head}"))
+                .parse()
+                .unwrap();
+            assert!(bytes.len() >= len, "an answer cut short: {head}");
+            body.extend_from_slice(&bytes[..len]);
+            bytes = &bytes[len..];
+        }
+        out.push((head, body));
+    }
+    out
+}
+
+/// The JSON echo of `echo_upstream`, from an answer's body.
+fn echoed(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_answers_are_framed_pipelined_and_handed_over() {
+    let n = Node::start().await;
+    created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
+    publish(&n, "e", echo_upstream().await, json!([])).await;
+    // answers of every framing: streamed without a length, 204, 304
+    let shapes = http_upstream(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let frames = |parts: &'static [&'static str]| {
+            let it = parts.iter().map(|p| {
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                    bytes::Bytes::from_static(p.as_bytes()),
+                ))
+            });
+            http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(futures::stream::iter(
+                it,
+            )))
+        };
+        let (status, body) = match req.uri().path() {
+            "/chunked" => (200, frames(&["abc", "", "defg", "h"])),
+            "/nocontent" => (204, frames(&[])),
+            _ => (304, frames(&[])),
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header("etag", "\"v1\"")
+            .body(body)
+            .unwrap()
+    })
+    .await;
+    publish(&n, "s", shapes, json!([])).await;
+    let port = n.gateway_port;
+    wait_routed(port, "e.example").await;
+    wait_routed(port, "s.example").await;
+
+    // pipelined in one write: a GET, a POST whose body came with its head, every framing,
+    // and a last request that closes
+    let answer = exchange(
+        port,
+        b"GET /one HTTP/1.1\r\nHost: e.example\r\n\r\n\
+          POST /two HTTP/1.1\r\nHost: e.example\r\nContent-Length: 5\r\n\r\nhello\
+          GET /chunked HTTP/1.1\r\nHost: s.example\r\n\r\n\
+          GET /nocontent HTTP/1.1\r\nHost: s.example\r\n\r\n\
+          GET /notmodified HTTP/1.1\r\nHost: s.example\r\nIf-None-Match: \"v1\"\r\n\r\n\
+          GET /three HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let answers = split_answers(answer.as_bytes(), &[]);
+    assert_eq!(answers.len(), 6, "{answer}");
+    for (i, (head, _)) in answers.iter().enumerate() {
+        assert!(head.starts_with("http/1.1 "), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(head.contains("\r\nx-request-id: req-"), "{head}");
+        assert_eq!(
+            head.contains("\r\nconnection: close"),
+            i == 5,
+            "only the last closes: {head}"
+        );
+    }
+    let (one, two, three) = (
+        echoed(&answers[0].1),
+        echoed(&answers[1].1),
+        echoed(&answers[5].1),
+    );
+    assert_eq!(
+        (status_of(&answers[0].0), &one["uri"]),
+        (200, &json!("/one"))
+    );
+    assert_eq!(
+        (&two["method"], &two["uri"], &two["body"]),
+        (&json!("POST"), &json!("/two"), &json!("hello"))
+    );
+    assert_eq!(two["headers"]["content-length"], "5", "{two}");
+    assert_eq!(three["uri"], "/three");
+    let (chunked, body) = &answers[2];
+    assert!(chunked.contains("transfer-encoding: chunked"), "{chunked}");
+    assert!(!chunked.contains("content-length"), "{chunked}");
+    assert_eq!(body, b"abcdefgh");
+    let (nocontent, _) = &answers[3];
+    assert_eq!(status_of(nocontent), 204);
+    assert!(
+        !nocontent.contains("content-length") && !nocontent.contains("transfer-encoding"),
+        "{nocontent}"
+    );
+    assert_eq!(status_of(&answers[4].0), 304);
+    assert!(answers[4].0.contains("etag: \"v1\""), "{}", answers[4].0);
+
+    // a body that comes after its head goes to hyper's server, which streams it, and keeps
+    // the connection: the requests after it are served, HEAD and HTTP/1.0 included
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /before HTTP/1.1\r\nHost: e.example\r\n\r\n")
+        .await
+        .unwrap();
+    let before = one_answer(&mut s).await;
+    assert_eq!(status_of(&before), 200, "{before}");
+    s.write_all(b"PUT /late HTTP/1.1\r\nHost: e.example\r\nContent-Length: 11\r\n\r\nhello")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b" world").await.unwrap();
+    let late = one_answer(&mut s).await;
+    let (head, body) = late.split_once("\r\n\r\n").unwrap();
+    assert_eq!(status_of(head), 200, "{late}");
+    let late = echoed(body.as_bytes());
+    assert_eq!(
+        (&late["uri"], &late["body"]),
+        (&json!("/late"), &json!("hello world"))
+    );
+    s.write_all(
+        b"HEAD /head HTTP/1.1\r\nHost: e.example\r\n\r\n\
+          GET /after HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let rest = read_some(&mut s, Duration::from_millis(1500)).await;
+    let answers = split_answers(rest.as_bytes(), &[true, false]);
+    assert_eq!(answers.len(), 2, "{rest}");
+    assert_eq!(status_of(&answers[0].0), 200);
+    assert_eq!(echoed(&answers[1].1)["uri"], "/after");
+    let old = exchange(port, b"GET /old HTTP/1.0\r\nHost: e.example\r\n\r\n").await;
+    assert_eq!(status_of(&old), 200, "{old}");
+    assert!(old.contains("\"/old\""), "{old}");
+}

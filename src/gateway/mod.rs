@@ -7,6 +7,7 @@
 //! API answer 503 (fail closed), never pass traffic unchecked.
 
 pub mod access;
+mod front;
 pub mod h1;
 pub mod jwks;
 pub mod policy;
@@ -37,6 +38,47 @@ use tokio::sync::watch;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
+
+/// A request's body: hyper's (requests hyper's server read), or one the gateway's own
+/// HTTP/1.1 server ([`front`]) read whole with the head (`None` once taken, or when there is
+/// none).
+pub enum ReqBody {
+    Hyper(Incoming),
+    Whole(Option<Bytes>),
+}
+
+impl hyper::body::Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx),
+            ReqBody::Whole(b) => {
+                std::task::Poll::Ready(b.take().map(|b| Ok(hyper::body::Frame::data(b))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Hyper(b) => b.is_end_stream(),
+            ReqBody::Whole(b) => b.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ReqBody::Hyper(b) => b.size_hint(),
+            ReqBody::Whole(b) => {
+                hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
 
 // Header names the request path uses, parsed once (a `&str` name is parsed at every use).
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -910,7 +952,7 @@ fn split_host_port(h: &str) -> (&str, Option<&str>) {
 
 /// The `Upgrade` of an HTTP/1.1 request that asks to switch to WebSocket (`Connection: upgrade`,
 /// `Upgrade: websocket`); other protocols are not switched to.
-fn upgrade_token(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn upgrade_token(req: &Request<ReqBody>) -> Option<HeaderValue> {
     if req.version() != hyper::Version::HTTP_11 {
         return None;
     }
@@ -950,7 +992,7 @@ fn path_is_plain(path: &str) -> bool {
 }
 
 /// Removes a query parameter (the API key) from the request's URI.
-fn strip_query_param(req: &mut Request<Incoming>, name: &str) {
+fn strip_query_param(req: &mut Request<ReqBody>, name: &str) {
     let Some(query) = req.uri().query() else {
         return;
     };
@@ -993,7 +1035,7 @@ fn cors_origin_headers(allow_origins: &[String], origin: &str) -> Vec<(HeaderNam
 /// allowed methods and headers, or 403 when the origin or the method is not allowed.
 fn cors_preflight(
     route: &Route,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     request_id: &str,
 ) -> Option<Response<Body>> {
     if req.method() != hyper::Method::OPTIONS {
@@ -1673,7 +1715,7 @@ impl Gateway {
         table: &RouteTable,
         route: &Route,
         op_scopes: &[String],
-        req: &mut Request<Incoming>,
+        req: &mut Request<ReqBody>,
         conn: &Conn,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
@@ -2143,11 +2185,7 @@ impl Gateway {
 
     /// Handles one request end to end and writes its access-log line (target
     /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        conn: Arc<Conn>,
-    ) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<ReqBody>, conn: Arc<Conn>) -> Response<Body> {
         let in_flight = conn.begin();
         let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
@@ -2269,7 +2307,7 @@ impl Gateway {
 
     async fn serve_one(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         conn: &Conn,
         served: &mut Served,
     ) -> Response<Body> {
@@ -3157,7 +3195,10 @@ pub async fn serve(
                 hyper::service::service_fn(move |req| {
                     let gw = gw.clone();
                     let conn = conn.clone();
-                    async move { Ok::<_, std::convert::Infallible>(gw.handle(req, conn).await) }
+                    async move {
+                        let req = req.map(ReqBody::Hyper);
+                        Ok::<_, std::convert::Infallible>(gw.handle(req, conn).await)
+                    }
                 })
             };
             // HTTP/2 when TLS negotiated it by ALPN, or a plain client opens with the HTTP/2
@@ -3186,11 +3227,13 @@ pub async fn serve(
                             Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
                             let io = Watched::new(stream, conn.clone(), limits.header_timeout);
-                            let c = builders
-                                .0
-                                .serve_connection(TokioIo::new(io), svc(conn))
-                                .with_upgrades();
-                            drive(c, stop).await
+                            Box::pin(serve_h1(io, (&gw, conn), &limits, stop, |io, conn| {
+                                builders
+                                    .0
+                                    .serve_connection(TokioIo::new(io), svc(conn))
+                                    .with_upgrades()
+                            }))
+                            .await
                         }
                     }
                     // counted by the handshake
@@ -3225,11 +3268,13 @@ pub async fn serve(
                             Box::pin(drive_h2(c, stop, &conn, &limits)).await
                         } else {
                             let io = Watched::new(tcp, conn.clone(), limits.header_timeout);
-                            let c = builders
-                                .0
-                                .serve_connection(TokioIo::new(io), svc(conn))
-                                .with_upgrades();
-                            drive(c, stop).await
+                            serve_h1(io, (&gw, conn), &limits, stop, |io, conn| {
+                                builders
+                                    .0
+                                    .serve_connection(TokioIo::new(io), svc(conn))
+                                    .with_upgrades()
+                            })
+                            .await
                         }
                     }
                     // closed, failed, or silent for the header timeout
@@ -3251,6 +3296,31 @@ pub async fn serve(
     tokio::select! {
         _ = drained => tracing::info!("gateway drained"),
         _ = tokio::time::sleep(limits.grace) => tracing::warn!("gateway drain timed out"),
+    }
+}
+
+/// Serves an HTTP/1.1 connection: by the gateway's own server ([`front`]) until a request it
+/// does not take, then by hyper's (`hyper_h1`) for the rest of the connection.
+async fn serve_h1<S, C>(
+    mut io: S,
+    (gw, conn): (&Arc<Gateway>, Arc<Conn>),
+    limits: &ListenerLimits,
+    stop: watch::Receiver<bool>,
+    hyper_h1: impl FnOnce(front::Replay<S>, Arc<Conn>) -> C,
+) -> hyper::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    C: std::future::Future<Output = hyper::Result<()>> + Graceful,
+{
+    match front::serve(&mut io, gw, &conn, limits, stop.clone()).await {
+        Ok(front::Ended::HandOver(early)) => {
+            drive(hyper_h1(front::Replay::new(early, io), conn), stop).await
+        }
+        Ok(front::Ended::Closed) => Ok(()),
+        Err(e) => {
+            tracing::debug!(peer = %conn.peer, error = %e, "gateway connection ended with an error");
+            Ok(())
+        }
     }
 }
 

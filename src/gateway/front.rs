@@ -1,0 +1,501 @@
+//! The gateway's own HTTP/1.1 server, for the requests most traffic is made of: HTTP/1.1
+//! requests, on plain or TLS connections, with no body or a `Content-Length` body that came
+//! whole with the head (a small JSON `POST`).
+//!
+//! It reads a head, hands the request to [`Gateway::handle`] (the same handling as every other
+//! request) and writes the answer itself, on the connection's own task, without hyper's
+//! server machinery (which cost about 2 µs of CPU per proxied request; see the README's
+//! benchmark figures).
+//!
+//! Anything else is hyper's. The first request that is not of that kind (a body still coming
+//! or chunked, `HEAD`, `Expect`, `Upgrade`, `TE`, `Transfer-Encoding`, HTTP/1.0, an
+//! absolute-form or `*` target, and every head that does not parse or is too large) hands the
+//! connection, with the bytes read so far and nothing answered, to hyper's HTTP/1.1 server for
+//! the rest of its life. The refusals of malformed or hostile heads (400, 431, smuggling
+//! attempts) are therefore hyper's, as before: this server never answers a head it has not
+//! fully understood.
+//!
+//! Timeouts are those of hyper's server: the header timeout is the connection stream's
+//! ([`Watched`](super::Watched)), the idle timeout bounds the wait for the next head, a stalled
+//! write is cut by [`Stall`](super::Stall), and the gateway's shutdown closes an idle connection
+//! and makes the answer in progress the last (`Connection: close`).
+
+use super::{Body, Conn, Gateway, ListenerLimits, ReqBody};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+
+/// How a connection served here ends.
+pub(super) enum Ended {
+    /// Closed (by either side, a timeout or the shutdown).
+    Closed,
+    /// Given to hyper's server, with the bytes read and not yet answered.
+    HandOver(Bytes),
+}
+
+/// Answer bytes gathered before a write (larger body chunks are written directly).
+const GATHER: usize = 16 * 1024;
+
+/// Serves `io`'s requests until the connection ends or a request must go to hyper.
+pub(super) async fn serve<S>(
+    io: &mut S,
+    gateway: &Arc<Gateway>,
+    conn: &Arc<Conn>,
+    limits: &ListenerLimits,
+    stop: watch::Receiver<bool>,
+) -> io::Result<Ended>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    // the idle timer: set once, moved on only when it fires early (not at every request)
+    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // the shutdown, awaited between requests (made once: it stays registered)
+    let mut stopping = stop.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        // a whole head
+        let len = loop {
+            if !buf.is_empty() {
+                match with_fields(limits.max_headers, |f| {
+                    httparse::Request::new(f).parse(&buf).map(|s| match s {
+                        httparse::Status::Complete(n) => Some(n),
+                        httparse::Status::Partial => None,
+                    })
+                }) {
+                    Ok(Some(n)) if n <= limits.max_header_bytes => break n,
+                    Ok(None) if buf.len() <= limits.max_header_bytes => {}
+                    // malformed, too many fields, too large: hyper's to refuse
+                    _ => return Ok(Ended::HandOver(buf.freeze())),
+                }
+            }
+            // (room to read into: the space of heads already answered is taken back)
+            buf.reserve(4096);
+            let read = if buf.is_empty() {
+                // between requests: bounded by the idle timeout, and ended by the shutdown
+                let until = Instant::now() + limits.idle_timeout;
+                if *stop.borrow() {
+                    return Ok(Ended::Closed);
+                }
+                match wait_readable(io, &mut buf, &mut idle, until, stopped.as_mut()).await {
+                    Some(r) => r,
+                    None => return Ok(Ended::Closed),
+                }
+            } else {
+                // within a head: bounded by the header timeout (the stream's)
+                io.read_buf(&mut buf).await
+            };
+            if read? == 0 {
+                return Ok(Ended::Closed);
+            }
+        };
+        let Some(head) = Head::parse(&mut buf, len, limits.max_headers) else {
+            return Ok(Ended::HandOver(buf.freeze()));
+        };
+        let close = head.close;
+        let answer = gateway.clone().handle(head.request, conn.clone()).await;
+        let last = close || *stop.borrow();
+        if !write_answer(io, answer, last, &mut out).await? || last {
+            let _ = io.shutdown().await;
+            return Ok(Ended::Closed);
+        }
+    }
+}
+
+/// Waits for the next head's first bytes: `None` when the idle timeout or the shutdown comes
+/// first.
+async fn wait_readable<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    idle: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    until: Instant,
+    mut stopped: Pin<&mut impl Future<Output = ()>>,
+) -> Option<io::Result<usize>> {
+    let until = tokio::time::Instant::from_std(until);
+    let timer = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    loop {
+        tokio::select! {
+            biased;
+            r = io.read_buf(buf) => return Some(r),
+            // (once done, it is not polled again: the connection closes)
+            () = stopped.as_mut() => return None,
+            () = timer.as_mut() => {
+                if timer.deadline() >= until {
+                    tracing::debug!("gateway connection closed: idle timeout");
+                    return None;
+                }
+                // set for an earlier wait: moved to this one's end
+                timer.as_mut().reset(until);
+            }
+        }
+    }
+}
+
+/// A request head this server takes.
+struct Head {
+    request: Request<ReqBody>,
+    /// The client asked to close after the answer (`Connection: close`).
+    close: bool,
+    /// The body's length (`Content-Length`).
+    length: u64,
+}
+
+impl Head {
+    /// Takes the head's `len` bytes off `buf` and makes the request, or `None` (and `buf`
+    /// untouched) when the request is not one this server takes.
+    fn parse(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
+        Head::from_fields(buf, len, max_fields)
+    }
+
+    fn from_fields(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
+        let whole = buf.split_to(len).freeze();
+        let mut head = with_fields(max_fields, |fields| Head::make(&whole, fields));
+        // a body must have come whole with its head (one that is still coming is hyper's, which
+        // streams it)
+        head = head.filter(|h| h.length <= buf.len() as u64);
+        if let Some(h) = &mut head {
+            if h.length > 0 {
+                *h.request.body_mut() =
+                    ReqBody::Whole(Some(buf.split_to(h.length as usize).freeze()));
+            }
+        }
+        if head.is_none() {
+            // given back whole, for hyper
+            let mut back = BytesMut::with_capacity(whole.len() + buf.len());
+            back.extend_from_slice(&whole);
+            back.extend_from_slice(buf);
+            *buf = back;
+        }
+        head
+    }
+
+    fn make<'b>(bytes: &'b Bytes, fields: &mut [httparse::Header<'b>]) -> Option<Head> {
+        let mut req = httparse::Request::new(fields);
+        // (it parsed whole just before)
+        req.parse(bytes).ok()?;
+        if req.version != Some(1) {
+            return None;
+        }
+        let method = match req.method? {
+            "GET" => Method::GET,
+            "HEAD" | "CONNECT" => return None,
+            m => Method::from_bytes(m.as_bytes()).ok()?,
+        };
+        let target = req.path?;
+        if !target.starts_with('/') {
+            return None;
+        }
+        let mut close = false;
+        let mut length = None;
+        for f in req.headers.iter() {
+            let name = f.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(b"te")
+            {
+                return None;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") {
+                // one length, in digits (anything else is hyper's to refuse)
+                if length.is_some() || f.value.is_empty() || !f.value.iter().all(u8::is_ascii_digit)
+                {
+                    return None;
+                }
+                length = Some(std::str::from_utf8(f.value).ok()?.parse::<u64>().ok()?);
+            }
+            if name.eq_ignore_ascii_case(b"connection") {
+                for token in f.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"upgrade") {
+                        return None;
+                    }
+                    close |= token.eq_ignore_ascii_case(b"close");
+                }
+            }
+        }
+        // the values and the target share the head's bytes
+        // (room for the forwarding headers the gateway adds)
+        let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
+        for f in req.headers.iter() {
+            let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice_ref(f.value)).ok()?;
+            headers.append(name, value);
+        }
+        let uri = Uri::from_maybe_shared(bytes.slice_ref(target.as_bytes())).ok()?;
+        let mut request = Request::new(ReqBody::Whole(None));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Some(Head {
+            request,
+            close,
+            length: length.unwrap_or(0),
+        })
+    }
+}
+
+/// Writes an answer: its head (with its framing and, when `last`, `Connection: close`), then
+/// its body as it comes. `false` when the connection cannot carry another answer (the body
+/// failed or did not match its announced length).
+async fn write_answer<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    answer: Response<Body>,
+    last: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let (parts, mut body) = answer.into_parts();
+    let status = parts.status;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // framing: none for answers without a body, the length given by the upstream or known,
+    // or chunks
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut length = None;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            // (a 304's describes the resource; a 204 or 1xx has none)
+            if bodiless && status != StatusCode::NOT_MODIFIED {
+                continue;
+            }
+            let n = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            match (n, length) {
+                // the first readable one frames the body (both upstream clients refuse
+                // answers whose lengths disagree)
+                (Some(n), None) if !bodiless => length = Some(n),
+                (Some(_), None) => {}
+                _ => continue,
+            }
+        }
+        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        push_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    let chunked = if bodiless || length.is_some() {
+        false
+    } else if let Some(n) = body.size_hint().exact() {
+        length = Some(n);
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+        out.extend_from_slice(b"\r\n");
+        false
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        true
+    };
+    if last {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        io.write_all(out).await?;
+        io.flush().await?;
+        return Ok(true);
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // what the body has ready joins the head (or the chunks before it) in one write
+        let frame = match now_or_later(&mut body).await {
+            Ready::Now(f) => f,
+            Ready::Later => {
+                io.write_all(out).await?;
+                io.flush().await?;
+                out.clear();
+                body.frame().await
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                // (trailers: not relayed to HTTP/1.1 clients, as hyper's server)
+                Err(_) => continue,
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "gateway answer body failed");
+                if sent > 0 || !out.is_empty() {
+                    io.write_all(out).await?;
+                }
+                return Ok(false);
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if length.is_some_and(|l| sent > l) {
+            tracing::debug!("gateway answer body longer than its announced length");
+            return Ok(false);
+        }
+        if chunked {
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if data.len() >= GATHER {
+            io.write_all(out).await?;
+            out.clear();
+            io.write_all(&data).await?;
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        if out.len() >= GATHER {
+            io.write_all(out).await?;
+            out.clear();
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    io.write_all(out).await?;
+    io.flush().await?;
+    Ok(length.is_none_or(|l| l == sent))
+}
+
+enum Ready {
+    Now(Option<Result<hyper::body::Frame<Bytes>, super::BoxError>>),
+    Later,
+}
+
+/// The body's next frame if it is ready, without waiting.
+fn now_or_later(body: &mut Body) -> impl Future<Output = Ready> + '_ {
+    std::future::poll_fn(move |cx: &mut Context<'_>| {
+        Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(f) => Ready::Now(f),
+            Poll::Pending => Ready::Later,
+        })
+    })
+}
+
+/// Runs `f` with room for `max` header fields (on the stack for the usual limits).
+fn with_fields<'b, R>(max: usize, f: impl FnOnce(&mut [httparse::Header<'b>]) -> R) -> R {
+    const ON_STACK: usize = 128;
+    if max <= ON_STACK {
+        let mut fields = [httparse::EMPTY_HEADER; ON_STACK];
+        f(&mut fields[..max.max(1)])
+    } else {
+        f(&mut vec![httparse::EMPTY_HEADER; max])
+    }
+}
+
+/// The decimal digits of `n`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Appends the current date in the HTTP format (made once per second per thread).
+fn push_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs || d.1.is_empty() {
+            *d = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(d.1.as_bytes());
+    });
+}
+
+/// A connection's stream with bytes already read from it in front: hyper's server reads them
+/// first.
+pub(super) struct Replay<S> {
+    early: Bytes,
+    io: S,
+}
+
+impl<S> Replay<S> {
+    pub(super) fn new(early: Bytes, io: S) -> Replay<S> {
+        Replay { early, io }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            let early = self.early.split_to(n);
+            buf.put_slice(&early);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
