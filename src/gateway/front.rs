@@ -163,7 +163,9 @@ impl Head {
 
     fn from_fields(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
         let whole = buf.split_to(len).freeze();
-        let mut head = with_fields(max_fields, |fields| Head::make(&whole, fields));
+        let mut head = with_fields(max_fields, |fields| Head::make(&whole, fields))
+            .ok()
+            .flatten();
         // a body must have come whole with its head (one that is still coming is hyper's, which
         // streams it)
         head = head.filter(|h| h.length <= buf.len() as u64);
@@ -183,10 +185,19 @@ impl Head {
         head
     }
 
-    fn make<'b>(bytes: &'b Bytes, fields: &mut [httparse::Header<'b>]) -> Option<Head> {
+    /// The request, or `None` when it is not one this server takes (an error when its head
+    /// does not parse with these many fields).
+    fn make<'b>(
+        bytes: &'b Bytes,
+        fields: &mut [httparse::Header<'b>],
+    ) -> Result<Option<Head>, httparse::Error> {
         let mut req = httparse::Request::new(fields);
         // (it parsed whole just before)
-        req.parse(bytes).ok()?;
+        req.parse(bytes)?;
+        Ok(Head::take(&req, bytes))
+    }
+
+    fn take(req: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<Head> {
         if req.version != Some(1) {
             return None;
         }
@@ -399,14 +410,19 @@ fn now_or_later(body: &mut Body) -> impl Future<Output = Ready> + '_ {
     })
 }
 
-/// Runs `f` with room for `max` header fields (on the stack for the usual limits).
-fn with_fields<'b, R>(max: usize, f: impl FnOnce(&mut [httparse::Header<'b>]) -> R) -> R {
-    const ON_STACK: usize = 128;
-    if max <= ON_STACK {
-        let mut fields = [httparse::EMPTY_HEADER; ON_STACK];
-        f(&mut fields[..max.max(1)])
-    } else {
-        f(&mut vec![httparse::EMPTY_HEADER; max])
+/// Runs `f` with room for header fields: a few on the stack, then, if the head has more,
+/// `max` of them.
+fn with_fields<'b, R>(
+    max: usize,
+    mut f: impl FnMut(&mut [httparse::Header<'b>]) -> Result<R, httparse::Error>,
+) -> Result<R, httparse::Error> {
+    const FEW: usize = 24;
+    let mut few = [httparse::EMPTY_HEADER; FEW];
+    match f(&mut few[..max.clamp(1, FEW)]) {
+        Err(httparse::Error::TooManyHeaders) if max > FEW => {
+            f(&mut vec![httparse::EMPTY_HEADER; max])
+        }
+        done => done,
     }
 }
 
