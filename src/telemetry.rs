@@ -107,6 +107,8 @@ pub struct Metrics {
     pub gateway_upstream: Family<ApiLabels, Histogram>,
     pub gateway_refusals: Family<CauseLabels, Counter>,
     pub gateway_connections: Gauge,
+    /// HTTP/1.1 connections the gateway's own server gave to hyper's (`gateway::front`).
+    pub gateway_http1_handovers: Counter,
     pub gateway_routes: Gauge,
     /// TLS handshakes that failed or timed out, by reason.
     pub gateway_tls_failures: Family<CauseLabels, Counter>,
@@ -148,6 +150,7 @@ impl Metrics {
         );
         let gateway_refusals = Family::<CauseLabels, Counter>::default();
         let gateway_connections = Gauge::default();
+        let gateway_http1_handovers = Counter::default();
         let gateway_routes = Gauge::default();
         let gateway_tls_failures = Family::<CauseLabels, Counter>::default();
         let gateway_certificates = Gauge::default();
@@ -199,6 +202,11 @@ impl Metrics {
             gateway_connections.clone(),
         );
         registry.register(
+            "gateway_http1_handovers",
+            "HTTP/1.1 connections handed from the gateway's own server to hyper's, at a request it does not take (a body still coming, chunked, HEAD, Expect, Upgrade, HTTP/1.0, a head it does not parse)",
+            gateway_http1_handovers.clone(),
+        );
+        registry.register(
             "gateway_routes",
             "APIs in the gateway's routing table",
             gateway_routes.clone(),
@@ -210,6 +218,7 @@ impl Metrics {
             gateway_upstream,
             gateway_refusals,
             gateway_connections,
+            gateway_http1_handovers,
             gateway_routes,
             gateway_tls_failures,
             gateway_certificates,

@@ -1018,9 +1018,18 @@ fn echoed(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
 }
 
+/// A metric's value in the node's exposition (0 when absent).
+async fn metric(n: &Node, name: &str) -> f64 {
+    metrics(n)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_answers_are_framed_pipelined_and_handed_over() {
-    let n = Node::start().await;
+    let n = Node::start_with("[gateway]\nheader_timeout_seconds = 1\n").await;
     created(&n, "/admin/v1/tenants", json!({"name": "acme"})).await;
     publish(&n, "e", echo_upstream().await, json!([])).await;
     // answers of every framing: streamed without a length, 204, 304
@@ -1051,9 +1060,12 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     let port = n.gateway_port;
     wait_routed(port, "e.example").await;
     wait_routed(port, "s.example").await;
+    let handovers = "apim_gateway_http1_handovers_total";
 
     // pipelined in one write: a GET, a POST whose body came with its head, every framing,
-    // and a last request that closes
+    // and a last request that closes (the gateway closes at once: the test's patience is
+    // 1.5 s of quiet)
+    let started = std::time::Instant::now();
     let answer = exchange(
         port,
         b"GET /one HTTP/1.1\r\nHost: e.example\r\n\r\n\
@@ -1064,6 +1076,10 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
           GET /three HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
     )
     .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "the connection was not closed after the last answer"
+    );
     let answers = split_answers(answer.as_bytes(), &[]);
     assert_eq!(answers.len(), 6, "{answer}");
     for (i, (head, _)) in answers.iter().enumerate() {
@@ -1095,17 +1111,35 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     assert!(chunked.contains("transfer-encoding: chunked"), "{chunked}");
     assert!(!chunked.contains("content-length"), "{chunked}");
     assert_eq!(body, b"abcdefgh");
-    let (nocontent, _) = &answers[3];
-    assert_eq!(status_of(nocontent), 204);
-    assert!(
-        !nocontent.contains("content-length") && !nocontent.contains("transfer-encoding"),
-        "{nocontent}"
-    );
+    for (head, _) in &answers[3..5] {
+        assert!(
+            !head.contains("content-length") && !head.contains("transfer-encoding"),
+            "{head}"
+        );
+    }
+    assert_eq!(status_of(&answers[3].0), 204);
     assert_eq!(status_of(&answers[4].0), 304);
     assert!(answers[4].0.contains("etag: \"v1\""), "{}", answers[4].0);
 
+    // a head with more fields than the server's first try holds (still within the limit)
+    let many: String = (0..60).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+    let answer = exchange(
+        port,
+        format!("GET /many HTTP/1.1\r\nHost: e.example\r\n{many}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let answers = split_answers(answer.as_bytes(), &[]);
+    let many = echoed(&answers[0].1);
+    assert_eq!(
+        (&many["headers"]["x-f0"], &many["headers"]["x-f59"]),
+        (&json!("v0"), &json!("v59"))
+    );
+    // all of the above by the gateway's own server
+    assert_eq!(metric(&n, handovers).await, 0.0);
+
     // a body that comes after its head goes to hyper's server, which streams it, and keeps
-    // the connection: the requests after it are served, HEAD and HTTP/1.0 included
+    // the connection: the requests after it are served, HEAD included
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /before HTTP/1.1\r\nHost: e.example\r\n\r\n")
         .await
@@ -1136,21 +1170,62 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     assert_eq!(answers.len(), 2, "{rest}");
     assert_eq!(status_of(&answers[0].0), 200);
     assert_eq!(echoed(&answers[1].1)["uri"], "/after");
-    // a head with more fields than the server's first try holds (still within the limit)
-    let many: String = (0..60).map(|i| format!("X-F{i}: v{i}\r\n")).collect();
+    assert_eq!(metric(&n, handovers).await, 1.0);
+    // handed over with several requests read: the first answered here, the rest by hyper's
     let answer = exchange(
         port,
-        format!("GET /many HTTP/1.1\r\nHost: e.example\r\n{many}Connection: close\r\n\r\n")
-            .as_bytes(),
+        b"GET /first HTTP/1.1\r\nHost: e.example\r\n\r\n\
+          HEAD /second HTTP/1.1\r\nHost: e.example\r\n\r\n\
+          GET /third HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let answers = split_answers(answer.as_bytes(), &[]);
-    let many = echoed(&answers[0].1);
-    assert_eq!(
-        (&many["headers"]["x-f0"], &many["headers"]["x-f59"]),
-        (&json!("v0"), &json!("v59"))
-    );
+    let answers = split_answers(answer.as_bytes(), &[false, true, false]);
+    assert_eq!(answers.len(), 3, "{answer}");
+    assert_eq!(echoed(&answers[0].1)["uri"], "/first");
+    assert_eq!(status_of(&answers[1].0), 200);
+    assert_eq!(echoed(&answers[2].1)["uri"], "/third");
     let old = exchange(port, b"GET /old HTTP/1.0\r\nHost: e.example\r\n\r\n").await;
     assert_eq!(status_of(&old), 200, "{old}");
     assert!(old.contains("\"/old\""), "{old}");
+    assert_eq!(metric(&n, handovers).await, 3.0);
+
+    // a head that comes pipelined behind a request, and stops, is cut after the header
+    // timeout (1 s), not the idle timeout (60 s)
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /p HTTP/1.1\r\nHost: e.example\r\n\r\nGET /q HTTP/1.1\r\nHost: e.ex")
+        .await
+        .unwrap();
+    assert_eq!(status_of(&one_answer(&mut s).await), 200);
+    let mut byte = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "the stalled pipelined head was not cut: {end:?}"
+    );
+
+    // a client that leaves while its request waits for the upstream ends the request: its
+    // connection closes at once, not when the upstream answers (3 s)
+    let open = "apim_gateway_open_connections";
+    for _ in 0..100 {
+        if metric(&n, open).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&n, open).await, 0.0);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: e.example\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(&n, open).await, 1.0);
+    drop(s);
+    let left = std::time::Instant::now();
+    while metric(&n, open).await > 0.0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "the request outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -96,8 +96,14 @@ where
                     None => return Ok(Ended::Closed),
                 }
             } else {
-                // within a head: bounded by the header timeout (the stream's)
-                io.read_buf(&mut buf).await
+                // within a head: bounded by the header timeout (the stream's), ended by the
+                // shutdown
+                tokio::select! {
+                    biased;
+                    r = io.read_buf(&mut buf) => r,
+                    // (once done, it is not polled again: the connection closes)
+                    () = stopped.as_mut() => return Ok(Ended::Closed),
+                }
             };
             if read? == 0 {
                 return Ok(Ended::Closed);
@@ -107,11 +113,34 @@ where
             return Ok(Ended::HandOver(buf.freeze()));
         };
         let close = head.close;
-        let answer = gateway.clone().handle(head.request, conn.clone()).await;
+        // The client is watched while its request is handled: one that closes the connection
+        // (or breaks it) ends the request, its upstream call included, as hyper's server did.
+        // Bytes that come meanwhile (a pipelined head) wait in `buf`, up to a head's size.
+        let answer = {
+            let handling = gateway.clone().handle(head.request, conn.clone());
+            tokio::pin!(handling);
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut handling => break answer,
+                    r = io.read_buf(&mut buf), if buf.len() <= limits.max_header_bytes => {
+                        if !matches!(r, Ok(n) if n > 0) {
+                            tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
+                            return Ok(Ended::Closed);
+                        }
+                    }
+                }
+            }
+        };
         let last = close || *stop.borrow();
-        if !write_answer(io, answer, last, &mut out).await? || last {
+        if !write_answer(io, answer, last, &mut out).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
+        }
+        if !buf.is_empty() {
+            // a head that came behind the request: its header timeout runs from now (the
+            // stream counts only bytes read while a head is awaited)
+            conn.activity.bytes_read();
         }
     }
 }
@@ -207,7 +236,8 @@ impl Head {
             m => Method::from_bytes(m.as_bytes()).ok()?,
         };
         let target = req.path?;
-        if !target.starts_with('/') {
+        // (a target longer than hyper takes is hyper's to refuse: 414)
+        if !target.starts_with('/') || target.len() >= usize::from(u16::MAX) {
             return None;
         }
         let mut close = false;
@@ -260,9 +290,9 @@ impl Head {
     }
 }
 
-/// Writes an answer: its head (with its framing and, when `last`, `Connection: close`), then
-/// its body as it comes. `false` when the connection cannot carry another answer (the body
-/// failed or did not match its announced length).
+/// Writes an answer: its head (with its framing and, when `last` or when the answer says so,
+/// `Connection: close`), then its body as it comes. `true` when the connection carries the
+/// next request: not the last, and the body whole and as long as announced.
 async fn write_answer<S: AsyncWrite + Unpin>(
     io: &mut S,
     answer: Response<Body>,
@@ -271,32 +301,51 @@ async fn write_answer<S: AsyncWrite + Unpin>(
 ) -> io::Result<bool> {
     let (parts, mut body) = answer.into_parts();
     let status = parts.status;
+    if status.is_informational() {
+        // (never made: the upstream clients pass interim answers by, and a 101 is spliced
+        // through hyper's server) a final answer must not be 1xx: nothing can follow it
+        tracing::warn!(
+            status = status.as_u16(),
+            "gateway answer with an interim status dropped"
+        );
+        return Ok(false);
+    }
+    let last = last
+        || parts.headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        });
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     // framing: none for answers without a body, the length given by the upstream or known,
     // or chunks
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let mut length = None;
+    let mut length_written = false;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
             // (a 304's describes the resource; a 204 or 1xx has none)
             if bodiless && status != StatusCode::NOT_MODIFIED {
                 continue;
             }
-            let n = std::str::from_utf8(value.as_bytes())
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-            match (n, length) {
-                // the first readable one frames the body (both upstream clients refuse
-                // answers whose lengths disagree)
-                (Some(n), None) if !bodiless => length = Some(n),
-                (Some(_), None) => {}
+            let v = value.as_bytes();
+            let n = (!v.is_empty() && v.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                .flatten();
+            // the first readable one is written, and frames the body (both upstream clients
+            // refuse answers whose lengths disagree)
+            match n {
+                Some(n) if !length_written => {
+                    length_written = true;
+                    if !bodiless {
+                        length = Some(n);
+                    }
+                }
                 _ => continue,
             }
         }
@@ -332,7 +381,7 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     if bodiless {
         io.write_all(out).await?;
         io.flush().await?;
-        return Ok(true);
+        return Ok(!last);
     }
     let mut sent: u64 = 0;
     loop {
@@ -350,7 +399,7 @@ async fn write_answer<S: AsyncWrite + Unpin>(
             None => break,
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) => d,
-                // (trailers: not relayed to HTTP/1.1 clients, as hyper's server)
+                // (trailers are not relayed to HTTP/1.1 clients)
                 Err(_) => continue,
             },
             Some(Err(e)) => {
@@ -364,11 +413,18 @@ async fn write_answer<S: AsyncWrite + Unpin>(
         if data.is_empty() {
             continue;
         }
-        sent += data.len() as u64;
-        if length.is_some_and(|l| sent > l) {
+        let mut data = data;
+        if let Some(l) = length.filter(|l| sent + data.len() as u64 > *l) {
+            // the announced length is what the client reads: the rest is not sent, and the
+            // connection cannot carry another answer
             tracing::debug!("gateway answer body longer than its announced length");
+            data.truncate((l - sent) as usize);
+            out.extend_from_slice(&data);
+            io.write_all(out).await?;
+            io.flush().await?;
             return Ok(false);
         }
+        sent += data.len() as u64;
         if chunked {
             out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
         }
@@ -392,7 +448,7 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     }
     io.write_all(out).await?;
     io.flush().await?;
-    Ok(length.is_none_or(|l| l == sent))
+    Ok(!last && length.is_none_or(|l| l == sent))
 }
 
 enum Ready {

@@ -3314,6 +3314,7 @@ where
 {
     match front::serve(&mut io, gw, &conn, limits, stop.clone()).await {
         Ok(front::Ended::HandOver(early)) => {
+            gw.metrics.gateway_http1_handovers.inc();
             drive(hyper_h1(front::Replay::new(early, io), conn), stop).await
         }
         Ok(front::Ended::Closed) => Ok(()),
