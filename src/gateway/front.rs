@@ -71,16 +71,11 @@ where
         // a whole head
         let len = loop {
             if !buf.is_empty() {
-                match with_fields(limits.max_headers, |f| {
-                    httparse::Request::new(f).parse(&buf).map(|s| match s {
-                        httparse::Status::Complete(n) => Some(n),
-                        httparse::Status::Partial => None,
-                    })
-                }) {
-                    Ok(Some(n)) if n <= limits.max_header_bytes => break n,
-                    Ok(None) if buf.len() <= limits.max_header_bytes => {}
+                match head_len(&buf, limits.max_headers, limits.max_header_bytes) {
+                    Some(Some(n)) => break n,
+                    Some(None) => {}
                     // malformed, too many fields, too large: hyper's to refuse
-                    _ => return Ok(Ended::HandOver(buf.freeze())),
+                    None => return Ok(Ended::HandOver(buf.freeze())),
                 }
             }
             // (room to read into: the space of heads already answered is taken back)
@@ -143,6 +138,40 @@ where
             conn.activity.bytes_read();
         }
     }
+}
+
+/// The length of the head at the start of `buf`: `Some(None)` while it is incomplete, `None`
+/// when it is not one to read further (malformed, too many fields, larger than `max_bytes`).
+fn head_len(buf: &[u8], max_fields: usize, max_bytes: usize) -> Option<Option<usize>> {
+    let parsed = with_fields(max_fields, |f| {
+        httparse::Request::new(f).parse(buf).map(|s| match s {
+            httparse::Status::Complete(n) => Some(n),
+            httparse::Status::Partial => None,
+        })
+    });
+    match parsed {
+        Ok(Some(n)) if n <= max_bytes => Some(Some(n)),
+        Ok(None) if buf.len() <= max_bytes => Some(None),
+        _ => None,
+    }
+}
+
+/// What this server makes of `bytes` received on a new connection: the request it takes with
+/// the number of bytes that is (head and body), or `None` when it would read more first or
+/// give the connection to hyper's server; and the bytes it leaves in its buffer. For the fuzz
+/// target (`fuzz/fuzz_targets/http1_head.rs`).
+pub fn take_head(
+    bytes: &[u8],
+    max_fields: usize,
+    max_bytes: usize,
+) -> (Option<(Request<ReqBody>, usize)>, Bytes) {
+    let mut buf = BytesMut::from(bytes);
+    let Some(Some(len)) = head_len(bytes, max_fields, max_bytes) else {
+        return (None, buf.freeze());
+    };
+    let head = Head::parse(&mut buf, len, max_fields);
+    let taken = bytes.len() - buf.len();
+    (head.map(|h| (h.request, taken)), buf.freeze())
 }
 
 /// Waits for the next head's first bytes: `None` when the idle timeout or the shutdown comes

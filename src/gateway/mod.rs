@@ -7,7 +7,7 @@
 //! API answer 503 (fail closed), never pass traffic unchecked.
 
 pub mod access;
-mod front;
+pub mod front;
 pub mod h1;
 pub mod jwks;
 pub mod policy;
