@@ -1047,6 +1047,23 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         let (status, body) = match req.uri().path() {
             "/chunked" => (200, frames(&["abc", "", "defg", "h"])),
             "/nocontent" => (204, frames(&[])),
+            // a first chunk, then nothing for 3 s
+            "/drip" => {
+                let drip = futures::stream::unfold(0u32, |i| async move {
+                    if i == 2 {
+                        return None;
+                    }
+                    if i == 1 {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    let frame = hyper::body::Frame::data(bytes::Bytes::from_static(b"drip"));
+                    Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+                });
+                (
+                    200,
+                    http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(drip)),
+                )
+            }
             _ => (304, frames(&[])),
         };
         hyper::Response::builder()
@@ -1225,6 +1242,30 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         assert!(
             left.elapsed() < Duration::from_secs(2),
             "the request outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // and so does one that leaves while its answer's body keeps it waiting
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /drip HTTP/1.1\r\nHost: s.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("drip") {
+        let mut chunk = [0u8; 1024];
+        let k = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("the first chunk in time")
+            .unwrap();
+        assert!(k > 0, "closed early");
+        got.extend_from_slice(&chunk[..k]);
+    }
+    drop(s);
+    let left = std::time::Instant::now();
+    while metric(&n, open).await > 0.0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "the answer outlived its client"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -109,8 +109,9 @@ where
         };
         let close = head.close;
         // The client is watched while its request is handled: one that closes the connection
-        // (or breaks it) ends the request, its upstream call included, as hyper's server did.
-        // Bytes that come meanwhile (a pipelined head) wait in `buf`, up to a head's size.
+        // (or breaks it) ends the request, its upstream call included, as hyper's server did
+        // (a half-close too, as hyper's default). Reading stops at the first bytes that come
+        // meanwhile (a pipelined head), which wait in `buf`, as hyper's rule.
         let answer = {
             let handling = gateway.clone().handle(head.request, conn.clone());
             tokio::pin!(handling);
@@ -118,17 +119,15 @@ where
                 tokio::select! {
                     biased;
                     answer = &mut handling => break answer,
-                    r = io.read_buf(&mut buf), if buf.len() <= limits.max_header_bytes => {
-                        if !matches!(r, Ok(n) if n > 0) {
-                            tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
-                            return Ok(Ended::Closed);
-                        }
-                    }
+                    left = client_left(io, &mut buf), if buf.is_empty() => if left {
+                        tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
+                        return Ok(Ended::Closed);
+                    },
                 }
             }
         };
         let last = close || *stop.borrow();
-        if !write_answer(io, answer, last, &mut out).await? {
+        if !write_answer(io, answer, last, &mut out, &mut buf).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -138,6 +137,12 @@ where
             conn.activity.bytes_read();
         }
     }
+}
+
+/// Reads what the client sends while its answer is made or sent: whether it left (the end of
+/// its stream, or an error).
+async fn client_left<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool {
+    !matches!(io.read_buf(buf).await, Ok(n) if n > 0)
 }
 
 /// The length of the head at the start of `buf`: `Some(None)` while it is incomplete, `None`
@@ -156,22 +161,32 @@ fn head_len(buf: &[u8], max_fields: usize, max_bytes: usize) -> Option<Option<us
     }
 }
 
-/// What this server makes of `bytes` received on a new connection: the request it takes with
-/// the number of bytes that is (head and body), or `None` when it would read more first or
-/// give the connection to hyper's server; and the bytes it leaves in its buffer. For the fuzz
-/// target (`fuzz/fuzz_targets/http1_head.rs`).
-pub fn take_head(
-    bytes: &[u8],
-    max_fields: usize,
-    max_bytes: usize,
-) -> (Option<(Request<ReqBody>, usize)>, Bytes) {
+/// What this server makes of the bytes at the start of a connection ([`take_head`]).
+#[doc(hidden)]
+pub enum Taken {
+    /// A request it takes, and how many bytes that is (head and body).
+    Request(Box<Request<ReqBody>>, usize),
+    /// The head is incomplete: it reads more.
+    Wait,
+    /// The connection goes to hyper's server with the bytes.
+    HandOver,
+}
+
+/// What this server makes of `bytes` received on a new connection, and the bytes it leaves in
+/// its buffer. For the fuzz target (`fuzz/fuzz_targets/http1_head.rs`).
+#[doc(hidden)]
+pub fn take_head(bytes: &[u8], max_fields: usize, max_bytes: usize) -> (Taken, Bytes) {
     let mut buf = BytesMut::from(bytes);
-    let Some(Some(len)) = head_len(bytes, max_fields, max_bytes) else {
-        return (None, buf.freeze());
+    let len = match head_len(bytes, max_fields, max_bytes) {
+        Some(Some(len)) => len,
+        Some(None) => return (Taken::Wait, buf.freeze()),
+        None => return (Taken::HandOver, buf.freeze()),
     };
-    let head = Head::parse(&mut buf, len, max_fields);
-    let taken = bytes.len() - buf.len();
-    (head.map(|h| (h.request, taken)), buf.freeze())
+    let taken = match Head::parse(&mut buf, len, max_fields) {
+        Some(head) => Taken::Request(Box::new(head.request), bytes.len() - buf.len()),
+        None => Taken::HandOver,
+    };
+    (taken, buf.freeze())
 }
 
 /// Waits for the next head's first bytes: `None` when the idle timeout or the shutdown comes
@@ -322,21 +337,27 @@ impl Head {
 /// Writes an answer: its head (with its framing and, when `last` or when the answer says so,
 /// `Connection: close`), then its body as it comes. `true` when the connection carries the
 /// next request: not the last, and the body whole and as long as announced.
-async fn write_answer<S: AsyncWrite + Unpin>(
+async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     answer: Response<Body>,
     last: bool,
     out: &mut Vec<u8>,
+    buf: &mut BytesMut,
 ) -> io::Result<bool> {
     let (parts, mut body) = answer.into_parts();
     let status = parts.status;
     if status.is_informational() {
         // (never made: the upstream clients pass interim answers by, and a 101 is spliced
-        // through hyper's server) a final answer must not be 1xx: nothing can follow it
+        // through hyper's server) a final answer must not be 1xx: a 500 instead, the last
         tracing::warn!(
             status = status.as_u16(),
-            "gateway answer with an interim status dropped"
+            "gateway answer with an interim status"
         );
+        io.write_all(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await?;
+        io.flush().await?;
         return Ok(false);
     }
     let last = last
@@ -349,7 +370,11 @@ async fn write_answer<S: AsyncWrite + Unpin>(
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    // (the upstream's own reason phrase, when hyper's client kept one)
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
     out.extend_from_slice(b"\r\n");
     // framing: none for answers without a body, the length given by the upstream or known,
     // or chunks
@@ -421,7 +446,19 @@ async fn write_answer<S: AsyncWrite + Unpin>(
                 io.write_all(out).await?;
                 io.flush().await?;
                 out.clear();
-                body.frame().await
+                // while the body keeps the client waiting, a client that leaves ends it
+                let next = body.frame();
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        biased;
+                        f = &mut next => break f,
+                        left = client_left(io, buf), if buf.is_empty() => if left {
+                            tracing::debug!("gateway client left during its answer");
+                            return Ok(false);
+                        },
+                    }
+                }
             }
         };
         let data = match frame {

@@ -286,8 +286,9 @@ impl Activity {
     }
 
     /// HTTP/1.1: an answer is being written: bytes read before it (the rest of a request
-    /// body, drained or still uploading) began no head, and a head that came pipelined behind
-    /// the request is bounded by hyper's idle timer alone.
+    /// body, drained or still uploading) began no head. A head that came pipelined behind the
+    /// request is bounded by hyper's idle timer alone on hyper's server; `front` starts its
+    /// header clock once the answer is written.
     fn wrote(&self) {
         self.head_from_ms
             .store(0, std::sync::atomic::Ordering::Relaxed);
