@@ -203,7 +203,7 @@ impl Metrics {
         );
         registry.register(
             "gateway_http1_handovers",
-            "HTTP/1.1 connections handed from the gateway's own server to hyper's, at a request it does not take (a body still coming, chunked, HEAD, Expect, Upgrade, HTTP/1.0, a head it does not parse)",
+            "HTTP/1.1 connections handed from the gateway's own server to hyper's, at a request it does not take (a body still coming, chunked, Expect, Upgrade, CONNECT, HTTP/1.0, a head it does not parse)",
             gateway_http1_handovers.clone(),
         );
         registry.register(

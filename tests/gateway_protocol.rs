@@ -1079,9 +1079,9 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     wait_routed(port, "s.example").await;
     let handovers = "apim_gateway_http1_handovers_total";
 
-    // pipelined in one write: a GET, a POST whose body came with its head, every framing,
-    // and a last request that closes (the gateway closes at once: the test's patience is
-    // 1.5 s of quiet)
+    // pipelined in one write: a GET, a POST whose body came with its head, every framing, a
+    // HEAD, and a last request that closes (the gateway closes at once: the test's patience
+    // is 1.5 s of quiet)
     let started = std::time::Instant::now();
     let answer = exchange(
         port,
@@ -1090,6 +1090,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
           GET /chunked HTTP/1.1\r\nHost: s.example\r\n\r\n\
           GET /nocontent HTTP/1.1\r\nHost: s.example\r\n\r\n\
           GET /notmodified HTTP/1.1\r\nHost: s.example\r\nIf-None-Match: \"v1\"\r\n\r\n\
+          HEAD /head HTTP/1.1\r\nHost: e.example\r\n\r\n\
           GET /three HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -1097,23 +1098,31 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         started.elapsed() < Duration::from_millis(1200),
         "the connection was not closed after the last answer"
     );
-    let answers = split_answers(answer.as_bytes(), &[]);
-    assert_eq!(answers.len(), 6, "{answer}");
+    let answers = split_answers(
+        answer.as_bytes(),
+        &[false, false, false, false, false, true],
+    );
+    assert_eq!(answers.len(), 7, "{answer}");
     for (i, (head, _)) in answers.iter().enumerate() {
         assert!(head.starts_with("http/1.1 "), "{head}");
         assert!(head.contains("\r\ndate: "), "{head}");
         assert!(head.contains("\r\nx-request-id: req-"), "{head}");
         assert_eq!(
             head.contains("\r\nconnection: close"),
-            i == 5,
+            i == 6,
             "only the last closes: {head}"
         );
     }
     let (one, two, three) = (
         echoed(&answers[0].1),
         echoed(&answers[1].1),
-        echoed(&answers[5].1),
+        echoed(&answers[6].1),
     );
+    // the HEAD: the length a GET would get, no body (the framing of what follows adds up)
+    let (head, body) = &answers[5];
+    assert_eq!(status_of(head), 200, "{head}");
+    assert!(head.contains("content-length: "), "{head}");
+    assert!(body.is_empty());
     assert_eq!(
         (status_of(&answers[0].0), &one["uri"]),
         (200, &json!("/one"))
@@ -1188,18 +1197,23 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     assert_eq!(status_of(&answers[0].0), 200);
     assert_eq!(echoed(&answers[1].1)["uri"], "/after");
     assert_eq!(metric(&n, handovers).await, 1.0);
-    // handed over with several requests read: the first answered here, the rest by hyper's
+    // handed over with several requests read: the first answered here, the rest (from a
+    // chunked upload on) by hyper's
     let answer = exchange(
         port,
         b"GET /first HTTP/1.1\r\nHost: e.example\r\n\r\n\
-          HEAD /second HTTP/1.1\r\nHost: e.example\r\n\r\n\
+          POST /second HTTP/1.1\r\nHost: e.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
           GET /third HTTP/1.1\r\nHost: e.example\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let answers = split_answers(answer.as_bytes(), &[false, true, false]);
+    let answers = split_answers(answer.as_bytes(), &[]);
     assert_eq!(answers.len(), 3, "{answer}");
     assert_eq!(echoed(&answers[0].1)["uri"], "/first");
-    assert_eq!(status_of(&answers[1].0), 200);
+    let second = echoed(&answers[1].1);
+    assert_eq!(
+        (&second["uri"], &second["body"]),
+        (&json!("/second"), &json!("abc"))
+    );
     assert_eq!(echoed(&answers[2].1)["uri"], "/third");
     let old = exchange(port, b"GET /old HTTP/1.0\r\nHost: e.example\r\n\r\n").await;
     assert_eq!(status_of(&old), 200, "{old}");

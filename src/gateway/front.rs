@@ -8,7 +8,7 @@
 //! benchmark figures).
 //!
 //! Anything else is hyper's. The first request that is not of that kind (a body still coming
-//! or chunked, `HEAD`, `Expect`, `Upgrade`, `TE`, `Transfer-Encoding`, HTTP/1.0, an
+//! or chunked, `CONNECT`, `Expect`, `Upgrade`, `TE`, `Transfer-Encoding`, HTTP/1.0, an
 //! absolute-form or `*` target, and every head that does not parse or is too large) hands the
 //! connection, with the bytes read so far and nothing answered, to hyper's HTTP/1.1 server for
 //! the rest of its life. The refusals of malformed or hostile heads (400, 431, smuggling
@@ -108,6 +108,7 @@ where
             return Ok(Ended::HandOver(buf.freeze()));
         };
         let close = head.close;
+        let head_request = head.request.method() == Method::HEAD;
         // The client is watched while its request is handled: one that closes the connection
         // (or breaks it) ends the request, its upstream call included, as hyper's server did
         // (a half-close too, as hyper's default). Reading stops at the first bytes that come
@@ -127,7 +128,8 @@ where
             }
         };
         let last = close || *stop.borrow();
-        if !write_answer(io, answer, last, &mut out, &mut buf).await? {
+        let ending = (last, head_request);
+        if !write_answer(io, answer, ending, &mut out, &mut buf).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -276,7 +278,8 @@ impl Head {
         }
         let method = match req.method? {
             "GET" => Method::GET,
-            "HEAD" | "CONNECT" => return None,
+            "HEAD" => Method::HEAD,
+            "CONNECT" => return None,
             m => Method::from_bytes(m.as_bytes()).ok()?,
         };
         let target = req.path?;
@@ -335,12 +338,12 @@ impl Head {
 }
 
 /// Writes an answer: its head (with its framing and, when `last` or when the answer says so,
-/// `Connection: close`), then its body as it comes. `true` when the connection carries the
+/// `Connection: close`), then its body as it comes (none for a `head_request`). `true` when the connection carries the
 /// next request: not the last, and the body whole and as long as announced.
 async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     answer: Response<Body>,
-    last: bool,
+    (last, head_request): (bool, bool),
     out: &mut Vec<u8>,
     buf: &mut BytesMut,
 ) -> io::Result<bool> {
@@ -378,13 +381,18 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     out.extend_from_slice(b"\r\n");
     // framing: none for answers without a body, the length given by the upstream or known,
     // or chunks
-    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    // no body after the head: 204, 304, and any answer to HEAD, whose length (as a 304's)
+    // describes what a GET would get
+    let bodiless =
+        head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let keeps_length = !bodiless
+        || (status != StatusCode::NO_CONTENT
+            && (head_request || status == StatusCode::NOT_MODIFIED));
     let mut length = None;
     let mut length_written = false;
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH {
-            // (a 304's describes the resource; a 204 or 1xx has none)
-            if bodiless && status != StatusCode::NOT_MODIFIED {
+            if !keeps_length {
                 continue;
             }
             let v = value.as_bytes();
