@@ -1027,6 +1027,16 @@ async fn metric(n: &Node, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until the gateway has no open connection, within 2 s (the upstreams of the test
+/// below answer after 3 s): `why` otherwise.
+async fn connections_close(n: &Node, why: &str) {
+    let left = std::time::Instant::now();
+    while metric(n, "apim_gateway_open_connections").await > 0.0 {
+        assert!(left.elapsed() < Duration::from_secs(2), "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_answers_are_framed_pipelined_and_handed_over() {
     let n = Node::start_with("[gateway]\nheader_timeout_seconds = 1\n").await;
@@ -1237,13 +1247,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     // a client that leaves while its request waits for the upstream ends the request: its
     // connection closes at once, not when the upstream answers (3 s)
     let open = "apim_gateway_open_connections";
-    for _ in 0..100 {
-        if metric(&n, open).await == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(metric(&n, open).await, 0.0);
+    connections_close(&n, "the earlier connections stayed open").await;
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /slow HTTP/1.1\r\nHost: e.example\r\n\r\n")
         .await
@@ -1251,14 +1255,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(metric(&n, open).await, 1.0);
     drop(s);
-    let left = std::time::Instant::now();
-    while metric(&n, open).await > 0.0 {
-        assert!(
-            left.elapsed() < Duration::from_secs(2),
-            "the request outlived its client"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    connections_close(&n, "the request outlived its client").await;
     // and so does one that leaves while its answer's body keeps it waiting
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /drip HTTP/1.1\r\nHost: s.example\r\n\r\n")
@@ -1275,12 +1272,5 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         got.extend_from_slice(&chunk[..k]);
     }
     drop(s);
-    let left = std::time::Instant::now();
-    while metric(&n, open).await > 0.0 {
-        assert!(
-            left.elapsed() < Duration::from_secs(2),
-            "the answer outlived its client"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    connections_close(&n, "the answer outlived its client").await;
 }

@@ -429,7 +429,7 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     } else if let Some(n) = body.size_hint().exact() {
         length = Some(n);
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+        out.extend_from_slice(super::access::digits(n, &mut [0u8; 20]).as_bytes());
         out.extend_from_slice(b"\r\n");
         false
     } else {
@@ -553,19 +553,6 @@ fn with_fields<'b, R>(
             f(&mut vec![httparse::EMPTY_HEADER; max])
         }
         done => done,
-    }
-}
-
-/// The decimal digits of `n`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
