@@ -1018,15 +1018,6 @@ fn echoed(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
 }
 
-/// A metric's value in the node's exposition (0 when absent).
-async fn metric(n: &Node, name: &str) -> f64 {
-    metrics(n)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Waits until the gateway has no open connection, within 2 s (the upstreams of the test
 /// below answer after 3 s): `why` otherwise.
 async fn connections_close(n: &Node, why: &str) {

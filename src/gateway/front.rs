@@ -4,7 +4,7 @@
 //!
 //! It reads a head, hands the request to [`Gateway::handle`] (the same handling as every other
 //! request) and writes the answer itself, on the connection's own task, without hyper's
-//! server machinery (which cost about 2 µs of CPU per proxied request; see the README's
+//! server machinery (which cost about 1 µs of CPU per proxied request; see the README's
 //! benchmark figures).
 //!
 //! Anything else is hyper's. The first request that is not of that kind (a body still coming
@@ -69,13 +69,12 @@ where
     tokio::pin!(stopped);
     loop {
         // a whole head
-        let len = loop {
+        let head = loop {
             if !buf.is_empty() {
-                match head_len(&buf, limits.max_headers, limits.max_header_bytes) {
-                    Some(Some(n)) => break n,
-                    Some(None) => {}
-                    // malformed, too many fields, too large: hyper's to refuse
-                    None => return Ok(Ended::HandOver(buf.freeze())),
+                match next(&mut buf, limits.max_headers, limits.max_header_bytes) {
+                    Next::Take(head) => break head,
+                    Next::Wait => {}
+                    Next::HandOver => return Ok(Ended::HandOver(buf.freeze())),
                 }
             }
             // (room to read into: the space of heads already answered is taken back)
@@ -104,32 +103,18 @@ where
                 return Ok(Ended::Closed);
             }
         };
-        let Some(head) = Head::parse(&mut buf, len, limits.max_headers) else {
-            return Ok(Ended::HandOver(buf.freeze()));
-        };
         let close = head.close;
         let head_request = head.request.method() == Method::HEAD;
         // The client is watched while its request is handled: one that closes the connection
         // (or breaks it) ends the request, its upstream call included, as hyper's server did
-        // (a half-close too, as hyper's default). Reading stops at the first bytes that come
-        // meanwhile (a pipelined head), which wait in `buf`, as hyper's rule.
-        let answer = {
-            let handling = gateway.clone().handle(head.request, conn.clone());
-            tokio::pin!(handling);
-            loop {
-                tokio::select! {
-                    biased;
-                    answer = &mut handling => break answer,
-                    left = client_left(io, &mut buf), if buf.is_empty() => if left {
-                        tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
-                        return Ok(Ended::Closed);
-                    },
-                }
-            }
+        // (a half-close too, as hyper's default).
+        let handling = gateway.clone().handle(head.request, conn.clone());
+        let Some(answer) = unless_client_leaves(io, &mut buf, handling).await else {
+            tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
+            return Ok(Ended::Closed);
         };
         let last = close || *stop.borrow();
-        let ending = (last, head_request);
-        if !write_answer(io, answer, ending, &mut out, &mut buf).await? {
+        if !write_answer(io, answer, last, head_request, &mut out, &mut buf).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
         }
@@ -141,10 +126,24 @@ where
     }
 }
 
-/// Reads what the client sends while its answer is made or sent: whether it left (the end of
-/// its stream, or an error).
-async fn client_left<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> bool {
-    !matches!(io.read_buf(buf).await, Ok(n) if n > 0)
+/// Runs `work` (the answer being made, or its body's next frame) while reading what the
+/// client sends: `None` when the client leaves first (the end of its stream, or an error).
+/// Reading stops at the first bytes (a pipelined head), which wait in `buf` (hyper's rule).
+async fn unless_client_leaves<S, F>(io: &mut S, buf: &mut BytesMut, work: F) -> Option<F::Output>
+where
+    S: AsyncRead + Unpin,
+    F: Future,
+{
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut work => return Some(done),
+            r = io.read_buf(buf), if buf.is_empty() => if !matches!(r, Ok(n) if n > 0) {
+                return None;
+            },
+        }
+    }
 }
 
 /// The length of the head at the start of `buf`: `Some(None)` while it is incomplete, `None`
@@ -160,6 +159,34 @@ fn head_len(buf: &[u8], max_fields: usize, max_bytes: usize) -> Option<Option<us
         Ok(Some(n)) if n <= max_bytes => Some(Some(n)),
         Ok(None) if buf.len() <= max_bytes => Some(None),
         _ => None,
+    }
+}
+
+/// What the bytes at the start of the buffer are to this server.
+// (a request is moved once, from here to the handler: boxing it would cost an allocation per
+// request)
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    /// A request it takes, taken off the buffer with its body.
+    Take(Head),
+    /// An incomplete head: it reads more.
+    Wait,
+    /// A request for hyper's server (malformed, too many fields, too large, or not one this
+    /// server takes): the buffer is left as it was.
+    HandOver,
+}
+
+/// The decision on the bytes at the start of `buf` (the fuzz target's too, through
+/// [`take_head`]).
+fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
+    let len = match head_len(buf, max_fields, max_bytes) {
+        Some(Some(len)) => len,
+        Some(None) => return Next::Wait,
+        None => return Next::HandOver,
+    };
+    match Head::take(buf, len, max_fields) {
+        Some(head) => Next::Take(head),
+        None => Next::HandOver,
     }
 }
 
@@ -179,14 +206,10 @@ pub enum Taken {
 #[doc(hidden)]
 pub fn take_head(bytes: &[u8], max_fields: usize, max_bytes: usize) -> (Taken, Bytes) {
     let mut buf = BytesMut::from(bytes);
-    let len = match head_len(bytes, max_fields, max_bytes) {
-        Some(Some(len)) => len,
-        Some(None) => return (Taken::Wait, buf.freeze()),
-        None => return (Taken::HandOver, buf.freeze()),
-    };
-    let taken = match Head::parse(&mut buf, len, max_fields) {
-        Some(head) => Taken::Request(Box::new(head.request), bytes.len() - buf.len()),
-        None => Taken::HandOver,
+    let taken = match next(&mut buf, max_fields, max_bytes) {
+        Next::Take(head) => Taken::Request(Box::new(head.request), bytes.len() - buf.len()),
+        Next::Wait => Taken::Wait,
+        Next::HandOver => Taken::HandOver,
     };
     (taken, buf.freeze())
 }
@@ -230,14 +253,11 @@ struct Head {
 }
 
 impl Head {
-    /// Takes the head's `len` bytes off `buf` and makes the request, or `None` (and `buf`
-    /// untouched) when the request is not one this server takes.
-    fn parse(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
-        Head::from_fields(buf, len, max_fields)
-    }
-
-    fn from_fields(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
+    /// Takes the head's `len` bytes (and its body) off `buf` and makes the request, or `None`
+    /// (and `buf` untouched) when the request is not one this server takes.
+    fn take(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
         let whole = buf.split_to(len).freeze();
+        // (parsed a second time, now that its bytes are shared: the values point into them)
         let mut head = with_fields(max_fields, |fields| Head::make(&whole, fields))
             .ok()
             .flatten();
@@ -260,19 +280,19 @@ impl Head {
         head
     }
 
-    /// The request, or `None` when it is not one this server takes (an error when its head
-    /// does not parse with these many fields).
+    /// The request of the head `bytes`, or `Ok(None)` when it is not one this server takes
+    /// (an error when the head does not parse with these many fields).
     fn make<'b>(
         bytes: &'b Bytes,
         fields: &mut [httparse::Header<'b>],
     ) -> Result<Option<Head>, httparse::Error> {
         let mut req = httparse::Request::new(fields);
-        // (it parsed whole just before)
         req.parse(bytes)?;
-        Ok(Head::take(&req, bytes))
+        Ok(Head::build(&req, bytes))
     }
 
-    fn take(req: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<Head> {
+    /// The request of a parsed head, if it is one this server takes.
+    fn build(req: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<Head> {
         if req.version != Some(1) {
             return None;
         }
@@ -343,7 +363,8 @@ impl Head {
 async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     answer: Response<Body>,
-    (last, head_request): (bool, bool),
+    last: bool,
+    head_request: bool,
     out: &mut Vec<u8>,
     buf: &mut BytesMut,
 ) -> io::Result<bool> {
@@ -455,18 +476,11 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
                 io.flush().await?;
                 out.clear();
                 // while the body keeps the client waiting, a client that leaves ends it
-                let next = body.frame();
-                tokio::pin!(next);
-                loop {
-                    tokio::select! {
-                        biased;
-                        f = &mut next => break f,
-                        left = client_left(io, buf), if buf.is_empty() => if left {
-                            tracing::debug!("gateway client left during its answer");
-                            return Ok(false);
-                        },
-                    }
-                }
+                let Some(frame) = unless_client_leaves(io, buf, body.frame()).await else {
+                    tracing::debug!("gateway client left during its answer");
+                    return Ok(false);
+                };
+                frame
             }
         };
         let data = match frame {

@@ -557,6 +557,15 @@ pub async fn metrics(n: &Node) -> String {
         .expect("metrics text")
 }
 
+/// The value of the unlabelled series `name` in the node's exposition (0 when absent).
+pub async fn metric(n: &Node, name: &str) -> f64 {
+    metrics(n)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Sends `request` on a new connection to the gateway's `port` and returns what comes back
 /// until the answer's head is complete or the connection closes (panics after 10 s: the
 /// gateway must answer or close).
