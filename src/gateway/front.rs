@@ -108,7 +108,8 @@ where
         // The client is watched while its request is handled: one that closes the connection
         // (or breaks it) ends the request, its upstream call included, as hyper's server did
         // (a half-close too, as hyper's default).
-        let handling = gateway.clone().handle(head.request, conn.clone());
+        // (pinned where it is made: the future is a few KiB, and moving it costs copies)
+        let handling = std::pin::pin!(gateway.clone().handle(head.request, conn.clone()));
         let Some(answer) = unless_client_leaves(io, &mut buf, handling).await else {
             tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
             return Ok(Ended::Closed);
@@ -129,16 +130,19 @@ where
 /// Runs `work` (the answer being made, or its body's next frame) while reading what the
 /// client sends: `None` when the client leaves first (the end of its stream, or an error).
 /// Reading stops at the first bytes (a pipelined head), which wait in `buf` (hyper's rule).
-async fn unless_client_leaves<S, F>(io: &mut S, buf: &mut BytesMut, work: F) -> Option<F::Output>
+async fn unless_client_leaves<S, F>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    mut work: Pin<&mut F>,
+) -> Option<F::Output>
 where
     S: AsyncRead + Unpin,
     F: Future,
 {
-    tokio::pin!(work);
     loop {
         tokio::select! {
             biased;
-            done = &mut work => return Some(done),
+            done = work.as_mut() => return Some(done),
             r = io.read_buf(buf), if buf.is_empty() => if !matches!(r, Ok(n) if n > 0) {
                 return None;
             },
@@ -476,7 +480,8 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
                 io.flush().await?;
                 out.clear();
                 // while the body keeps the client waiting, a client that leaves ends it
-                let Some(frame) = unless_client_leaves(io, buf, body.frame()).await else {
+                let Some(frame) = unless_client_leaves(io, buf, std::pin::pin!(body.frame())).await
+                else {
                     tracing::debug!("gateway client left during its answer");
                     return Ok(false);
                 };

@@ -3112,7 +3112,7 @@ pub fn start_workers(
                             serve(l, gw.clone(), stop.clone(), true, limits, https_slots).await
                         }
                     };
-                    tokio::join!(plain, secure);
+                    tokio::join!(plain, secure, keep_timer_wake_near(stop.clone()));
                 });
                 {
                     let (count, all) = &*drained;
@@ -3136,6 +3136,24 @@ pub fn start_workers(
         done.push(rx);
     }
     Ok(done)
+}
+
+/// Keeps a timer due within a second on the worker's event loop, until `stop`.
+///
+/// tokio's timer wakes the event loop (a write to its eventfd, a system call) whenever a new
+/// timer is due before the wake-up the loop planned when it last waited. The loop plans that
+/// wake-up from its earliest timer: with only idle connections' timers (a minute away), the
+/// first request after each wait, whose response timeout is 30 s away, paid that write (about
+/// one request in three under load, measured with `perf stat`). With a timer never more than a
+/// second away, a request's timers are later than the planned wake-up and cost no system call;
+/// the tick itself costs one wake-up a second.
+async fn keep_timer_wake_near(mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Serves `listener` (plain HTTP, or HTTPS when `https`) until `shutdown`, then drains for up
