@@ -819,18 +819,29 @@ async fn usage_is_metered_per_consumer_api_and_hour() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let echoed = r.bytes().await.unwrap().len() as u64;
+    // a client that gives up while the upstream works on its admitted request still used the
+    // API: it is metered
+    let gone = gw
+        .http
+        .get(format!("{}/payments/slow", gw.base))
+        .header("host", "api.bank.example")
+        .header("x-api-key", &key)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.as_ref().is_err_and(|e| e.is_timeout()), "{gone:?}");
     let mut page = Value::Null;
     for _ in 0..100 {
         page = n
             .admin(Method::GET, &format!("{t}/usage?consumer=app"), None)
             .await
             .body;
-        if page["totals"]["requests"] == 2 {
+        if page["totals"]["requests"] == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(page["totals"]["requests"], 2, "{page}");
+    assert_eq!(page["totals"]["requests"], 3, "{page}");
     assert_eq!(page["totals"]["bytes_in"], 5, "{page}");
     assert!(
         page["totals"]["bytes_out"].as_u64().unwrap() >= echoed,
@@ -852,7 +863,7 @@ async fn usage_is_metered_per_consumer_api_and_hour() {
     let out = n.cli(&["usage", "--tenant", "acme"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("total: 2 requests, 5 bytes in"),
+        stdout(&out).contains("total: 3 requests, 5 bytes in"),
         "{}",
         stdout(&out)
     );

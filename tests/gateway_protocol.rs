@@ -1247,6 +1247,44 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     assert_eq!(metric(&n, open).await, 1.0);
     drop(s);
     connections_close(&n, "the request outlived its client").await;
+    // it is still logged, as 499 (the client closed the request), with the id it was sent
+    // upstream with
+    let log = n
+        .log_with(|l| l.contains("apim::gateway::access") && l.contains("\"status\":499"))
+        .await;
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["status"] == 499)
+        .expect("a 499 access line");
+    assert_eq!(line["path"], "/slow", "{line}");
+    assert_eq!(line["api"], "e", "{line}");
+    assert!(
+        line["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req-")),
+        "{line}"
+    );
+    assert!(line["duration_us"].is_u64(), "{line}");
+    // and so is an HTTP/2 request whose stream the client resets
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve("e.example", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let gone = h2c
+        .get(format!("http://e.example:{port}/h2/slow"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.as_ref().is_err_and(|e| e.is_timeout()), "{gone:?}");
+    drop(h2c);
+    let log = n.log_with(|l| l.contains("\"path\":\"/h2/slow\"")).await;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"path\":\"/h2/slow\"") && l.contains("\"status\":499")),
+        "no 499 line for the reset stream"
+    );
     // and so does one that leaves while its answer's body keeps it waiting
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /drip HTTP/1.1\r\nHost: s.example\r\n\r\n")

@@ -1223,8 +1223,66 @@ struct Served {
     /// `want_host` (the access log names it).
     host: Option<String>,
     want_host: bool,
+    /// The request's id, kept when `want_request_id` (for the access-log line of a request
+    /// that ends before its answer is made, which has no answer to read it from).
+    request_id: Option<HeaderValue>,
+    want_request_id: bool,
     /// Request body bytes forwarded, counted when the consumer is known (usage metering).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+/// What the access log needs of a request (kept only when the line is written).
+struct Logged {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    version: hyper::Version,
+    user_agent: Option<HeaderValue>,
+}
+
+/// The status recorded for a request that ended before its answer was made (nginx's "client
+/// closed request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request in [`Gateway::handle`], until its answer is made.
+///
+/// Dropped before that, because its connection's server dropped the request (the client closed
+/// the connection or reset its stream, or the node stopped past its grace time), it is still
+/// recorded: in the metrics and the access log with status 499, and in the consumer's usage
+/// when the policies had admitted it (it may have reached the upstream).
+struct Handling<'g> {
+    gateway: &'g Gateway,
+    conn: &'g Conn,
+    started: Instant,
+    served: Served,
+    logged: Option<Logged>,
+    answered: bool,
+}
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let total = self.started.elapsed();
+        let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
+        self.gateway.record(&self.served, status, total);
+        drop(self.gateway.ticket(&self.served));
+        if let Some(logged) = &self.logged {
+            let id = self
+                .served
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok());
+            self.gateway.log_access(
+                logged,
+                &self.served,
+                self.conn,
+                CLIENT_CLOSED,
+                total,
+                id.unwrap_or(""),
+            );
+        }
+    }
 }
 
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
@@ -2188,35 +2246,37 @@ impl Gateway {
     /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
     pub async fn handle(self: Arc<Self>, req: Request<ReqBody>, conn: Arc<Conn>) -> Response<Body> {
         let in_flight = conn.begin();
-        let started = Instant::now();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
-        let logged = access::AccessLog::enabled().then(|| {
-            let ua = self
+        let logged = access::AccessLog::enabled().then(|| Logged {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            user_agent: self
                 .access
                 .wants(access::Field::UserAgent)
                 .then(|| req.headers().get(header::USER_AGENT).cloned())
-                .flatten();
-            (req.method().clone(), req.uri().clone(), req.version(), ua)
+                .flatten(),
         });
-        let mut served = Served {
-            want_host: logged.is_some() && self.access.wants(access::Field::Host),
-            ..Served::default()
+        let mut handling = Handling {
+            gateway: &self,
+            conn: &conn,
+            started: Instant::now(),
+            served: Served {
+                want_host: logged.is_some() && self.access.wants(access::Field::Host),
+                want_request_id: logged.is_some() && self.access.wants(access::Field::RequestId),
+                ..Served::default()
+            },
+            logged,
+            answered: false,
         };
-        let mut resp = self.serve_one(req, &conn, &mut served).await;
-        let total = started.elapsed();
-        self.record(&served, resp.status(), total);
-        if let (Some(route), Some(consumer), Some(bytes_in)) =
-            (&served.route, &served.consumer, &served.bytes_in)
-        {
+        let mut resp = self.serve_one(req, &conn, &mut handling.served).await;
+        handling.answered = true;
+        let total = handling.started.elapsed();
+        let served = &handling.served;
+        self.record(served, resp.status(), total);
+        if let Some(ticket) = self.ticket(served) {
             // the consumer's usage is recorded once the answer's body is sent
-            let ticket = usage::Ticket {
-                meter: self.usage.clone(),
-                route: route.clone(),
-                consumer: consumer.clone(),
-                bytes_in: bytes_in.clone(),
-                bytes_out: Arc::default(),
-            };
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
         }
         if let Some(guard) = in_flight {
@@ -2235,43 +2295,85 @@ impl Gateway {
                 Streamed(answering).boxed()
             });
         }
-        if let Some((method, uri, version, ua)) = logged {
-            let route = served.route.as_deref();
-            self.access.write(&access::Entry {
-                method: method.as_str(),
-                path: uri.path(),
-                host: served.host.as_deref().unwrap_or(""),
-                protocol: match version {
-                    hyper::Version::HTTP_2 => "HTTP/2",
-                    hyper::Version::HTTP_10 => "HTTP/1.0",
-                    _ => "HTTP/1.1",
-                },
-                status: resp.status().as_u16(),
-                duration_us: total.as_micros() as u64,
-                upstream_us: served.upstream_us,
-                tenant: route.map_or("", |r| r.tenant.as_str()),
-                api: route.map_or("", |r| r.api.as_str()),
-                consumer: served.consumer.as_deref().unwrap_or(""),
-                client: Some(served.client.unwrap_or(conn.peer.ip())),
-                request_id: resp
-                    .headers()
-                    .get(&X_REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
-                refusal: served.refusal.unwrap_or(""),
-                user_agent: ua.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
-                sni: conn
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.sni.as_deref())
-                    .unwrap_or(""),
-            });
+        if let Some(logged) = &handling.logged {
+            let request_id = resp
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            self.log_access(
+                logged,
+                served,
+                &conn,
+                resp.status().as_u16(),
+                total,
+                request_id,
+            );
         }
         // (after a switch of protocols, the bytes that follow are no head)
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             conn.end();
         }
         resp
+    }
+
+    /// The consumer's usage ticket of a request the policies admitted for an identified
+    /// consumer (recorded when it is dropped).
+    fn ticket(&self, served: &Served) -> Option<usage::Ticket> {
+        let (Some(route), Some(consumer), Some(bytes_in)) =
+            (&served.route, &served.consumer, &served.bytes_in)
+        else {
+            return None;
+        };
+        Some(usage::Ticket {
+            meter: self.usage.clone(),
+            route: route.clone(),
+            consumer: consumer.clone(),
+            bytes_in: bytes_in.clone(),
+            bytes_out: Arc::default(),
+        })
+    }
+
+    /// Adds a request's access-log line.
+    fn log_access(
+        &self,
+        logged: &Logged,
+        served: &Served,
+        conn: &Conn,
+        status: u16,
+        total: Duration,
+        request_id: &str,
+    ) {
+        let route = served.route.as_deref();
+        self.access.write(&access::Entry {
+            method: logged.method.as_str(),
+            path: logged.uri.path(),
+            host: served.host.as_deref().unwrap_or(""),
+            protocol: match logged.version {
+                hyper::Version::HTTP_2 => "HTTP/2",
+                hyper::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            status,
+            duration_us: total.as_micros() as u64,
+            upstream_us: served.upstream_us,
+            tenant: route.map_or("", |r| r.tenant.as_str()),
+            api: route.map_or("", |r| r.api.as_str()),
+            consumer: served.consumer.as_deref().unwrap_or(""),
+            client: Some(served.client.unwrap_or(conn.peer.ip())),
+            request_id,
+            refusal: served.refusal.unwrap_or(""),
+            user_agent: logged
+                .user_agent
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            sni: conn
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.as_deref())
+                .unwrap_or(""),
+        });
     }
 
     fn record(&self, served: &Served, status: StatusCode, total: Duration) {
@@ -2339,6 +2441,9 @@ impl Gateway {
             .unwrap_or_else(|| self.next_request_id());
         // (all visible ASCII, checked or made so)
         let request_id = request_id_value.to_str().unwrap_or_default();
+        if served.want_request_id {
+            served.request_id = Some(request_id_value.clone());
+        }
         let table = self.table.load_full();
         let host = req
             .uri()
