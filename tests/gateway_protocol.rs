@@ -1285,6 +1285,24 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
             .any(|l| l.contains("\"path\":\"/h2/slow\"") && l.contains("\"status\":499")),
         "no 499 line for the reset stream"
     );
+    // and so is one whose client closes its connection in the middle of its upload (over
+    // hyper's server, which streams bodies that come after their head)
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"PUT /upload-left HTTP/1.1\r\nHost: e.example\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"0123456789").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(s);
+    let log = n
+        .log_with(|l| l.contains("\"path\":\"/upload-left\""))
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"path\":\"/upload-left\""))
+        .expect("an access line for the upload");
+    assert!(line.contains("\"status\":499"), "{line}");
     // and so does one that leaves while its answer's body keeps it waiting
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /drip HTTP/1.1\r\nHost: s.example\r\n\r\n")

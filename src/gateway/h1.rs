@@ -387,10 +387,18 @@ async fn exchange(
         idle_timeout: Duration::from_secs(30),
         idle: None,
         progress: false,
+        whole: None,
     };
-    if body.kind == Kind::Length(0) {
+    match body.kind {
         // nothing to read: the connection is free now (hyper never polls an empty body)
-        body.finish();
+        Kind::Length(0) => body.finish(),
+        // the whole body came with the head (a small answer): taken at once, and the connection
+        // is free before the client has the answer
+        Kind::Length(n) if body.buf.len() as u64 >= n => {
+            body.whole = Some(body.buf.split_to(n as usize).freeze());
+            body.finish();
+        }
+        _ => {}
     }
     Ok(resp.map(|()| body))
 }
@@ -643,6 +651,8 @@ pub struct UpBody {
     /// Armed while waiting for bytes; `progress`: bytes came since it was armed.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
     progress: bool,
+    /// The whole body, when it came with the head (the connection is then back in the pool).
+    whole: Option<Bytes>,
 }
 
 impl UpBody {
@@ -656,7 +666,13 @@ impl UpBody {
             idle_timeout: Duration::ZERO,
             idle: None,
             progress: false,
+            whole: None,
         }
+    }
+
+    /// Whether the whole body is at hand: the upstream's part of the answer is over.
+    pub fn is_whole(&self) -> bool {
+        self.whole.is_some() || self.kind == Kind::Done
     }
 
     /// The answer is complete: the connection goes back to the pool if it can carry another
@@ -756,6 +772,9 @@ impl hyper::body::Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if let Some(data) = this.whole.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         loop {
             match this.kind {
                 Kind::Done => return Poll::Ready(None),
@@ -851,13 +870,14 @@ impl hyper::body::Body for UpBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, Kind::Done | Kind::Length(0))
+        self.whole.is_none() && matches!(self.kind, Kind::Done | Kind::Length(0))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            Kind::Length(n) => SizeHint::with_exact(n),
-            Kind::Done => SizeHint::with_exact(0),
+        match (&self.whole, self.kind) {
+            (Some(data), _) => SizeHint::with_exact(data.len() as u64),
+            (None, Kind::Length(n)) => SizeHint::with_exact(n),
+            (None, Kind::Done) => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }
@@ -866,6 +886,52 @@ impl hyper::body::Body for UpBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer whose body came whole with its head frees its connection at once (back in
+    /// the pool before the body is read), and the body is still all there; a longer one keeps
+    /// its connection until its end.
+    #[tokio::test(flavor = "current_thread")]
+    async fn whole_answers_free_their_connection_at_once() {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Authority = upstream.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut answers: [&[u8]; 2] = [
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+            ];
+            for answer in &mut answers {
+                // one request per read (the client writes each head whole)
+                assert!(s.read(&mut buf).await.unwrap() > 0);
+                s.write_all(answer).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.write_all(b"world").await.unwrap();
+            // held open: the client closes it
+            let _ = s.read(&mut buf).await;
+        });
+        let get = || Request::get("/").body(Body::default()).unwrap();
+        let t = Duration::from_secs(5);
+        let resp = send(&origin, get(), t, t).await.unwrap();
+        assert!(resp.body().is_whole());
+        assert_eq!(resp.body().size_hint().exact(), Some(2));
+        let pooled = checkout(&origin).expect("back in the pool before the body is read");
+        checkin(&origin, pooled);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+
+        // the second request reuses it; its body comes in two parts
+        let resp = send(&origin, get(), t, t).await.unwrap();
+        assert!(!resp.body().is_whole());
+        assert!(checkout(&origin).is_none(), "in use until the body's end");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"helloworld");
+        assert!(
+            checkout(&origin).is_some(),
+            "back in the pool at the body's end"
+        );
+    }
 
     #[test]
     fn chunk_sizes_are_strict() {

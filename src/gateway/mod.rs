@@ -418,16 +418,27 @@ struct BodyWatch {
     /// The last look found nothing from the client (as opposed to the upstream not taking
     /// the body, when it is not looked at).
     waiting: std::sync::atomic::AtomicBool,
-    /// 0, or how it failed: 1 it stopped coming, 2 it broke.
+    /// 0, or how it failed (a [`BodyFailure`], plus one).
     failed: std::sync::atomic::AtomicU8,
 }
 
+/// How a client's request body failed on its way upstream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum BodyFailure {
+    /// It stopped coming for the idle timeout (408).
+    Stalled,
+    /// It could not be read: malformed framing, or an HTTP/2 stream error (400).
+    Broke,
+    /// The client closed its connection before sending all of it (499).
+    Left,
+}
+
 impl BodyWatch {
-    /// `Some(true)` when the body stopped coming, `Some(false)` when it broke.
-    fn failure(&self) -> Option<bool> {
+    fn failure(&self) -> Option<BodyFailure> {
         match self.failed.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => Some(true),
-            2 => Some(false),
+            1 => Some(BodyFailure::Stalled),
+            2 => Some(BodyFailure::Broke),
+            3 => Some(BodyFailure::Left),
             _ => None,
         }
     }
@@ -478,16 +489,18 @@ where
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.armed = false;
+                let frame = frame.map(|f| f.map_err(Into::into));
                 if let Some(w) = &this.watch {
                     w.waiting.store(false, Relaxed);
                     match &frame {
                         None => w.done.store(true, Relaxed),
+                        Some(Err(e)) if client_left(e.as_ref()) => w.failed.store(3, Relaxed),
                         Some(Err(_)) => w.failed.store(2, Relaxed),
                         Some(Ok(_)) if this.inner.is_end_stream() => w.done.store(true, Relaxed),
                         Some(Ok(_)) => {}
                     }
                 }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                Poll::Ready(frame)
             }
             Poll::Pending => {
                 if let Some(w) = &this.watch {
@@ -537,8 +550,23 @@ enum Failed {
     Connect,
     /// The exchange failed; `blamed` when the upstream may be the cause.
     Upstream { blamed: bool },
-    /// The client's request body failed: it stopped coming (`stalled`) or broke.
-    ClientBody { stalled: bool },
+    /// The client's request body failed.
+    ClientBody(BodyFailure),
+}
+
+/// Whether a request body's error says the client closed its connection before the body's end
+/// (hyper's server reads the end of the stream where body bytes were due).
+fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// An answer body cut at the API's total timeout (`upstream.timeouts.total_seconds`): past
@@ -2784,7 +2812,7 @@ impl Gateway {
                     r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
                         .map_err(|e| match body_failure() {
                             _ if e.is_connect() => Failed::Connect,
-                            Some(stalled) => Failed::ClientBody { stalled },
+                            Some(how) => Failed::ClientBody(how),
                             None => Failed::Upstream { blamed: true },
                         })
                 };
@@ -2812,9 +2840,9 @@ impl Gateway {
                 .await
                 .map(|r| {
                     r.map(|r| r.map(Answer::Plain)).map_err(|e| match e {
-                        h1::Error::Body(_) => Failed::ClientBody {
-                            stalled: body_failure() == Some(true),
-                        },
+                        h1::Error::Body(_) => {
+                            Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
+                        }
                         e if e.is_connect() => Failed::Connect,
                         e => Failed::Upstream {
                             blamed: !e.is_blameless(),
@@ -2832,8 +2860,12 @@ impl Gateway {
             let (verdict, retryable, answer) = match result {
                 Ok(Ok(r)) => {
                     let bad = matches!(r.status().as_u16(), 502..=504);
-                    if bad || attempt_state.is_trial() || hyper::body::Body::is_end_stream(r.body())
-                    {
+                    // (a body that came whole with the head has nothing left to fail)
+                    let whole = match r.body() {
+                        Answer::Plain(b) => b.is_whole(),
+                        Answer::Hyper(b) => hyper::body::Body::is_end_stream(b),
+                    };
+                    if bad || attempt_state.is_trial() || whole {
                         (Some(bad), false, Ok(r.map(|b| b.boxed())))
                     } else {
                         let judge = Judge {
@@ -2888,7 +2920,7 @@ impl Gateway {
                     )),
                 ),
                 // the client's fault: no verdict on the target, no retry
-                Ok(Err(Failed::ClientBody { stalled: true })) => (
+                Ok(Err(Failed::ClientBody(BodyFailure::Stalled))) => (
                     None,
                     false,
                     Err((
@@ -2897,13 +2929,23 @@ impl Gateway {
                         "the request body stopped coming",
                     )),
                 ),
-                Ok(Err(Failed::ClientBody { stalled: false })) => (
+                Ok(Err(Failed::ClientBody(BodyFailure::Broke))) => (
                     None,
                     false,
                     Err((
                         StatusCode::BAD_REQUEST,
                         "bad-request-body",
                         "the request body could not be read",
+                    )),
+                ),
+                // (an answer nobody reads: what it records is the status)
+                Ok(Err(Failed::ClientBody(BodyFailure::Left))) => (
+                    None,
+                    false,
+                    Err((
+                        StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+                        "client-closed",
+                        "the client closed its connection before sending the whole request body",
                     )),
                 ),
             };
