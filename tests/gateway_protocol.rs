@@ -1266,6 +1266,8 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         "{line}"
     );
     assert!(line["duration_us"].is_u64(), "{line}");
+    // (its wait was the upstream's: it has an upstream time)
+    assert!(line["upstream_us"].is_u64(), "{line}");
     // and so is an HTTP/2 request whose stream the client resets
     let h2c = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -1303,6 +1305,43 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         .find(|l| l.contains("\"path\":\"/upload-left\""))
         .expect("an access line for the upload");
     assert!(line.contains("\"status\":499"), "{line}");
+    // and one whose HTTP/2 stream the client cancels in the middle of its upload
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut send, h2) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let h2 = tokio::spawn(h2);
+    let (mut part, parts) = futures::channel::mpsc::channel::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(1);
+    let upload = hyper::Request::put("http://e.example/h2/upload-cancelled")
+        .body(http_body_util::StreamBody::new(parts))
+        .unwrap();
+    futures::SinkExt::send(
+        &mut part,
+        Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"part"))),
+    )
+    .await
+    .unwrap();
+    // (the answer's wait given up: hyper's client cancels the stream, the body still open)
+    let waited = tokio::time::timeout(Duration::from_millis(300), send.send_request(upload)).await;
+    assert!(
+        waited.is_err(),
+        "no answer before the body's end: {waited:?}"
+    );
+    let log = n
+        .log_with(|l| l.contains("\"path\":\"/h2/upload-cancelled\""))
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"path\":\"/h2/upload-cancelled\""))
+        .expect("an access line for the cancelled upload");
+    assert!(line.contains("\"status\":499"), "{line}");
+    drop((part, send));
+    h2.abort();
     // and so does one that leaves while its answer's body keeps it waiting
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(b"GET /drip HTTP/1.1\r\nHost: s.example\r\n\r\n")

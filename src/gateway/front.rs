@@ -108,9 +108,13 @@ where
         // The client is watched while its request is handled: one that closes the connection
         // (or breaks it) ends the request, its upstream call included, as hyper's server did
         // (a half-close too, as hyper's default).
-        // (pinned where it is made: the future is a few KiB, and moving it costs copies)
-        let handling = std::pin::pin!(gateway.clone().handle(head.request, conn.clone()));
-        let Some(answer) = unless_client_leaves(io, &mut buf, handling).await else {
+        // (pinned where it is made: the future is a few KiB, and moving it costs copies; in a
+        // block of its own, so the connection's task keeps its room for the answer's writing)
+        let answer = {
+            let handling = std::pin::pin!(gateway.clone().handle(head.request, conn.clone()));
+            unless_client_leaves(io, &mut buf, handling).await
+        };
+        let Some(answer) = answer else {
             tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
             return Ok(Ended::Closed);
         };

@@ -554,15 +554,28 @@ enum Failed {
     ClientBody(BodyFailure),
 }
 
-/// Whether a request body's error says the client closed its connection before the body's end
-/// (hyper's server reads the end of the stream where body bytes were due).
+/// Whether a request body's error says the client left before the body's end: its connection
+/// ended or was reset where body bytes were due (HTTP/1.1, or the HTTP/2 connection), or it
+/// cancelled its HTTP/2 stream.
 fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let gone = |k: std::io::ErrorKind| {
+        matches!(
+            k,
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+        )
+    };
     let mut cause = Some(e);
     while let Some(c) = cause {
         if c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+            .is_some_and(|io| gone(io.kind()))
         {
             return true;
+        }
+        // (h2's error gives no source: its reason or its I/O error is asked)
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::CANCEL)
+                || h2.get_io().is_some_and(|io| gone(io.kind()));
         }
         cause = c.source();
     }
@@ -1255,6 +1268,9 @@ struct Served {
     /// that ends before its answer is made, which has no answer to read it from).
     request_id: Option<HeaderValue>,
     want_request_id: bool,
+    /// When the upstream call began (a request dropped while it waits has its upstream time
+    /// from it).
+    upstream_started: Option<Instant>,
     /// Request body bytes forwarded, counted when the consumer is known (usage metering).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -1288,10 +1304,18 @@ struct Handling<'g> {
 
 impl Drop for Handling<'_> {
     fn drop(&mut self) {
-        if self.answered {
+        // (a panic unwinding through the handler is no client's leaving)
+        if self.answered || std::thread::panicking() {
             return;
         }
         let total = self.started.elapsed();
+        if self.served.upstream_us.is_none() {
+            // dropped while the upstream worked: that time is the upstream's, not the gateway's
+            self.served.upstream_us = self
+                .served
+                .upstream_started
+                .map(|at| at.elapsed().as_micros() as u64);
+        }
         let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
         self.gateway.record(&self.served, status, total);
         drop(self.gateway.ticket(&self.served));
@@ -2693,6 +2717,7 @@ impl Gateway {
         let mut tried = [0usize; 6];
         let mut n_tried = 0;
         let upstream_started = Instant::now();
+        served.upstream_started = Some(upstream_started);
         let (connect_timeout, response_timeout, total) = self.route_timeouts(&route);
         // the answer's head within the response timeout, and within the total if there is one
         let total_deadline = total.map(|t| upstream_started + t);
