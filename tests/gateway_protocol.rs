@@ -1018,6 +1018,18 @@ fn echoed(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
 }
 
+/// The status of the access-log line of the request for `path` (once the log has it).
+async fn access_status(n: &Node, path: &str) -> u64 {
+    let field = format!("\"path\":\"{path}\"");
+    let log = n.log_with(|l| l.contains(&field)).await;
+    let line = log
+        .lines()
+        .find(|l| l.contains(&field))
+        .unwrap_or_else(|| panic!("no access line for {path}"));
+    let line: serde_json::Value = serde_json::from_str(line).expect("a JSON access line");
+    line["status"].as_u64().unwrap_or_else(|| panic!("{line}"))
+}
+
 /// Waits until the gateway has no open connection, within 2 s (the upstreams of the test
 /// below answer after 3 s): `why` otherwise.
 async fn connections_close(n: &Node, why: &str) {
@@ -1281,12 +1293,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         .await;
     assert!(gone.as_ref().is_err_and(|e| e.is_timeout()), "{gone:?}");
     drop(h2c);
-    let log = n.log_with(|l| l.contains("\"path\":\"/h2/slow\"")).await;
-    assert!(
-        log.lines()
-            .any(|l| l.contains("\"path\":\"/h2/slow\"") && l.contains("\"status\":499")),
-        "no 499 line for the reset stream"
-    );
+    assert_eq!(access_status(&n, "/h2/slow").await, 499, "the reset stream");
     // and so is one whose client closes its connection in the middle of its upload (over
     // hyper's server, which streams bodies that come after their head)
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -1297,14 +1304,11 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     s.write_all(b"0123456789").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(s);
-    let log = n
-        .log_with(|l| l.contains("\"path\":\"/upload-left\""))
-        .await;
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"path\":\"/upload-left\""))
-        .expect("an access line for the upload");
-    assert!(line.contains("\"status\":499"), "{line}");
+    assert_eq!(
+        access_status(&n, "/upload-left").await,
+        499,
+        "the upload left"
+    );
     // and one whose HTTP/2 stream the client cancels in the middle of its upload
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (mut send, h2) = hyper::client::conn::http2::handshake(
@@ -1332,14 +1336,11 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         waited.is_err(),
         "no answer before the body's end: {waited:?}"
     );
-    let log = n
-        .log_with(|l| l.contains("\"path\":\"/h2/upload-cancelled\""))
-        .await;
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"path\":\"/h2/upload-cancelled\""))
-        .expect("an access line for the cancelled upload");
-    assert!(line.contains("\"status\":499"), "{line}");
+    assert_eq!(
+        access_status(&n, "/h2/upload-cancelled").await,
+        499,
+        "the cancelled upload"
+    );
     drop((part, send));
     h2.abort();
     // and so does one that leaves while its answer's body keeps it waiting
