@@ -1309,6 +1309,22 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         499,
         "the upload left"
     );
+    // one that only half-closes is still reading: it gets a 400 (no 499 on the wire)
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"PUT /upload-half HTTP/1.1\r\nHost: e.example\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"0123456789").await.unwrap();
+    s.shutdown().await.unwrap();
+    let answer = read_some(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("client-closed"), "{answer}");
+    assert_eq!(
+        access_status(&n, "/upload-half").await,
+        499,
+        "the half-closed upload"
+    );
     // and one whose HTTP/2 stream the client cancels in the middle of its upload
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (mut send, h2) = hyper::client::conn::http2::handshake(

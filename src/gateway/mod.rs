@@ -1271,6 +1271,9 @@ struct Served {
     /// When the upstream call began (a request dropped while it waits has its upstream time
     /// from it).
     upstream_started: Option<Instant>,
+    /// The client left in the middle of its request body: recorded as 499, whatever the
+    /// answer's status.
+    client_closed: bool,
     /// Request body bytes forwarded, counted when the consumer is known (usage metering).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -2326,7 +2329,12 @@ impl Gateway {
         handling.answered = true;
         let total = handling.started.elapsed();
         let served = &handling.served;
-        self.record(served, resp.status(), total);
+        // what is recorded: the answer's status, or 499 for a client that left mid-upload
+        let status = match served.client_closed {
+            true => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            false => resp.status(),
+        };
+        self.record(served, status, total);
         if let Some(ticket) = self.ticket(served) {
             // the consumer's usage is recorded once the answer's body is sent
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
@@ -2353,14 +2361,7 @@ impl Gateway {
                 .get(&X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            self.log_access(
-                logged,
-                served,
-                &conn,
-                resp.status().as_u16(),
-                total,
-                request_id,
-            );
+            self.log_access(logged, served, &conn, status.as_u16(), total, request_id);
         }
         // (after a switch of protocols, the bytes that follow are no head)
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -2963,12 +2964,13 @@ impl Gateway {
                         "the request body could not be read",
                     )),
                 ),
-                // (an answer nobody reads: what it records is the status)
+                // (an answer hardly anyone reads, a client that only half-closed aside: a 400 on
+                // the wire, recorded as 499)
                 Ok(Err(Failed::ClientBody(BodyFailure::Left))) => (
                     None,
                     false,
                     Err((
-                        StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+                        StatusCode::BAD_REQUEST,
                         "client-closed",
                         "the client closed its connection before sending the whole request body",
                     )),
@@ -2990,6 +2992,7 @@ impl Gateway {
                     if matches!(slug, "request-timeout" | "bad-request-body") {
                         served.refusal = Some(slug);
                     }
+                    served.client_closed = slug == "client-closed";
                     return problem(status, slug, detail, request_id);
                 }
             }
