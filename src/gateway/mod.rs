@@ -418,22 +418,28 @@ struct BodyWatch {
     /// The last look found nothing from the client (as opposed to the upstream not taking
     /// the body, when it is not looked at).
     waiting: std::sync::atomic::AtomicBool,
-    /// 0, or how it failed (a [`BodyFailure`], plus one).
+    /// 0, or how it failed (a [`BodyFailure`]'s value).
     failed: std::sync::atomic::AtomicU8,
 }
 
 /// How a client's request body failed on its way upstream.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(u8)]
 enum BodyFailure {
     /// It stopped coming for the idle timeout (408).
-    Stalled,
+    Stalled = 1,
     /// It could not be read: malformed framing, or an HTTP/2 stream error (400).
-    Broke,
-    /// The client closed its connection before sending all of it (499).
-    Left,
+    Broke = 2,
+    /// The client left before sending all of it (recorded as 499).
+    Left = 3,
 }
 
 impl BodyWatch {
+    fn fail(&self, how: BodyFailure) {
+        self.failed
+            .store(how as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn failure(&self) -> Option<BodyFailure> {
         match self.failed.load(std::sync::atomic::Ordering::Relaxed) {
             1 => Some(BodyFailure::Stalled),
@@ -494,8 +500,8 @@ where
                     w.waiting.store(false, Relaxed);
                     match &frame {
                         None => w.done.store(true, Relaxed),
-                        Some(Err(e)) if client_left(e.as_ref()) => w.failed.store(3, Relaxed),
-                        Some(Err(_)) => w.failed.store(2, Relaxed),
+                        Some(Err(e)) if client_left(e.as_ref()) => w.fail(BodyFailure::Left),
+                        Some(Err(_)) => w.fail(BodyFailure::Broke),
                         Some(Ok(_)) if this.inner.is_end_stream() => w.done.store(true, Relaxed),
                         Some(Ok(_)) => {}
                     }
@@ -520,7 +526,7 @@ where
                 match std::future::Future::poll(timer.as_mut(), cx) {
                     Poll::Ready(()) => {
                         if let Some(w) = &this.watch {
-                            w.failed.store(1, Relaxed);
+                            w.fail(BodyFailure::Stalled);
                         }
                         Poll::Ready(Some(Err(format!(
                             "no {} came for {} s",
@@ -1286,9 +1292,11 @@ struct Logged {
     user_agent: Option<HeaderValue>,
 }
 
-/// The status recorded for a request that ended before its answer was made (nginx's "client
-/// closed request").
-const CLIENT_CLOSED: u16 = 499;
+/// The status recorded for a request that ended before its answer was made, or whose client
+/// left in the middle of its body (nginx's "client closed request").
+fn client_closed() -> StatusCode {
+    StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+}
 
 /// A request in [`Gateway::handle`], until its answer is made.
 ///
@@ -1305,13 +1313,67 @@ struct Handling<'g> {
     answered: bool,
 }
 
+impl Handling<'_> {
+    /// Records the request with `status`: the metrics and the access-log line (with
+    /// `request_id`). Returns the consumer's usage ticket when the policies admitted it for an
+    /// identified consumer (its usage is recorded when the ticket is dropped).
+    fn record(&self, status: StatusCode, request_id: &str) -> Option<usage::Ticket> {
+        let (gateway, served, conn) = (self.gateway, &self.served, self.conn);
+        let total = self.started.elapsed();
+        gateway.record(served, status, total);
+        if let Some(logged) = &self.logged {
+            let route = served.route.as_deref();
+            gateway.access.write(&access::Entry {
+                method: logged.method.as_str(),
+                path: logged.uri.path(),
+                host: served.host.as_deref().unwrap_or(""),
+                protocol: match logged.version {
+                    hyper::Version::HTTP_2 => "HTTP/2",
+                    hyper::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+                status: status.as_u16(),
+                duration_us: total.as_micros() as u64,
+                upstream_us: served.upstream_us,
+                tenant: route.map_or("", |r| r.tenant.as_str()),
+                api: route.map_or("", |r| r.api.as_str()),
+                consumer: served.consumer.as_deref().unwrap_or(""),
+                client: Some(served.client.unwrap_or(conn.peer.ip())),
+                request_id,
+                refusal: served.refusal.unwrap_or(""),
+                user_agent: logged
+                    .user_agent
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                sni: conn
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.sni.as_deref())
+                    .unwrap_or(""),
+            });
+        }
+        let (Some(route), Some(consumer), Some(bytes_in)) =
+            (&served.route, &served.consumer, &served.bytes_in)
+        else {
+            return None;
+        };
+        Some(usage::Ticket {
+            meter: gateway.usage.clone(),
+            route: route.clone(),
+            consumer: consumer.clone(),
+            bytes_in: bytes_in.clone(),
+            bytes_out: Arc::default(),
+        })
+    }
+}
+
 impl Drop for Handling<'_> {
     fn drop(&mut self) {
         // (a panic unwinding through the handler is no client's leaving)
         if self.answered || std::thread::panicking() {
             return;
         }
-        let total = self.started.elapsed();
         if self.served.upstream_us.is_none() {
             // dropped while the upstream worked: that time is the upstream's, not the gateway's
             self.served.upstream_us = self
@@ -1319,24 +1381,13 @@ impl Drop for Handling<'_> {
                 .upstream_started
                 .map(|at| at.elapsed().as_micros() as u64);
         }
-        let status = StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST);
-        self.gateway.record(&self.served, status, total);
-        drop(self.gateway.ticket(&self.served));
-        if let Some(logged) = &self.logged {
-            let id = self
-                .served
-                .request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok());
-            self.gateway.log_access(
-                logged,
-                &self.served,
-                self.conn,
-                CLIENT_CLOSED,
-                total,
-                id.unwrap_or(""),
-            );
-        }
+        let id = self
+            .served
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok());
+        // (the consumer's usage recorded at once)
+        drop(self.record(client_closed(), id.unwrap_or("")));
     }
 }
 
@@ -2327,15 +2378,17 @@ impl Gateway {
         };
         let mut resp = self.serve_one(req, &conn, &mut handling.served).await;
         handling.answered = true;
-        let total = handling.started.elapsed();
-        let served = &handling.served;
         // what is recorded: the answer's status, or 499 for a client that left mid-upload
-        let status = match served.client_closed {
-            true => StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+        let status = match handling.served.client_closed {
+            true => client_closed(),
             false => resp.status(),
         };
-        self.record(served, status, total);
-        if let Some(ticket) = self.ticket(served) {
+        let request_id = resp
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Some(ticket) = handling.record(status, request_id) {
             // the consumer's usage is recorded once the answer's body is sent
             resp = resp.map(|b| usage::Counted::metered(b, ticket).boxed());
         }
@@ -2355,78 +2408,11 @@ impl Gateway {
                 Streamed(answering).boxed()
             });
         }
-        if let Some(logged) = &handling.logged {
-            let request_id = resp
-                .headers()
-                .get(&X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            self.log_access(logged, served, &conn, status.as_u16(), total, request_id);
-        }
         // (after a switch of protocols, the bytes that follow are no head)
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             conn.end();
         }
         resp
-    }
-
-    /// The consumer's usage ticket of a request the policies admitted for an identified
-    /// consumer (recorded when it is dropped).
-    fn ticket(&self, served: &Served) -> Option<usage::Ticket> {
-        let (Some(route), Some(consumer), Some(bytes_in)) =
-            (&served.route, &served.consumer, &served.bytes_in)
-        else {
-            return None;
-        };
-        Some(usage::Ticket {
-            meter: self.usage.clone(),
-            route: route.clone(),
-            consumer: consumer.clone(),
-            bytes_in: bytes_in.clone(),
-            bytes_out: Arc::default(),
-        })
-    }
-
-    /// Adds a request's access-log line.
-    fn log_access(
-        &self,
-        logged: &Logged,
-        served: &Served,
-        conn: &Conn,
-        status: u16,
-        total: Duration,
-        request_id: &str,
-    ) {
-        let route = served.route.as_deref();
-        self.access.write(&access::Entry {
-            method: logged.method.as_str(),
-            path: logged.uri.path(),
-            host: served.host.as_deref().unwrap_or(""),
-            protocol: match logged.version {
-                hyper::Version::HTTP_2 => "HTTP/2",
-                hyper::Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            status,
-            duration_us: total.as_micros() as u64,
-            upstream_us: served.upstream_us,
-            tenant: route.map_or("", |r| r.tenant.as_str()),
-            api: route.map_or("", |r| r.api.as_str()),
-            consumer: served.consumer.as_deref().unwrap_or(""),
-            client: Some(served.client.unwrap_or(conn.peer.ip())),
-            request_id,
-            refusal: served.refusal.unwrap_or(""),
-            user_agent: logged
-                .user_agent
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(""),
-            sni: conn
-                .tls
-                .as_ref()
-                .and_then(|t| t.sni.as_deref())
-                .unwrap_or(""),
-        });
     }
 
     fn record(&self, served: &Served, status: StatusCode, total: Duration) {
