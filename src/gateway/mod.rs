@@ -2383,9 +2383,11 @@ impl Gateway {
             true => client_closed(),
             false => resp.status(),
         };
-        let request_id = resp
-            .headers()
-            .get(&X_REQUEST_ID)
+        // (read only for the access line)
+        let request_id = handling
+            .logged
+            .as_ref()
+            .and_then(|_| resp.headers().get(&X_REQUEST_ID))
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         if let Some(ticket) = handling.record(status, request_id) {
