@@ -20,12 +20,13 @@
 //! write is cut by [`Stall`](super::Stall), and the gateway's shutdown closes an idle connection
 //! and makes the answer in progress the last (`Connection: close`).
 
+use super::head::Answer;
 use super::{Body, Conn, Gateway, ListenerLimits, ReqBody};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -370,14 +371,19 @@ impl Head {
 /// next request: not the last, and the body whole and as long as announced.
 async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
-    answer: Response<Body>,
+    answer: Answer<Body>,
     last: bool,
     head_request: bool,
     out: &mut Vec<u8>,
     buf: &mut BytesMut,
 ) -> io::Result<bool> {
-    let (parts, mut body) = answer.into_parts();
-    let status = parts.status;
+    let Answer {
+        status,
+        reason,
+        fields,
+        mut body,
+        ..
+    } = answer;
     if status.is_informational() {
         // (never made: the upstream clients pass interim answers by, and a 101 is spliced
         // through hyper's server) a final answer must not be 1xx: a 500 instead, the last
@@ -392,18 +398,13 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
         io.flush().await?;
         return Ok(false);
     }
-    let last = last
-        || parts.headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        });
+    let last = last || fields.lists("connection", "close");
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     // (the upstream's own reason phrase, when hyper's client kept one)
-    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+    match reason {
         Some(reason) => out.extend_from_slice(reason.as_bytes()),
         None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
     }
@@ -419,12 +420,13 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
             && (head_request || status == StatusCode::NOT_MODIFIED));
     let mut length = None;
     let mut length_written = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH {
+    let mut dated = false;
+    for (name, value) in fields.iter() {
+        if name.eq_ignore_ascii_case(b"content-length") {
             if !keeps_length {
                 continue;
             }
-            let v = value.as_bytes();
+            let v = value;
             let n = (!v.is_empty() && v.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
                 .flatten();
@@ -440,15 +442,18 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
                 _ => continue,
             }
         }
-        if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"connection")
+        {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        dated |= name.eq_ignore_ascii_case(b"date");
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         push_date(out);
         out.extend_from_slice(b"\r\n");

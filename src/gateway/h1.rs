@@ -13,12 +13,13 @@
 //! in CRLF, heads and chunk lines are size-limited. A connection is reused only after an answer
 //! read to its exact end with nothing behind it.
 
+use super::head::{Answer, Fields, Places, Switched};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header;
 use hyper::http::uri::Authority;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -259,7 +260,7 @@ pub async fn send(
     req: Request<Body>,
     connect_timeout: Duration,
     body_idle_timeout: Duration,
-) -> Result<Response<UpBody>, Error> {
+) -> Result<Answer<UpBody>, Error> {
     let (parts, mut body) = req.into_parts();
     let bodyless = body.is_end_stream();
     let framing = if bodyless {
@@ -291,7 +292,7 @@ pub async fn send(
         let body = (!bodyless).then_some(&mut body);
         let sent = exchange(stream, &head, body, framing, head_request, reused, origin);
         match sent.await.map(|mut r| {
-            r.body_mut().idle_timeout = body_idle_timeout;
+            r.body.idle_timeout = body_idle_timeout;
             r
         }) {
             // once, on a fresh connection (which cannot be stale)
@@ -325,7 +326,7 @@ async fn exchange(
     head_request: bool,
     reused: bool,
     origin: &Authority,
-) -> Result<Response<UpBody>, Error> {
+) -> Result<Answer<UpBody>, Error> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut answered = false;
     let mut early = false;
@@ -370,12 +371,14 @@ async fn exchange(
         (Err(_), Some(other)) => Err(other),
         (parsed, _) => parsed,
     }?;
-    let (mut resp, kind) = parsed;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let (status, fields, kind) = parsed;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
         let leftover = buf.split().freeze();
-        resp.extensions_mut()
-            .insert(Upgraded(Arc::new(Mutex::new(Some((stream, leftover))))));
-        return Ok(resp.map(|()| UpBody::done()));
+        let mut answer = Answer::new(status, fields, UpBody::done());
+        answer.switched = Some(Switched::Plain(Upgraded(Arc::new(Mutex::new(Some((
+            stream, leftover,
+        )))))));
+        return Ok(answer);
     }
     let (kind, keep) = kind;
     let mut body = UpBody {
@@ -400,7 +403,7 @@ async fn exchange(
         }
         _ => {}
     }
-    Ok(resp.map(|()| body))
+    Ok(Answer::new(status, fields, body))
 }
 
 async fn write_body(
@@ -446,7 +449,7 @@ async fn write_body(
     Ok(())
 }
 
-type Head = (Response<()>, (Kind, bool));
+type Head = (StatusCode, Fields, (Kind, bool));
 
 async fn read_head(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
@@ -511,42 +514,24 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             }
             continue;
         }
-        // The values share one copy of the head (one allocation, not one per value): their
-        // places in the buffer first, then the head copied out and sliced. A copy of exactly
-        // the head, not a slice of the read buffer, so a value kept long (an HTTP/2 client's
-        // header table keeps values) holds a few hundred bytes, not the whole buffer.
-        let start = buf.as_ptr() as usize;
-        let mut places = Vec::with_capacity(parsed.headers.len());
-        for h in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| Error::Protocol("invalid response header name"))?;
-            let at = (h.value.as_ptr() as usize).saturating_sub(start);
-            places.push((name, at..at + h.value.len()));
-        }
-        let head = Bytes::copy_from_slice(&buf[..len]);
-        buf.advance(len);
-        let mut headers = HeaderMap::with_capacity(places.len());
-        for (name, place) in places {
-            let value = head
-                .get(place.clone())
-                .map(|_| HeaderValue::from_maybe_shared(head.slice(place)))
-                .ok_or(Error::Protocol("invalid response header value"))?
-                .map_err(|_| Error::Protocol("invalid response header value"))?;
-            headers.append(name, value);
-        }
-        let mut keep = http11 && !lists_token(&headers, header::CONNECTION, "close");
+        // The fields stay where they came: the head is split off the exchange's buffer
+        // (made for this exchange, so it pins nothing else) and the fields point into it.
+        let places = Places::of(&buf[..len], parsed.headers, 6)
+            .ok_or(Error::Protocol("malformed response head"))?;
+        let mut headers = Fields::parsed(buf.split_to(len).freeze(), places)
+            .ok_or(Error::Protocol("malformed response head"))?;
+        let mut keep = http11 && !headers.lists("connection", "close");
         let kind = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::SWITCHING_PROTOCOLS
         {
             Kind::Length(0)
-        } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        } else if headers.contains("transfer-encoding") {
             // Transfer-Encoding wins; with Content-Length beside it, the message is suspect
             // and the connection is not reused (RFC 9112 §6.3)
-            if headers.contains_key(header::CONTENT_LENGTH) {
+            if headers.remove("content-length") {
                 keep = false;
-                headers.remove(header::CONTENT_LENGTH);
             }
             // only plain `chunked` is relayed: another coding would reach the client
             // undeclared once Transfer-Encoding (hop-by-hop) is dropped
@@ -554,56 +539,50 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 return Err(Error::Protocol("unsupported Transfer-Encoding"));
             }
             Kind::Chunked(Chunk::Size)
-        } else if headers.contains_key(header::CONTENT_LENGTH) {
+        } else if headers.contains("content-length") {
             let n = content_length(&headers)?;
             // one value on to the client, whatever repetition the upstream sent (a single
             // plain value, the usual case, is kept as is)
-            let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-            let single = values
-                .next()
-                .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
-                && values.next().is_none();
+            let single = {
+                let mut values = headers.get_all("content-length");
+                values
+                    .next()
+                    .is_some_and(|v| v.iter().all(u8::is_ascii_digit))
+                    && values.next().is_none()
+            };
             if !single {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                headers.insert(
+                    "content-length",
+                    crate::gateway::access::digits(n, &mut [0u8; 20]).as_bytes(),
+                );
             }
             Kind::Length(n)
         } else {
             keep = false;
             Kind::Close
         };
-        let mut resp = Response::new(());
-        *resp.status_mut() = status;
-        *resp.headers_mut() = headers;
-        return Ok(Some((resp, (kind, keep))));
+        return Ok(Some((status, headers, (kind, keep))));
     }
 }
 
-fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
-fn only_chunked(headers: &HeaderMap) -> bool {
+fn only_chunked(headers: &Fields) -> bool {
     let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim);
+        .get_all("transfer-encoding")
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii);
     codings
         .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
         && codings.next().is_none()
 }
 
 /// The `Content-Length` of an answer: every value (and every comma-separated item) the same
 /// decimal number.
-fn content_length(headers: &HeaderMap) -> Result<u64, Error> {
+fn content_length(headers: &Fields) -> Result<u64, Error> {
     let bad = || Error::Protocol("invalid Content-Length");
     let mut found: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for item in v.to_str().map_err(|_| bad())?.split(',') {
+    for v in headers.get_all("content-length") {
+        for item in std::str::from_utf8(v).map_err(|_| bad())?.split(',') {
             let item = item.trim();
             if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad());
@@ -914,18 +893,18 @@ mod tests {
         let get = || Request::get("/").body(Body::default()).unwrap();
         let t = Duration::from_secs(5);
         let resp = send(&origin, get(), t, t).await.unwrap();
-        assert!(resp.body().is_whole());
-        assert_eq!(resp.body().size_hint().exact(), Some(2));
+        assert!(resp.body.is_whole());
+        assert_eq!(resp.body.size_hint().exact(), Some(2));
         let pooled = checkout(&origin).expect("back in the pool before the body is read");
         checkin(&origin, pooled);
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
 
         // the second request reuses it; its body comes in two parts
         let resp = send(&origin, get(), t, t).await.unwrap();
-        assert!(!resp.body().is_whole());
+        assert!(!resp.body.is_whole());
         assert!(checkout(&origin).is_none(), "in use until the body's end");
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"helloworld");
         assert!(
             checkout(&origin).is_some(),
@@ -949,15 +928,15 @@ mod tests {
 
     #[test]
     fn content_lengths_must_agree() {
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let mut h = Fields::default();
+        h.append("content-length", b"5");
         assert_eq!(content_length(&h).unwrap(), 5);
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        h.append("Content-Length", b"5, 5");
         assert_eq!(content_length(&h).unwrap(), 5);
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        h.append("content-length", b"6");
         assert!(content_length(&h).is_err());
-        let mut h = HeaderMap::new();
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("+5"));
+        let mut h = Fields::default();
+        h.append("content-length", b"+5");
         assert!(content_length(&h).is_err());
     }
 
@@ -966,8 +945,8 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
         );
-        let (resp, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
-        assert_eq!(resp.status(), 200);
+        let (status, _, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(status, 200);
         assert_eq!(kind, Kind::Length(2));
         assert!(keep);
         assert_eq!(&buf[..], b"ok");
@@ -975,10 +954,10 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n"[..],
         );
-        let (resp, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        let (_, fields, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(kind, Kind::Chunked(Chunk::Size));
         assert!(!keep, "TE with CL: not reused");
-        assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+        assert!(fields.get("content-length").is_none());
 
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..]);
@@ -989,20 +968,20 @@ mod tests {
         let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..]);
         assert!(parse_head(&mut buf, false).is_err(), "chunked in HTTP/1.0");
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok"[..]);
-        let (resp, _) = parse_head(&mut buf, false).unwrap().unwrap();
+        let (_, fields, _) = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(
-            resp.headers()[header::CONTENT_LENGTH],
-            "2",
+            fields.get_all("content-length").collect::<Vec<_>>(),
+            [b"2"],
             "one value relayed"
         );
 
         let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\nbody"[..]);
-        let (_, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
+        let (_, _, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(kind, Kind::Close);
         assert!(!keep);
 
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]);
-        let (_, (kind, _)) = parse_head(&mut buf, true).unwrap().unwrap();
+        let (_, _, (kind, _)) = parse_head(&mut buf, true).unwrap().unwrap();
         assert_eq!(kind, Kind::Length(0), "HEAD answers have no body");
 
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"[..]);

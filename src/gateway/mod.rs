@@ -9,6 +9,7 @@
 pub mod access;
 pub mod front;
 pub mod h1;
+pub mod head;
 pub mod jwks;
 pub mod policy;
 pub mod quota;
@@ -21,6 +22,7 @@ pub mod usage;
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use head::{Answer, Fields};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -352,12 +354,12 @@ impl Activity {
 
 /// An upstream's answer body: from the plain HTTP/1.1 client, or hyper's (HTTPS targets, and
 /// HTTP/2 to `http://` targets).
-enum Answer {
+enum AnswerBody {
     Plain(h1::UpBody),
     Hyper(Idle<Incoming>),
 }
 
-impl hyper::body::Body for Answer {
+impl hyper::body::Body for AnswerBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -371,22 +373,22 @@ impl hyper::body::Body for Answer {
             polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
         }
         match self.get_mut() {
-            Answer::Plain(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
-            Answer::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx),
+            AnswerBody::Plain(b) => boxed(std::pin::Pin::new(b).poll_frame(cx)),
+            AnswerBody::Hyper(b) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Answer::Plain(b) => b.is_end_stream(),
-            Answer::Hyper(b) => b.is_end_stream(),
+            AnswerBody::Plain(b) => b.is_end_stream(),
+            AnswerBody::Hyper(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
-            Answer::Plain(b) => b.size_hint(),
-            Answer::Hyper(b) => b.size_hint(),
+            AnswerBody::Plain(b) => b.size_hint(),
+            AnswerBody::Hyper(b) => b.size_hint(),
         }
     }
 }
@@ -645,7 +647,7 @@ struct Judge {
 /// way (reset, stall, broken framing). Dropped before its end (the client went away), it
 /// gives no verdict.
 struct Judged {
-    inner: Answer,
+    inner: AnswerBody,
     /// Taken by the verdict.
     judge: Option<Judge>,
     /// Bytes still to deliver, when the answer announced its length.
@@ -653,7 +655,7 @@ struct Judged {
 }
 
 impl Judged {
-    fn new(inner: Answer, judge: Judge) -> Judged {
+    fn new(inner: AnswerBody, judge: Judge) -> Judged {
         let left = hyper::body::Body::size_hint(&inner).exact();
         Judged {
             inner,
@@ -864,7 +866,7 @@ pub struct Gateway {
     pub access: access::AccessLog,
 }
 
-fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Response<Body> {
+fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Answer<Body> {
     let body = serde_json::json!({
         "type": format!("urn:apim:problem:gateway:{slug}"),
         "title": status.canonical_reason().unwrap_or("error"),
@@ -872,20 +874,16 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Re
         "detail": detail,
         "request_id": request_id,
     });
-    let mut r = Response::new(
+    let mut fields = Fields::with_capacity(8);
+    fields.append("content-type", b"application/problem+json");
+    fields.append("x-request-id", request_id.as_bytes());
+    Answer::new(
+        status,
+        fields,
         Full::new(Bytes::from(body.to_string()))
             .map_err(|e| match e {})
             .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert(X_REQUEST_ID, v);
-    }
-    r
+    )
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
@@ -936,6 +934,35 @@ fn edit_headers(
         ) {
             h.insert(n, v);
         }
+    }
+}
+
+/// [`edit_headers`] on an answer's fields.
+fn edit_fields(
+    h: &mut Fields,
+    add: &[crate::model::HeaderValue],
+    remove: &[String],
+    rename: &[crate::model::HeaderRename],
+) {
+    for name in remove {
+        h.remove(name);
+    }
+    for r in rename {
+        if !head::is_name(r.to.as_bytes()) {
+            continue;
+        }
+        let values: Vec<Vec<u8>> = h.get_all(&r.from).map(<[u8]>::to_vec).collect();
+        if values.is_empty() {
+            continue;
+        }
+        h.remove(&r.from);
+        h.remove(&r.to);
+        for v in values {
+            h.append(&r.to, &v);
+        }
+    }
+    for a in add {
+        h.insert(&a.name, a.value.as_bytes());
     }
 }
 
@@ -1081,11 +1108,7 @@ fn cors_origin_headers(allow_origins: &[String], origin: &str) -> Vec<(HeaderNam
 /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) of
 /// an API with a CORS policy, before any credential check (browsers send none): 204 with the
 /// allowed methods and headers, or 403 when the origin or the method is not allowed.
-fn cors_preflight(
-    route: &Route,
-    req: &Request<ReqBody>,
-    request_id: &str,
-) -> Option<Response<Body>> {
+fn cors_preflight(route: &Route, req: &Request<ReqBody>, request_id: &str) -> Option<Answer<Body>> {
     if req.method() != hyper::Method::OPTIONS {
         return None;
     }
@@ -1126,27 +1149,29 @@ fn cors_preflight(
             request_id,
         ));
     }
-    let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
-    *r.status_mut() = StatusCode::NO_CONTENT;
-    let h = r.headers_mut();
+    let mut h = Fields::with_capacity(8);
     for (k, v) in cors_origin_headers(allow_origins, origin) {
-        h.append(k, v);
+        h.append(k.as_str(), v.as_bytes());
     }
-    if let Ok(v) = HeaderValue::from_str(&methods.join(", ")) {
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
-    }
+    h.append(
+        "access-control-allow-methods",
+        methods.join(", ").as_bytes(),
+    );
     if !allow_headers.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&allow_headers.join(", ")) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
-        }
+        h.append(
+            "access-control-allow-headers",
+            allow_headers.join(", ").as_bytes(),
+        );
     }
     if max_age > 0 {
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(max_age));
+        h.append("access-control-max-age", max_age.to_string().as_bytes());
     }
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(X_REQUEST_ID, v);
-    }
-    Some(r)
+    h.append("x-request-id", request_id.as_bytes());
+    Some(Answer::new(
+        StatusCode::NO_CONTENT,
+        h,
+        Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+    ))
 }
 
 /// Whether `headers` carry a bearer JWT that passes the JWT policy's checks against `keys`
@@ -1759,7 +1784,7 @@ impl Gateway {
             let sent = h1::send(origin, req, connect, timeout);
             return matches!(
                 tokio::time::timeout(timeout, sent).await,
-                Ok(Ok(r)) if passed(r.status())
+                Ok(Ok(r)) if passed(r.status)
             );
         };
         match tokio::time::timeout(timeout, sent).await {
@@ -2350,7 +2375,7 @@ impl Gateway {
 
     /// Handles one request end to end and writes its access-log line (target
     /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
-    pub async fn handle(self: Arc<Self>, req: Request<ReqBody>, conn: Arc<Conn>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<ReqBody>, conn: Arc<Conn>) -> Answer<Body> {
         let in_flight = conn.begin();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
@@ -2381,14 +2406,13 @@ impl Gateway {
         // what is recorded: the answer's status, or 499 for a client that left mid-upload
         let status = match handling.served.client_closed {
             true => client_closed(),
-            false => resp.status(),
+            false => resp.status,
         };
         // (read only for the access line)
         let request_id = handling
             .logged
             .as_ref()
-            .and_then(|_| resp.headers().get(&X_REQUEST_ID))
-            .and_then(|v| v.to_str().ok())
+            .and_then(|_| resp.fields.get_str("x-request-id"))
             .unwrap_or("");
         if let Some(ticket) = handling.record(status, request_id) {
             // the consumer's usage is recorded once the answer's body is sent
@@ -2411,7 +2435,7 @@ impl Gateway {
             });
         }
         // (after a switch of protocols, the bytes that follow are no head)
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if resp.status != StatusCode::SWITCHING_PROTOCOLS {
             conn.end();
         }
         resp
@@ -2454,7 +2478,7 @@ impl Gateway {
         mut req: Request<ReqBody>,
         conn: &Conn,
         served: &mut Served,
-    ) -> Response<Body> {
+    ) -> Answer<Body> {
         let peer = conn.peer;
         let peer_trusted = self
             .trusted_proxies
@@ -2573,9 +2597,7 @@ impl Gateway {
                     "this operation does not accept the request's method",
                     request_id,
                 );
-                if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
-                    r.headers_mut().insert(header::ALLOW, v);
-                }
+                r.fields.insert("allow", allowed.join(", ").as_bytes());
                 return r;
             }
         };
@@ -2610,7 +2632,7 @@ impl Gateway {
                 served.refusal = Some(slug);
                 let mut r = problem(status, slug, &detail, request_id);
                 for (k, v) in headers {
-                    r.headers_mut().insert(k, v);
+                    r.fields.insert(k.as_str(), v.as_bytes());
                 }
                 return r;
             }
@@ -2823,12 +2845,15 @@ impl Gateway {
             let idle = response_timeout;
             let hyper_answer =
                 |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
-                    r.map(|r| r.map(|b| Answer::Hyper(Idle::new(b, idle, "answer body"))))
-                        .map_err(|e| match body_failure() {
-                            _ if e.is_connect() => Failed::Connect,
-                            Some(how) => Failed::ClientBody(how),
-                            None => Failed::Upstream { blamed: true },
-                        })
+                    r.map(|r| {
+                        Answer::from_response(r)
+                            .map(|b| AnswerBody::Hyper(Idle::new(b, idle, "answer body")))
+                    })
+                    .map_err(|e| match body_failure() {
+                        _ if e.is_connect() => Failed::Connect,
+                        Some(how) => Failed::ClientBody(how),
+                        None => Failed::Upstream { blamed: true },
+                    })
                 };
             let result = match (tls_client, &target.authority) {
                 (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
@@ -2853,7 +2878,7 @@ impl Gateway {
                 )
                 .await
                 .map(|r| {
-                    r.map(|r| r.map(Answer::Plain)).map_err(|e| match e {
+                    r.map(|r| r.map(AnswerBody::Plain)).map_err(|e| match e {
                         h1::Error::Body(_) => {
                             Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
                         }
@@ -2873,11 +2898,11 @@ impl Gateway {
             // one, and a half-open trial's (its head is what the trial tests), at once.
             let (verdict, retryable, answer) = match result {
                 Ok(Ok(r)) => {
-                    let bad = matches!(r.status().as_u16(), 502..=504);
+                    let bad = matches!(r.status.as_u16(), 502..=504);
                     // (a body that came whole with the head has nothing left to fail)
-                    let whole = match r.body() {
-                        Answer::Plain(b) => b.is_whole(),
-                        Answer::Hyper(b) => hyper::body::Body::is_end_stream(b),
+                    let whole = match &r.body {
+                        AnswerBody::Plain(b) => b.is_whole(),
+                        AnswerBody::Hyper(b) => hyper::body::Body::is_end_stream(b),
                     };
                     if bad || attempt_state.is_trial() || whole {
                         (Some(bad), false, Ok(r.map(|b| b.boxed())))
@@ -2987,16 +3012,12 @@ impl Gateway {
         };
         served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
         let mut resp = resp;
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let switching = resp.status == StatusCode::SWITCHING_PROTOCOLS;
         let spliced = match (switching, client_upgrade) {
             (true, Some(client)) => {
                 // the upstream side: a plain connection from the HTTP/1.1 client, or hyper's
                 // (HTTPS upstreams)
-                let plain = resp
-                    .extensions_mut()
-                    .remove::<h1::Upgraded>()
-                    .and_then(|u| u.take());
-                let upstream = plain.is_none().then(|| hyper::upgrade::on(&mut resp));
+                let switched = resp.switched.take();
                 // the spliced connection keeps its slot under max_connections, and the drain
                 // waits for it
                 let (hold, live) = (conn.hold.clone(), conn.live.clone());
@@ -3012,13 +3033,16 @@ impl Gateway {
                     let _held = (hold, live);
                     let spliced = async {
                         let c = TokioIo::new(client.await?);
-                        Ok::<_, BoxError>(match (plain, upstream) {
-                            (Some((u, early)), _) => splice::run(c, u, &early, idle, stop).await,
-                            (None, Some(upstream)) => {
+                        Ok::<_, BoxError>(match switched {
+                            Some(head::Switched::Plain(u)) => match u.take() {
+                                Some((u, early)) => splice::run(c, u, &early, idle, stop).await,
+                                None => splice::Spliced::default(),
+                            },
+                            Some(head::Switched::Hyper(upstream)) => {
                                 let u = TokioIo::new(upstream.await?);
                                 splice::run(c, u, &[], idle, stop).await
                             }
-                            (None, None) => splice::Spliced::default(),
+                            None => splice::Spliced::default(),
                         })
                     };
                     match spliced.await {
@@ -3047,15 +3071,16 @@ impl Gateway {
             }
             _ => false,
         };
-        let upgrade_answer = resp.headers().get(header::UPGRADE).cloned();
-        let (mut parts, body) = resp.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
+        let fields = &mut resp.fields;
+        let upgrade_answer = fields.get("upgrade").map(<[u8]>::to_vec);
+        fields.strip_hop_by_hop();
         if spliced {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(token) = upgrade_answer.or(upgrade) {
-                parts.headers.insert(header::UPGRADE, token);
+            fields.insert("connection", b"upgrade");
+            let token = upgrade_answer
+                .as_deref()
+                .or(upgrade.as_ref().map(HeaderValue::as_bytes));
+            if let Some(token) = token {
+                fields.insert("upgrade", token);
             }
         } else if switching {
             // a 101 the client did not ask for cannot be relayed
@@ -3073,41 +3098,42 @@ impl Gateway {
                 rename,
             } = p
             {
-                edit_headers(&mut parts.headers, add, remove, rename);
+                edit_fields(fields, add, remove, rename);
             }
         }
-        parts
-            .headers
-            .append(header::VIA, HeaderValue::from_static("1.1 apim"));
-        parts.headers.insert(X_REQUEST_ID, request_id_value);
+        fields.append("via", b"1.1 apim");
+        fields.insert("x-request-id", request_id_value.as_bytes());
         if extra
             .iter()
             .any(|(k, _)| k == "ratelimit" || k == "ratelimit-policy")
         {
             // the gateway's limits replace any the upstream reported
-            parts.headers.remove("ratelimit");
-            parts.headers.remove("ratelimit-policy");
+            fields.remove("ratelimit");
+            fields.remove("ratelimit-policy");
         }
         for (k, v) in extra {
             // (the RateLimit headers are lists: a plan's rate limit and its quotas each add
             // an item)
             if k == header::VARY || k == "ratelimit" || k == "ratelimit-policy" {
-                parts.headers.append(k, v);
+                fields.append(k.as_str(), v.as_bytes());
             } else {
-                parts.headers.insert(k, v);
+                fields.insert(k.as_str(), v.as_bytes());
             }
         }
-        let body = match total_deadline {
+        match total_deadline {
             // (a spliced connection's bytes are bounded by the idle timeout instead)
-            Some(at) if !spliced && !hyper::body::Body::is_end_stream(&body) => Until {
-                inner: body,
-                deadline: tokio::time::Instant::from_std(at),
-                timer: None,
+            Some(at) if !spliced && !hyper::body::Body::is_end_stream(&resp.body) => {
+                resp.map(|body| {
+                    Until {
+                        inner: body,
+                        deadline: tokio::time::Instant::from_std(at),
+                        timer: None,
+                    }
+                    .boxed()
+                })
             }
-            .boxed(),
-            _ => body,
-        };
-        Response::from_parts(parts, body)
+            _ => resp,
+        }
     }
 }
 
@@ -3379,7 +3405,9 @@ pub async fn serve(
                     let conn = conn.clone();
                     async move {
                         let req = req.map(ReqBody::Hyper);
-                        Ok::<_, std::convert::Infallible>(gw.handle(req, conn).await)
+                        Ok::<_, std::convert::Infallible>(
+                            gw.handle(req, conn).await.into_response(),
+                        )
                     }
                 })
             };
