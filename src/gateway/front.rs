@@ -20,13 +20,12 @@
 //! write is cut by [`Stall`](super::Stall), and the gateway's shutdown closes an idle connection
 //! and makes the answer in progress the last (`Connection: close`).
 
-use super::head::Answer;
+use super::head::{Answer, Fields, Places, Req};
 use super::{Body, Conn, Gateway, ListenerLimits, ReqBody};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, StatusCode, Uri};
+use hyper::{Method, StatusCode, Uri};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -105,7 +104,7 @@ where
             }
         };
         let close = head.close;
-        let head_request = head.request.method() == Method::HEAD;
+        let head_request = head.request.method == Method::HEAD;
         // The client is watched while its request is handled: one that closes the connection
         // (or breaks it) ends the request, its upstream call included, as hyper's server did
         // (a half-close too, as hyper's default).
@@ -155,22 +154,6 @@ where
     }
 }
 
-/// The length of the head at the start of `buf`: `Some(None)` while it is incomplete, `None`
-/// when it is not one to read further (malformed, too many fields, larger than `max_bytes`).
-fn head_len(buf: &[u8], max_fields: usize, max_bytes: usize) -> Option<Option<usize>> {
-    let parsed = with_fields(max_fields, |f| {
-        httparse::Request::new(f).parse(buf).map(|s| match s {
-            httparse::Status::Complete(n) => Some(n),
-            httparse::Status::Partial => None,
-        })
-    });
-    match parsed {
-        Ok(Some(n)) if n <= max_bytes => Some(Some(n)),
-        Ok(None) if buf.len() <= max_bytes => Some(None),
-        _ => None,
-    }
-}
-
 /// What the bytes at the start of the buffer are to this server.
 // (a request is moved once, from here to the handler: boxing it would cost an allocation per
 // request)
@@ -186,16 +169,26 @@ enum Next {
 }
 
 /// The decision on the bytes at the start of `buf` (the fuzz target's too, through
-/// [`take_head`]).
+/// [`take_head`]): the head is parsed once, and a request taken keeps its bytes.
 fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
-    let len = match head_len(buf, max_fields, max_bytes) {
-        Some(Some(len)) => len,
-        Some(None) => return Next::Wait,
-        None => return Next::HandOver,
-    };
-    match Head::take(buf, len, max_fields) {
-        Some(head) => Next::Take(head),
-        None => Next::HandOver,
+    let parsed = with_fields(max_fields, |fields| {
+        let mut req = httparse::Request::new(fields);
+        Ok(match req.parse(buf)? {
+            httparse::Status::Complete(len) if len <= max_bytes => {
+                Some(Parsed::of(&req, &buf[..len], buf.len() - len))
+            }
+            httparse::Status::Partial if buf.len() <= max_bytes => None,
+            // (too large: hyper's to refuse)
+            httparse::Status::Complete(_) | httparse::Status::Partial => Some(None),
+        })
+    });
+    match parsed {
+        Ok(Some(Some(parsed))) => match Head::take(buf, parsed) {
+            Some(head) => Next::Take(head),
+            None => Next::HandOver,
+        },
+        Ok(None) => Next::Wait,
+        Ok(Some(None)) | Err(_) => Next::HandOver,
     }
 }
 
@@ -203,7 +196,7 @@ fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
 #[doc(hidden)]
 pub enum Taken {
     /// A request it takes, and how many bytes that is (head and body).
-    Request(Box<Request<ReqBody>>, usize),
+    Request(Box<Req<ReqBody>>, usize),
     /// The head is incomplete: it reads more.
     Wait,
     /// The connection goes to hyper's server with the bytes.
@@ -254,54 +247,27 @@ async fn wait_readable<S: AsyncRead + Unpin>(
 
 /// A request head this server takes.
 struct Head {
-    request: Request<ReqBody>,
+    request: Req<ReqBody>,
     /// The client asked to close after the answer (`Connection: close`).
+    close: bool,
+}
+
+/// What a parsed head says, before its bytes are taken off the buffer.
+struct Parsed {
+    len: usize,
+    method: Method,
+    /// Where the target is in the head.
+    target: std::ops::Range<usize>,
     close: bool,
     /// The body's length (`Content-Length`).
     length: u64,
+    places: Places,
 }
 
-impl Head {
-    /// Takes the head's `len` bytes (and its body) off `buf` and makes the request, or `None`
-    /// (and `buf` untouched) when the request is not one this server takes.
-    fn take(buf: &mut BytesMut, len: usize, max_fields: usize) -> Option<Head> {
-        let whole = buf.split_to(len).freeze();
-        // (parsed a second time, now that its bytes are shared: the values point into them)
-        let mut head = with_fields(max_fields, |fields| Head::make(&whole, fields))
-            .ok()
-            .flatten();
-        // a body must have come whole with its head (one that is still coming is hyper's, which
-        // streams it)
-        head = head.filter(|h| h.length <= buf.len() as u64);
-        if let Some(h) = &mut head {
-            if h.length > 0 {
-                *h.request.body_mut() =
-                    ReqBody::Whole(Some(buf.split_to(h.length as usize).freeze()));
-            }
-        }
-        if head.is_none() {
-            // given back whole, for hyper
-            let mut back = BytesMut::with_capacity(whole.len() + buf.len());
-            back.extend_from_slice(&whole);
-            back.extend_from_slice(buf);
-            *buf = back;
-        }
-        head
-    }
-
-    /// The request of the head `bytes`, or `Ok(None)` when it is not one this server takes
-    /// (an error when the head does not parse with these many fields).
-    fn make<'b>(
-        bytes: &'b Bytes,
-        fields: &mut [httparse::Header<'b>],
-    ) -> Result<Option<Head>, httparse::Error> {
-        let mut req = httparse::Request::new(fields);
-        req.parse(bytes)?;
-        Ok(Head::build(&req, bytes))
-    }
-
-    /// The request of a parsed head, if it is one this server takes.
-    fn build(req: &httparse::Request<'_, '_>, bytes: &Bytes) -> Option<Head> {
+impl Parsed {
+    /// What the parsed head `bytes` (`req`) is, with `after` bytes behind it in the buffer;
+    /// `None` when it is not a request this server takes.
+    fn of(req: &httparse::Request<'_, '_>, bytes: &[u8], after: usize) -> Option<Parsed> {
         if req.version != Some(1) {
             return None;
         }
@@ -345,23 +311,53 @@ impl Head {
                 }
             }
         }
-        // the values and the target share the head's bytes
-        // (room for the forwarding headers the gateway adds)
-        let mut headers = HeaderMap::with_capacity(req.headers.len() + 8);
-        for f in req.headers.iter() {
-            let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
-            let value = HeaderValue::from_maybe_shared(bytes.slice_ref(f.value)).ok()?;
-            headers.append(name, value);
+        let length = length.unwrap_or(0);
+        // a body must have come whole with its head (one that is still coming is hyper's, which
+        // streams it)
+        if length > after as u64 {
+            return None;
         }
-        let uri = Uri::from_maybe_shared(bytes.slice_ref(target.as_bytes())).ok()?;
-        let mut request = Request::new(ReqBody::Whole(None));
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        Some(Head {
-            request,
+        let at = (target.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
+        Some(Parsed {
+            len: bytes.len(),
+            method,
+            target: at..at + target.len(),
             close,
-            length: length.unwrap_or(0),
+            length,
+            // (room for the forwarding fields the gateway adds)
+            places: Places::of(bytes, req.headers, 8)?,
+        })
+    }
+}
+
+impl Head {
+    /// Takes the parsed head's bytes (and its body) off `buf` and makes the request, or `None`
+    /// (and `buf` untouched) when its target is not one hyper's URI takes.
+    fn take(buf: &mut BytesMut, parsed: Parsed) -> Option<Head> {
+        let whole = buf.split_to(parsed.len).freeze();
+        // the target and the fields share the head's bytes
+        let Ok(uri) = Uri::from_maybe_shared(whole.slice(parsed.target)) else {
+            // given back whole, for hyper
+            let mut back = BytesMut::with_capacity(whole.len() + buf.len());
+            back.extend_from_slice(&whole);
+            back.extend_from_slice(buf);
+            *buf = back;
+            return None;
+        };
+        let body = match parsed.length {
+            0 => None,
+            n => Some(buf.split_to(n as usize).freeze()),
+        };
+        Some(Head {
+            request: Req {
+                method: parsed.method,
+                uri,
+                version: hyper::Version::HTTP_11,
+                fields: Fields::parsed(whole, parsed.places)?,
+                body: ReqBody::Whole(body),
+                upgrade: None,
+            },
+            close: parsed.close,
         })
     }
 }

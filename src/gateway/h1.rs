@@ -17,9 +17,8 @@ use super::head::{Answer, Fields, Places, Switched};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
-use hyper::header;
 use hyper::http::uri::Authority;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -210,41 +209,42 @@ pub(crate) fn idempotent(m: &Method) -> bool {
     )
 }
 
-fn encode_head(
-    parts: &hyper::http::request::Parts,
-    origin: &Authority,
-    framing: Framing,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+/// A request's head as the gateway sends it: method, target (path and query) and fields.
+pub struct Outgoing<'a> {
+    pub method: &'a Method,
+    pub target: &'a str,
+    pub fields: &'a Fields,
+}
+
+fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + head.fields.len() * 48);
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .as_bytes(),
-    );
+    out.extend_from_slice(if head.target.is_empty() {
+        b"/"
+    } else {
+        head.target.as_bytes()
+    });
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(origin.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
+    for (name, value) in head.fields.iter() {
+        if name.eq_ignore_ascii_case(b"host")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(super::access::digits(n, &mut [0u8; 20]).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -253,19 +253,20 @@ fn encode_head(
     out
 }
 
-/// Sends `req` to the plain-HTTP upstream `origin` and returns its answer once the head is
-/// read; the body streams from the connection, which returns to the pool at its end.
+/// Sends a request (`head` and `body`) to the plain-HTTP upstream `origin` and returns its
+/// answer once the head is read; the body streams from the connection, which returns to the
+/// pool at its end.
 pub async fn send(
     origin: &Authority,
-    req: Request<Body>,
+    head: Outgoing<'_>,
+    mut body: Body,
     connect_timeout: Duration,
     body_idle_timeout: Duration,
 ) -> Result<Answer<UpBody>, Error> {
-    let (parts, mut body) = req.into_parts();
     let bodyless = body.is_end_stream();
     let framing = if bodyless {
-        if parts.headers.contains_key(header::CONTENT_LENGTH)
-            || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        if head.fields.contains("content-length")
+            || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH)
         {
             Framing::Length(0)
         } else {
@@ -277,11 +278,11 @@ pub async fn send(
             None => Framing::Chunked,
         }
     };
-    let head = encode_head(&parts, origin, framing);
-    let head_request = parts.method == Method::HEAD;
+    let encoded = encode_head(&head, origin, framing);
+    let head_request = *head.method == Method::HEAD;
     // A request that may be sent again if a kept-alive connection turns out closed under it
     // (nothing of it can have been processed).
-    let replayable = bodyless && idempotent(&parts.method);
+    let replayable = bodyless && idempotent(head.method);
     let mut pooled = checkout(origin);
     loop {
         let reused = pooled.is_some();
@@ -290,7 +291,15 @@ pub async fn send(
             None => connect(origin, connect_timeout).await?,
         };
         let body = (!bodyless).then_some(&mut body);
-        let sent = exchange(stream, &head, body, framing, head_request, reused, origin);
+        let sent = exchange(
+            stream,
+            &encoded,
+            body,
+            framing,
+            head_request,
+            reused,
+            origin,
+        );
         match sent.await.map(|mut r| {
             r.body.idle_timeout = body_idle_timeout;
             r
@@ -890,9 +899,14 @@ mod tests {
             // held open: the client closes it
             let _ = s.read(&mut buf).await;
         });
-        let get = || Request::get("/").body(Body::default()).unwrap();
+        let fields = Fields::default();
+        let get = || Outgoing {
+            method: &Method::GET,
+            target: "/",
+            fields: &fields,
+        };
         let t = Duration::from_secs(5);
-        let resp = send(&origin, get(), t, t).await.unwrap();
+        let resp = send(&origin, get(), Body::default(), t, t).await.unwrap();
         assert!(resp.body.is_whole());
         assert_eq!(resp.body.size_hint().exact(), Some(2));
         let pooled = checkout(&origin).expect("back in the pool before the body is read");
@@ -901,7 +915,7 @@ mod tests {
         assert_eq!(&body[..], b"ok");
 
         // the second request reuses it; its body comes in two parts
-        let resp = send(&origin, get(), t, t).await.unwrap();
+        let resp = send(&origin, get(), Body::default(), t, t).await.unwrap();
         assert!(!resp.body.is_whole());
         assert!(checkout(&origin).is_none(), "in use until the body's end");
         let body = resp.body.collect().await.unwrap().to_bytes();

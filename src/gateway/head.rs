@@ -16,7 +16,7 @@
 
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::StatusCode;
+use hyper::{Method, StatusCode, Uri, Version};
 
 /// Marks a place in the added bytes rather than the received ones.
 const ADDED: u32 = 1 << 31;
@@ -320,6 +320,37 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
         b"proxy-connection",
     ];
     HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// A request as the gateway handles it: method, target, version, the header fields as they
+/// came, the body, and, for a request hyper's server read, its side of a protocol switch.
+pub struct Req<B> {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub fields: Fields,
+    pub body: B,
+    /// hyper's server's side of a switch the request asks for (`Upgrade`).
+    pub upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
+
+impl<B> Req<B> {
+    /// A request read by hyper's server, its fields copied.
+    pub fn from_request(mut r: hyper::Request<B>) -> Req<B> {
+        let upgrade = r
+            .headers()
+            .contains_key(hyper::header::UPGRADE)
+            .then(|| hyper::upgrade::on(&mut r));
+        let (parts, body) = r.into_parts();
+        Req {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            fields: Fields::from_map(&parts.headers),
+            body,
+            upgrade,
+        }
+    }
 }
 
 /// The upstream's side of a protocol switch (101).

@@ -22,7 +22,7 @@ pub mod usage;
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use head::{Answer, Fields};
+use head::{Answer, Fields, Req};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -82,11 +82,6 @@ impl hyper::body::Body for ReqBody {
     }
 }
 
-// Header names the request path uses, parsed once (a `&str` name is parsed at every use).
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A pooled client for `https://` targets (HTTP/2 or HTTP/1.1 by ALPN).
 pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 /// hyper's client with HTTP/2 prior knowledge, for `http://` targets of `protocol: http2`.
@@ -886,59 +881,9 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> An
     )
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
-/// `Proxy-Connection`), never forwarded.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::PROXY_AUTHENTICATE
-        || *name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
 /// A header policy's edits: `remove`, then `rename` (every value of `from` moves to `to`, in
 /// place of any `to`), then `add` (in place of any value of the name).
 fn edit_headers(
-    h: &mut HeaderMap,
-    add: &[crate::model::HeaderValue],
-    remove: &[String],
-    rename: &[crate::model::HeaderRename],
-) {
-    for name in remove {
-        h.remove(name.as_str());
-    }
-    for r in rename {
-        let (Ok(from), Ok(to)) = (
-            HeaderName::from_bytes(r.from.as_bytes()),
-            HeaderName::from_bytes(r.to.as_bytes()),
-        ) else {
-            continue;
-        };
-        let values: Vec<HeaderValue> = match h.entry(from) {
-            header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-            header::Entry::Vacant(_) => continue,
-        };
-        h.remove(&to);
-        for v in values {
-            h.append(to.clone(), v);
-        }
-    }
-    for a in add {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(a.name.as_bytes()),
-            HeaderValue::from_str(&a.value),
-        ) {
-            h.insert(n, v);
-        }
-    }
-}
-
-/// [`edit_headers`] on an answer's fields.
-fn edit_fields(
     h: &mut Fields,
     add: &[crate::model::HeaderValue],
     remove: &[String],
@@ -963,33 +908,6 @@ fn edit_fields(
     }
     for a in add {
         h.insert(&a.name, a.value.as_bytes());
-    }
-}
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names; most messages carry at most `Connection`.
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    for name in h.keys() {
-        if is_hop_by_hop(name) {
-            doomed.push(name.clone());
-        }
-    }
-    if doomed.is_empty() {
-        return;
-    }
-    // headers the Connection header lists are hop-by-hop too
-    for v in h.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for token in v.split(',') {
-            if let Ok(n) = HeaderName::from_bytes(token.trim().as_bytes()) {
-                if h.contains_key(&n) {
-                    doomed.push(n);
-                }
-            }
-        }
-    }
-    for n in doomed {
-        h.remove(n);
     }
 }
 
@@ -1027,24 +945,16 @@ fn split_host_port(h: &str) -> (&str, Option<&str>) {
 
 /// The `Upgrade` of an HTTP/1.1 request that asks to switch to WebSocket (`Connection: upgrade`,
 /// `Upgrade: websocket`); other protocols are not switched to.
-fn upgrade_token(req: &Request<ReqBody>) -> Option<HeaderValue> {
-    if req.version() != hyper::Version::HTTP_11 {
+fn upgrade_token(req: &Req<ReqBody>) -> Option<Vec<u8>> {
+    if req.version != hyper::Version::HTTP_11 {
         return None;
     }
-    let asks = req
-        .headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let token = req.headers().get(header::UPGRADE)?;
+    let asks = req.fields.lists("connection", "upgrade");
+    let token = req.fields.get("upgrade")?;
     // WebSocket only: another protocol (h2c above all) would carry requests the gateway never
     // sees through the spliced connection
-    let websocket = token
-        .to_str()
-        .is_ok_and(|t| t.trim().eq_ignore_ascii_case("websocket"));
-    (asks && websocket).then(|| token.clone())
+    let websocket = token.trim_ascii().eq_ignore_ascii_case(b"websocket");
+    (asks && websocket).then(|| token.to_vec())
 }
 
 /// Whether a request path is safe to route and forward as is: no empty, `.` or `..` segment,
@@ -1067,22 +977,22 @@ fn path_is_plain(path: &str) -> bool {
 }
 
 /// Removes a query parameter (the API key) from the request's URI.
-fn strip_query_param(req: &mut Request<ReqBody>, name: &str) {
-    let Some(query) = req.uri().query() else {
+fn strip_query_param(uri: &mut hyper::Uri, name: &str) {
+    let Some(query) = uri.query() else {
         return;
     };
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| pair.split('=').next() != Some(name))
         .collect();
-    let path = req.uri().path();
+    let path = uri.path();
     let new = if kept.is_empty() {
         path.to_string()
     } else {
         format!("{path}?{}", kept.join("&"))
     };
-    if let Ok(uri) = new.parse::<hyper::Uri>() {
-        *req.uri_mut() = uri;
+    if let Ok(new) = new.parse::<hyper::Uri>() {
+        *uri = new;
     }
 }
 
@@ -1108,16 +1018,12 @@ fn cors_origin_headers(allow_origins: &[String], origin: &str) -> Vec<(HeaderNam
 /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) of
 /// an API with a CORS policy, before any credential check (browsers send none): 204 with the
 /// allowed methods and headers, or 403 when the origin or the method is not allowed.
-fn cors_preflight(route: &Route, req: &Request<ReqBody>, request_id: &str) -> Option<Answer<Body>> {
-    if req.method() != hyper::Method::OPTIONS {
+fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option<Answer<Body>> {
+    if req.method != hyper::Method::OPTIONS {
         return None;
     }
-    let origin = req.headers().get(header::ORIGIN)?.to_str().ok()?;
-    let wanted = req
-        .headers()
-        .get(header::ACCESS_CONTROL_REQUEST_METHOD)?
-        .to_str()
-        .ok()?;
+    let origin = req.fields.get_str("origin")?;
+    let wanted = req.fields.get_str("access-control-request-method")?;
     let (allow_origins, allow_methods, allow_headers, max_age) =
         route.policies.iter().find_map(|p| match p {
             Policy::Cors {
@@ -1185,7 +1091,9 @@ pub fn bearer_token_valid(
     clock_skew_seconds: u32,
 ) -> bool {
     verify_jwt(
-        headers,
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
         keys,
         &JwtRules {
             issuer,
@@ -1209,7 +1117,7 @@ struct JwtRules<'a> {
 /// a key of the issuer (by `kid`, or the only key), the signature, `iss`, `aud`, `exp` and `nbf`
 /// with the clock skew. Every failure is the same 401: the answer never says which check failed.
 fn verify_jwt(
-    headers: &HeaderMap,
+    authorization: Option<&str>,
     keys: &[routes::JwtKey],
     rules: &JwtRules<'_>,
 ) -> Result<serde_json::Value, Refusal> {
@@ -1221,9 +1129,7 @@ fn verify_jwt(
             "the token is not valid for this API",
         )
     };
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let Some(token) = authorization
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())
@@ -1266,14 +1172,8 @@ fn verify_jwt(
 }
 
 /// The `kid` of a request's bearer JWT, if it has one (nothing is verified here).
-fn token_kid(headers: &HeaderMap) -> Option<String> {
-    let token = headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .split_once(' ')?
-        .1
-        .trim();
+fn token_kid(authorization: Option<&str>) -> Option<String> {
+    let token = authorization?.split_once(' ')?.1.trim();
     if token.len() > 16 * 1024 {
         return None;
     }
@@ -1754,38 +1654,48 @@ impl Gateway {
         else {
             return false;
         };
-        let mut req = Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
-        *req.uri_mut() = uri;
-        req.headers_mut().insert(
-            header::USER_AGENT,
-            HeaderValue::from_static("apim-health-check"),
-        );
+        let empty = || http_body_util::Empty::new().map_err(|e| match e {}).boxed();
         let timeout = Duration::from_millis(u64::from(hc.timeout_ms));
         let passed = |s: StatusCode| s.is_success() || s.is_redirection();
-        let sent = if target.origin.starts_with("https://") {
-            match route.tls_client.get() {
-                Some(Ok(c)) => c.request(req),
-                _ => return false,
-            }
-        } else if route.upstream.protocol == crate::model::UpstreamProtocol::Http2 {
-            match route.h2c_client.get() {
-                Some(c) => c.request(req),
-                None => return false,
-            }
-        } else {
+        let via_hyper = target.origin.starts_with("https://")
+            || route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
+        if !via_hyper {
             // the gateway's own HTTP/1.1 client, with the API's connect timeout; the probe's
             // connection is not kept (its answer is not read)
             let Some(origin) = &target.authority else {
                 return false;
             };
-            req.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            let mut fields = Fields::with_capacity(2);
+            fields.append("user-agent", b"apim-health-check");
+            fields.append("connection", b"close");
+            let head = h1::Outgoing {
+                method: &hyper::Method::GET,
+                target: uri.path_and_query().map_or("/", |p| p.as_str()),
+                fields: &fields,
+            };
             let connect = self.route_timeouts(route).0;
-            let sent = h1::send(origin, req, connect, timeout);
+            let sent = h1::send(origin, head, empty(), connect, timeout);
             return matches!(
                 tokio::time::timeout(timeout, sent).await,
                 Ok(Ok(r)) if passed(r.status)
             );
+        }
+        let mut req = Request::new(empty());
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("apim-health-check"),
+        );
+        let sent = if target.origin.starts_with("https://") {
+            match route.tls_client.get() {
+                Some(Ok(c)) => c.request(req),
+                _ => return false,
+            }
+        } else {
+            match route.h2c_client.get() {
+                Some(c) => c.request(req),
+                None => return false,
+            }
         };
         match tokio::time::timeout(timeout, sent).await {
             Ok(Ok(r)) => passed(r.status()),
@@ -1905,7 +1815,7 @@ impl Gateway {
         table: &RouteTable,
         route: &Route,
         op_scopes: &[String],
-        req: &mut Request<ReqBody>,
+        req: &mut Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
@@ -1923,13 +1833,12 @@ impl Gateway {
                 } => {
                     // the key is only ever hashed (never copied, never logged)
                     let from_header = req
-                        .headers()
-                        .get(name.as_str())
-                        .and_then(|v| v.to_str().ok())
+                        .fields
+                        .get_str(name)
                         .map(|k| crate::pki::secret_hash(k.trim()));
                     let from_query = || {
                         let q = query_param.as_ref()?;
-                        let qs = req.uri().query()?;
+                        let qs = req.uri.query()?;
                         serde_urlencoded::from_str::<Vec<(String, String)>>(qs)
                             .ok()?
                             .into_iter()
@@ -1944,9 +1853,9 @@ impl Gateway {
                         ));
                     };
                     // never forward the credential upstream, in a header or in the query
-                    req.headers_mut().remove(name.as_str());
+                    req.fields.remove(name);
                     if let Some(q) = query_param {
-                        strip_query_param(req, q);
+                        strip_query_param(&mut req.uri, q);
                     }
                     let now_unix = now.unix_timestamp();
                     let entry = table.keys.get(&hash).filter(|k| {
@@ -2022,9 +1931,8 @@ impl Gateway {
                 }
                 Policy::RequestSizeLimit { max_bytes } => {
                     let declared = req
-                        .headers()
-                        .get(header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
+                        .fields
+                        .get_str("content-length")
                         .and_then(|v| v.parse::<u64>().ok());
                     if declared.is_some_and(|n| n > *max_bytes) {
                         return Err(refuse(
@@ -2033,7 +1941,7 @@ impl Gateway {
                             format!("the request body exceeds {max_bytes} bytes"),
                         ));
                     }
-                    if declared.is_none() && !hyper::body::Body::is_end_stream(req.body()) {
+                    if declared.is_none() && !hyper::body::Body::is_end_stream(&req.body) {
                         return Err(refuse(
                             StatusCode::LENGTH_REQUIRED,
                             "length-required",
@@ -2045,7 +1953,7 @@ impl Gateway {
                     add,
                     remove,
                     rename,
-                } => edit_headers(req.headers_mut(), add, remove, rename),
+                } => edit_headers(&mut req.fields, add, remove, rename),
                 Policy::ResponseHeaders { .. } => {}
                 Policy::Jwt {
                     issuer,
@@ -2082,7 +1990,8 @@ impl Gateway {
                             ))
                         }
                     };
-                    if let (Some(source), Some(kid)) = (source, token_kid(req.headers())) {
+                    let authorization = req.fields.get_str("authorization");
+                    if let (Some(source), Some(kid)) = (source, token_kid(authorization)) {
                         if !route.jwt_keys.contains_key(&i)
                             && !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str()))
                         {
@@ -2091,7 +2000,7 @@ impl Gateway {
                         }
                     }
                     let claims = verify_jwt(
-                        req.headers(),
+                        authorization,
                         keys,
                         &JwtRules {
                             issuer,
@@ -2135,10 +2044,7 @@ impl Gateway {
                 Policy::Cors { allow_origins, .. } => {
                     // Preflights are answered before the chain (see `serve_one`); on a real
                     // request an allowed origin gets the CORS answer headers.
-                    let origin = req
-                        .headers()
-                        .get(header::ORIGIN)
-                        .and_then(|v| v.to_str().ok());
+                    let origin = req.fields.get_str("origin");
                     if let Some(origin) = origin.filter(|o| cors_allows(allow_origins, o)) {
                         answer_headers.extend(cors_origin_headers(allow_origins, origin));
                     }
@@ -2375,19 +2281,20 @@ impl Gateway {
 
     /// Handles one request end to end and writes its access-log line (target
     /// `apim::gateway::access`: never a credential, an `Authorization` header or a query string).
-    pub async fn handle(self: Arc<Self>, req: Request<ReqBody>, conn: Arc<Conn>) -> Answer<Body> {
+    pub async fn handle(self: Arc<Self>, req: Req<ReqBody>, conn: Arc<Conn>) -> Answer<Body> {
         let in_flight = conn.begin();
         // what the access-log line needs of the request, kept only when it is written
         // (cheap clones: the method is an enum, the URI shares its bytes)
         let logged = access::AccessLog::enabled().then(|| Logged {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+            version: req.version,
             user_agent: self
                 .access
                 .wants(access::Field::UserAgent)
-                .then(|| req.headers().get(header::USER_AGENT).cloned())
-                .flatten(),
+                .then(|| req.fields.get("user-agent"))
+                .flatten()
+                .and_then(|v| HeaderValue::from_bytes(v).ok()),
         });
         let mut handling = Handling {
             gateway: &self,
@@ -2475,7 +2382,7 @@ impl Gateway {
 
     async fn serve_one(
         self: &Arc<Self>,
-        mut req: Request<ReqBody>,
+        mut req: Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
     ) -> Answer<Body> {
@@ -2486,10 +2393,9 @@ impl Gateway {
             .any(|c| policy::cidr_contains(c, peer.ip()));
         // Every X-Forwarded-For line, joined: a proxy may add its own line rather than append.
         let lines: Vec<&str> = req
-            .headers()
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+            .fields
+            .get_all("x-forwarded-for")
+            .filter_map(|v| std::str::from_utf8(v).ok())
             .collect();
         let incoming_xff = (!lines.is_empty()).then(|| lines.join(", "));
         let client =
@@ -2498,9 +2404,8 @@ impl Gateway {
         // one value for the upstream request, the answer and problem documents: a client's
         // (copied, so it pins none of the connection's buffers), or a new one
         let request_id_value = req
-            .headers()
-            .get(&X_REQUEST_ID)
-            .map(HeaderValue::as_bytes)
+            .fields
+            .get("x-request-id")
             .filter(|s| !s.is_empty() && s.len() <= 128 && s.iter().all(u8::is_ascii_graphic))
             .and_then(|s| HeaderValue::from_bytes(s).ok())
             .unwrap_or_else(|| self.next_request_id());
@@ -2511,14 +2416,9 @@ impl Gateway {
         }
         let table = self.table.load_full();
         let host = req
-            .uri()
+            .uri
             .host()
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|h| split_host_port(h).0)
-            })
+            .or_else(|| req.fields.get_str("host").map(|h| split_host_port(h).0))
             .unwrap_or_default();
         // (copied only when it has capitals)
         let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -2526,7 +2426,7 @@ impl Gateway {
         } else {
             host.into()
         };
-        if req.headers().get_all(header::HOST).iter().count() > 1 || !host_is_valid(&host) {
+        if req.fields.get_all("host").count() > 1 || !host_is_valid(&host) {
             served.refusal = Some("bad-host");
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -2552,7 +2452,7 @@ impl Gateway {
             served.host = Some(host.to_string());
         }
         // the URI shares its bytes: no copy of the path
-        let uri = req.uri().clone();
+        let uri = req.uri.clone();
         let path = uri.path();
         if !path_is_plain(path) {
             served.refusal = Some("bad-path");
@@ -2576,8 +2476,7 @@ impl Gateway {
         if let Some(preflight) = cors_preflight(&route, &req, request_id) {
             return preflight;
         }
-        let op_scopes: &[String] = match route.operation(req.method().as_str(), path, req.headers())
-        {
+        let op_scopes: &[String] = match route.operation(req.method.as_str(), path, &req.fields) {
             routes::OperationMatch::Any => &[],
             routes::OperationMatch::Matched(op) => &op.required_scopes,
             routes::OperationMatch::NoMatch => {
@@ -2604,10 +2503,9 @@ impl Gateway {
         // X-Forwarded-Host (made before the policies, which may change the request): the host
         // the request was routed by (validated), with the port the client named, never a raw
         // client header
-        let port = req.uri().port_u16().map(|p| p.to_string()).or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
+        let port = req.uri.port_u16().map(|p| p.to_string()).or_else(|| {
+            req.fields
+                .get_str("host")
                 .and_then(|h| split_host_port(h).1)
                 .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
                 .map(str::to_string)
@@ -2643,48 +2541,44 @@ impl Gateway {
             route.base_path.len()
         }..];
         let rest = if rest.is_empty() { "/" } else { rest };
-        let query = req.uri().query().map(str::to_string);
-        // A protocol switch (WebSocket): the upstream's 101 splices the two connections.
+        let query = req.uri.query().map(str::to_string);
+        // A protocol switch (WebSocket): the upstream's 101 splices the two connections
+        // (hyper's server's side: `front` hands such requests over to it).
         let upgrade = upgrade_token(&req);
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.as_ref().and_then(|_| req.upgrade.take());
         // whether the client takes trailers (`TE: trailers`, a hop-by-hop header), for the
         // routes hyper's client may carry (HTTPS targets, HTTP/2)
         let hyper_route = route.upstream.tls.is_some()
             || route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
-        let wants_trailers = hyper_route
-            && req.headers().get_all(header::TE).iter().any(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-                })
-            });
-        let (mut parts, body) = req.into_parts();
-        parts.version = hyper::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        let wants_trailers = hyper_route && req.fields.lists("te", "trailers");
+        let Req {
+            method,
+            fields: mut h,
+            body,
+            ..
+        } = req;
+        h.strip_hop_by_hop();
+        h.remove("host");
         if let Some(token) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, token.clone());
+            h.insert("connection", b"upgrade");
+            h.insert("upgrade", token);
         }
-        let h = &mut parts.headers;
         // Client-supplied forwarding headers are believed only from trusted proxies.
         let xff = match (&incoming_xff, peer_trusted) {
             (Some(chain), true) => HeaderValue::from_str(&format!("{chain}, {}", peer.ip())).ok(),
             _ => conn.peer_value.clone(),
         };
         if !peer_trusted {
-            h.remove(X_FORWARDED_PROTO);
-            h.remove(X_FORWARDED_HOST);
-            h.remove(header::FORWARDED);
+            h.remove("x-forwarded-proto");
+            h.remove("x-forwarded-host");
+            h.remove("forwarded");
         }
         if let Some(v) = xff {
-            h.insert(X_FORWARDED_FOR, v);
+            h.insert("x-forwarded-for", v.as_bytes());
         }
-        if !h.contains_key(&X_FORWARDED_PROTO) {
+        if !h.contains("x-forwarded-proto") {
             let proto = if conn.tls.is_some() { "https" } else { "http" };
-            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+            h.append("x-forwarded-proto", proto.as_bytes());
         }
         if self.rfc7239 {
             let https = conn.tls.is_some();
@@ -2696,26 +2590,24 @@ impl Gateway {
             // a trusted proxy's elements (every line, as received) come first
             let mut chain: Vec<u8> = Vec::new();
             if peer_trusted {
-                for line in h.get_all(header::FORWARDED) {
-                    chain.extend_from_slice(line.as_bytes());
+                for line in h.get_all("forwarded") {
+                    chain.extend_from_slice(line);
                     chain.extend_from_slice(b", ");
                 }
             }
             chain.extend_from_slice(mine.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(chain)) {
-                h.insert(header::FORWARDED, v);
-            }
+            h.insert("forwarded", &chain);
         }
-        if let Some(host) = original_host.filter(|_| !h.contains_key(&X_FORWARDED_HOST)) {
-            h.insert(X_FORWARDED_HOST, host);
+        if let Some(host) = original_host.filter(|_| !h.contains("x-forwarded-host")) {
+            h.append("x-forwarded-host", host.as_bytes());
         }
-        h.insert(X_REQUEST_ID, request_id_value.clone());
-        h.append(header::VIA, HeaderValue::from_static("1.1 apim"));
+        h.insert("x-request-id", request_id_value.as_bytes());
+        h.append("via", b"1.1 apim");
 
         // Attempts: a retry goes to another target, and only when it is safe: the request has
         // no body, and its method is idempotent or it never reached the upstream.
         let bodyless = hyper::body::Body::is_end_stream(&body);
-        let idempotent = h1::idempotent(&parts.method);
+        let idempotent = h1::idempotent(&method);
         // a retry goes to another target: never more attempts than targets
         let max_attempts = if bodyless {
             (1 + route.upstream.retries as usize).min(route.targets.len())
@@ -2723,7 +2615,6 @@ impl Gateway {
             1
         };
         let mut body = Some(body);
-        let mut headers = Some(std::mem::take(&mut parts.headers));
         // targets tried so far (at most 6 attempts: retries are capped at 5)
         let mut tried = [0usize; 6];
         let mut n_tried = 0;
@@ -2783,13 +2674,25 @@ impl Gateway {
                 path_and_query.push('?');
                 path_and_query.push_str(q);
             }
+            // hyper's client, for HTTPS targets and HTTP/2 to http:// ones
+            let h2c = tls_client.is_none()
+                && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
+            let via_hyper = tls_client.is_some() || h2c;
+            // hyper's client takes a URI; the HTTP/1.1 client writes the target as it is (visible
+            // ASCII: the path was routed from a parsed target, the target's own path checked when
+            // published)
             let uri = match (&target.scheme, &target.authority) {
-                (Some(scheme), Some(authority)) => hyper::Uri::builder()
+                (Some(scheme), Some(authority)) if via_hyper => hyper::Uri::builder()
                     .scheme(scheme.clone())
                     .authority(authority.clone())
-                    .path_and_query(path_and_query)
+                    .path_and_query(path_and_query.as_str())
                     .build()
-                    .ok(),
+                    .ok()
+                    .map(Some),
+                (Some(_), Some(_)) => path_and_query
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic())
+                    .then_some(None),
                 _ => None,
             };
             let Some(uri) = uri else {
@@ -2813,10 +2716,6 @@ impl Gateway {
                     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
                 }
             };
-            // hyper's client, for HTTPS targets and HTTP/2 to http:// ones
-            let h2c = tls_client.is_none()
-                && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
-            let via_hyper = tls_client.is_some() || h2c;
             // a request body that stops coming fails after the idle timeout (hyper's client
             // pulls it in its own task, past the answer; the HTTP/1.1 client in this one), and
             // the attempt learns what became of it
@@ -2825,22 +2724,19 @@ impl Gateway {
                 sent = Idle::watched(sent, conn.idle, w.clone()).boxed();
             }
             let body_failure = || watch.as_ref().and_then(|w| w.failure());
-            let mut attempt = Request::new(sent);
-            *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = uri;
-            *attempt.version_mut() = hyper::Version::HTTP_11;
-            // the last attempt takes the headers; earlier ones copy them
-            *attempt.headers_mut() = if last {
-                headers.take().unwrap_or_default()
-            } else {
-                headers.clone().unwrap_or_default()
+            // (hyper's request: the fields copied into its map)
+            let hyper_request = |sent: Body, uri: hyper::Uri| {
+                let mut r = Request::new(sent);
+                *r.method_mut() = method.clone();
+                *r.uri_mut() = uri;
+                *r.headers_mut() = h.to_map();
+                if wants_trailers {
+                    // trailers are relayed: an HTTP/2 service (gRPC) may ask the client for this
+                    r.headers_mut()
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+                r
             };
-            if via_hyper && wants_trailers {
-                // trailers are relayed: an HTTP/2 service (gRPC) may ask the client for this
-                attempt
-                    .headers_mut()
-                    .insert(header::TE, HeaderValue::from_static("trailers"));
-            }
             let left = tokio::time::Instant::from_std(deadline);
             let idle = response_timeout;
             let hyper_answer =
@@ -2855,12 +2751,14 @@ impl Gateway {
                         None => Failed::Upstream { blamed: true },
                     })
                 };
-            let result = match (tls_client, &target.authority) {
-                (Some(c), _) => tokio::time::timeout_at(left, c.request(attempt))
-                    .await
-                    .map(hyper_answer),
-                (None, Some(_)) if h2c => match route.h2c_client.get() {
-                    Some(c) => tokio::time::timeout_at(left, c.request(attempt))
+            let result = match (tls_client, &target.authority, uri) {
+                (Some(c), _, Some(uri)) => {
+                    tokio::time::timeout_at(left, c.request(hyper_request(sent, uri)))
+                        .await
+                        .map(hyper_answer)
+                }
+                (None, Some(_), Some(uri)) => match route.h2c_client.get() {
+                    Some(c) => tokio::time::timeout_at(left, c.request(hyper_request(sent, uri)))
                         .await
                         .map(hyper_answer),
                     None => {
@@ -2872,9 +2770,19 @@ impl Gateway {
                         )
                     }
                 },
-                (None, Some(origin)) => tokio::time::timeout_at(
+                (None, Some(origin), None) => tokio::time::timeout_at(
                     left,
-                    h1::send(origin, attempt, connect_timeout, response_timeout),
+                    h1::send(
+                        origin,
+                        h1::Outgoing {
+                            method: &method,
+                            target: &path_and_query,
+                            fields: &h,
+                        },
+                        sent,
+                        connect_timeout,
+                        response_timeout,
+                    ),
                 )
                 .await
                 .map(|r| {
@@ -2888,7 +2796,7 @@ impl Gateway {
                         },
                     })
                 }),
-                (None, None) => Ok(Err(Failed::Connect)),
+                _ => Ok(Err(Failed::Connect)),
             };
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
             // client may be the cause (a request body that broke off or was slow to come): such
@@ -3076,9 +2984,7 @@ impl Gateway {
         fields.strip_hop_by_hop();
         if spliced {
             fields.insert("connection", b"upgrade");
-            let token = upgrade_answer
-                .as_deref()
-                .or(upgrade.as_ref().map(HeaderValue::as_bytes));
+            let token = upgrade_answer.as_deref().or(upgrade.as_deref());
             if let Some(token) = token {
                 fields.insert("upgrade", token);
             }
@@ -3098,7 +3004,7 @@ impl Gateway {
                 rename,
             } = p
             {
-                edit_fields(fields, add, remove, rename);
+                edit_headers(fields, add, remove, rename);
             }
         }
         fields.append("via", b"1.1 apim");
@@ -3406,7 +3312,9 @@ pub async fn serve(
                     async move {
                         let req = req.map(ReqBody::Hyper);
                         Ok::<_, std::convert::Infallible>(
-                            gw.handle(req, conn).await.into_response(),
+                            gw.handle(Req::from_request(req), conn)
+                                .await
+                                .into_response(),
                         )
                     }
                 })

@@ -111,7 +111,7 @@ impl Route {
         &self,
         method: &str,
         path: &str,
-        headers: &hyper::HeaderMap,
+        headers: &super::head::Fields,
     ) -> OperationMatch<'_> {
         if self.operations.is_empty() {
             return OperationMatch::Any;
@@ -123,12 +123,10 @@ impl Route {
             } else {
                 path_matches(&op.path, path)
             };
-            let headers_ok = op.headers.iter().all(|(n, v)| {
-                headers
-                    .get_all(n.as_str())
-                    .iter()
-                    .any(|h| h.as_bytes() == v.as_bytes())
-            });
+            let headers_ok = op
+                .headers
+                .iter()
+                .all(|(n, v)| headers.get_all(n).any(|h| h == v.as_bytes()));
             if !(path_ok && headers_ok) {
                 continue;
             }
@@ -796,7 +794,7 @@ mod tests {
             route("/orders/export", true, &["POST"], &[]),
         ];
         let r = compile("t", &a, HashMap::new());
-        let mut h = hyper::HeaderMap::new();
+        let mut h = crate::gateway::head::Fields::default();
         let scope = |m: OperationMatch<'_>| match m {
             OperationMatch::Matched(op) => op.required_scopes[0].clone(),
             other => format!("{other:?}"),
@@ -815,7 +813,7 @@ mod tests {
             scope(r.operation("GET", "/pay/orders/export/x", &h)),
             "/orders"
         );
-        h.insert("x-beta", "1".parse().unwrap());
+        h.insert("X-Beta", b"1");
         assert_eq!(r.operation("GET", "/pay/orders", &h).matched_headers(), 1);
         let mut b = api("b", &["h"], "/", &[("http://a:1", 1)]);
         b.routes = vec![route("/items", true, &["GET", "HEAD"], &[])];
