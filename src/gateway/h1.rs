@@ -209,10 +209,12 @@ pub(crate) fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// A request's head as the gateway sends it: method, target (path and query) and fields.
+/// A request's head as the gateway sends it: method, target (a path in pieces, joined on the
+/// wire, and a query) and fields.
 pub struct Outgoing<'a> {
     pub method: &'a Method,
-    pub target: &'a str,
+    pub path: [&'a str; 2],
+    pub query: Option<&'a str>,
     pub fields: &'a Fields,
 }
 
@@ -220,11 +222,16 @@ fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec
     let mut out = Vec::with_capacity(256 + head.fields.len() * 48);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(if head.target.is_empty() {
-        b"/"
-    } else {
-        head.target.as_bytes()
-    });
+    if head.path.iter().all(|p| p.is_empty()) {
+        out.push(b'/');
+    }
+    for p in head.path {
+        out.extend_from_slice(p.as_bytes());
+    }
+    if let Some(q) = head.query {
+        out.push(b'?');
+        out.extend_from_slice(q.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(origin.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -902,7 +909,8 @@ mod tests {
         let fields = Fields::default();
         let get = || Outgoing {
             method: &Method::GET,
-            target: "/",
+            path: ["/", ""],
+            query: None,
             fields: &fields,
         };
         let t = Duration::from_secs(5);

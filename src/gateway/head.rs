@@ -78,29 +78,22 @@ impl std::fmt::Debug for Fields {
     }
 }
 
+/// The bytes of an RFC 9110 token (a field name), as a table.
+const TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'!' | b'#'..=b'\'' | b'*' | b'+' | b'-' | b'.' | b'^'..=b'`' | b'|' | b'~');
+        b += 1;
+    }
+    t
+};
+
 /// Whether `name` is a field name (an RFC 9110 token).
 pub fn is_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name.iter().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
+    !name.is_empty() && name.iter().all(|&b| TOKEN[usize::from(b)])
 }
 
 /// Whether `value` may be a field value: no control character but horizontal tab.
@@ -291,35 +284,55 @@ impl Fields {
     /// Removes the hop-by-hop fields (RFC 9110 §7.6.1, with the legacy `Keep-Alive` and
     /// `Proxy-Connection`) and those `Connection` names.
     pub fn strip_hop_by_hop(&mut self) {
-        // (most messages carry at most `Connection`)
+        // (most messages carry at most `Connection`, whose usual tokens name no field)
         if !self.iter().any(|(n, _)| is_hop_by_hop(n)) {
             return;
         }
-        let named: Vec<Vec<u8>> = self
-            .get_all("connection")
-            .flat_map(|v| v.split(|b| *b == b','))
-            .map(|t| t.trim_ascii().to_ascii_lowercase())
-            .filter(|t| !t.is_empty())
-            .collect();
-        self.retain(|n, _| !is_hop_by_hop(n) && !named.iter().any(|t| n.eq_ignore_ascii_case(t)));
+        let (received, added) = (&self.received, &self.added);
+        // the `Connection` values (a few kept on the stack)
+        let mut few = [Place { start: 0, len: 0 }; 4];
+        let (mut n, mut more) = (0, Vec::new());
+        for (name, value) in &self.list {
+            if Fields::place_of(received, added, *name).eq_ignore_ascii_case(b"connection") {
+                match few.get_mut(n) {
+                    Some(slot) => *slot = *value,
+                    None => more.push(*value),
+                }
+                n += 1;
+            }
+        }
+        let connection = &few[..n.min(few.len())];
+        let named = |name: &[u8]| {
+            connection.iter().chain(&more).any(|v| {
+                Fields::place_of(received, added, *v)
+                    .split(|b| *b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+            })
+        };
+        self.list.retain(|(n, _)| {
+            let n = Fields::place_of(received, added, *n);
+            !is_hop_by_hop(n) && !named(n)
+        });
     }
 }
 
 /// Whether a field is hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`): never forwarded.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP: [&[u8]; 9] = [
-        b"connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"keep-alive",
-        b"proxy-connection",
-    ];
-    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    // (by length first: most names are none of these)
+    let hop: &[u8] = match name.len() {
+        2 => b"te",
+        7 if name[0].eq_ignore_ascii_case(&b't') => b"trailer",
+        7 => b"upgrade",
+        10 if name[0].eq_ignore_ascii_case(&b'c') => b"connection",
+        10 => b"keep-alive",
+        16 => b"proxy-connection",
+        17 => b"transfer-encoding",
+        18 => b"proxy-authenticate",
+        19 => b"proxy-authorization",
+        _ => return false,
+    };
+    name.eq_ignore_ascii_case(hop)
 }
 
 /// A request as the gateway handles it: method, target, version, the header fields as they
@@ -478,6 +491,57 @@ mod tests {
         assert!(f.remove("SET-COOKIE"));
         assert!(!f.remove("set-cookie"));
         assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn names_are_tokens_and_hop_by_hop_names_are_known() {
+        let tchar = b"!#$%&'*+-.^_`|~";
+        for b in 0..=255u8 {
+            let token = b.is_ascii_alphanumeric() || tchar.contains(&b);
+            assert_eq!(is_name(&[b]), token, "byte {b:#x}");
+        }
+        assert!(!is_name(b""));
+        for name in [
+            "Connection",
+            "TE",
+            "trailer",
+            "Transfer-Encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "Proxy-Authorization",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "tf",
+            "trailers",
+            "upgradex",
+            "connectiom",
+            "keep_alive",
+            "via",
+            "",
+        ] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_connection_field_names_hop_by_hop_fields() {
+        let mut f = Fields::default();
+        for i in 0..6 {
+            f.append("connection", format!("x-hop-{i}, keep-alive").as_bytes());
+            f.append(&format!("X-Hop-{i}"), b"1");
+        }
+        f.append("x-kept", b"1");
+        f.strip_hop_by_hop();
+        let names: Vec<&[u8]> = f.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [&b"x-kept"[..]],
+            "six Connection fields, each honoured"
+        );
     }
 
     #[test]

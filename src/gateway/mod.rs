@@ -861,6 +861,47 @@ pub struct Gateway {
     pub access: access::AccessLog,
 }
 
+/// A request's id: a client's (visible ASCII, at most 128 bytes) or one the gateway made, kept
+/// on the stack (it goes upstream, into the answer, and into problem documents and the log).
+#[derive(Clone)]
+struct RequestId {
+    len: u8,
+    bytes: [u8; 128],
+}
+
+impl Default for RequestId {
+    fn default() -> RequestId {
+        RequestId::new(b"req-").unwrap_or(RequestId {
+            len: 0,
+            bytes: [0; 128],
+        })
+    }
+}
+
+impl RequestId {
+    /// `id` when it may be one: 1 to 128 visible ASCII characters.
+    fn new(id: &[u8]) -> Option<RequestId> {
+        if id.is_empty() || id.len() > 128 || !id.iter().all(u8::is_ascii_graphic) {
+            return None;
+        }
+        let mut bytes = [0; 128];
+        bytes[..id.len()].copy_from_slice(id);
+        Some(RequestId {
+            len: id.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    fn as_str(&self) -> &str {
+        // (visible ASCII: checked when made)
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Answer<Body> {
     let body = serde_json::json!({
         "type": format!("urn:apim:problem:gateway:{slug}"),
@@ -1197,7 +1238,7 @@ struct Served {
     want_host: bool,
     /// The request's id, kept when `want_request_id` (for the access-log line of a request
     /// that ends before its answer is made, which has no answer to read it from).
-    request_id: Option<HeaderValue>,
+    request_id: Option<RequestId>,
     want_request_id: bool,
     /// When the upstream call began (a request dropped while it waits has its upstream time
     /// from it).
@@ -1306,13 +1347,9 @@ impl Drop for Handling<'_> {
                 .upstream_started
                 .map(|at| at.elapsed().as_micros() as u64);
         }
-        let id = self
-            .served
-            .request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok());
+        let id = self.served.request_id.clone();
         // (the consumer's usage recorded at once)
-        drop(self.record(client_closed(), id.unwrap_or("")));
+        drop(self.record(client_closed(), id.as_ref().map_or("", RequestId::as_str)));
     }
 }
 
@@ -1670,7 +1707,8 @@ impl Gateway {
             fields.append("connection", b"close");
             let head = h1::Outgoing {
                 method: &hyper::Method::GET,
-                target: uri.path_and_query().map_or("/", |p| p.as_str()),
+                path: [uri.path(), ""],
+                query: uri.query(),
                 fields: &fields,
             };
             let connect = self.route_timeouts(route).0;
@@ -1762,7 +1800,7 @@ impl Gateway {
         self.tls.resolver.table.store(Arc::new(table));
     }
 
-    fn next_request_id(&self) -> HeaderValue {
+    fn next_request_id(&self) -> RequestId {
         let n = self
             .id_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1774,8 +1812,7 @@ impl Gateway {
         for (i, digit) in id[4..].iter_mut().rev().enumerate() {
             *digit = HEX[((value >> (i * 4)) & 0xf) as usize];
         }
-        HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id))
-            .unwrap_or_else(|_| HeaderValue::from_static("req-"))
+        RequestId::new(&id).unwrap_or_default()
     }
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
@@ -2406,11 +2443,9 @@ impl Gateway {
         let request_id_value = req
             .fields
             .get("x-request-id")
-            .filter(|s| !s.is_empty() && s.len() <= 128 && s.iter().all(u8::is_ascii_graphic))
-            .and_then(|s| HeaderValue::from_bytes(s).ok())
+            .and_then(RequestId::new)
             .unwrap_or_else(|| self.next_request_id());
-        // (all visible ASCII, checked or made so)
-        let request_id = request_id_value.to_str().unwrap_or_default();
+        let request_id = request_id_value.as_str();
         if served.want_request_id {
             served.request_id = Some(request_id_value.clone());
         }
@@ -2503,22 +2538,37 @@ impl Gateway {
         // X-Forwarded-Host (made before the policies, which may change the request): the host
         // the request was routed by (validated), with the port the client named, never a raw
         // client header
-        let port = req.uri.port_u16().map(|p| p.to_string()).or_else(|| {
-            req.fields
+        // (on the stack: a DNS name is at most 253 bytes, a port 5 digits)
+        let port = match req.uri.authority() {
+            Some(a) => split_host_port(a.as_str()).1,
+            None => req
+                .fields
                 .get_str("host")
-                .and_then(|h| split_host_port(h).1)
-                .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
-                .map(str::to_string)
-        });
-        let original_host = match port {
-            Some(p) => {
-                let mut v = String::with_capacity(host.len() + 1 + p.len());
-                v.push_str(&host);
-                v.push(':');
-                v.push_str(&p);
-                HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+                .and_then(|h| split_host_port(h).1),
+        }
+        .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+        let mut host_port = [0u8; 272];
+        let mut long_host_port = Vec::new();
+        let original_host: &[u8] = {
+            let parts = [
+                host.as_bytes(),
+                port.map_or(&b""[..], |_| b":"),
+                port.unwrap_or("").as_bytes(),
+            ];
+            let n: usize = parts.iter().map(|p| p.len()).sum();
+            let out = if n <= host_port.len() {
+                &mut host_port[..n]
+            } else {
+                // (a long IPv6 literal)
+                long_host_port.resize(n, 0);
+                &mut long_host_port[..]
+            };
+            let mut at = 0;
+            for p in parts {
+                out[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
             }
-            None => HeaderValue::from_str(&host).ok(),
+            out
         };
         let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
             Ok(h) if served.consumer.is_some() => {
@@ -2541,7 +2591,6 @@ impl Gateway {
             route.base_path.len()
         }..];
         let rest = if rest.is_empty() { "/" } else { rest };
-        let query = req.uri.query().map(str::to_string);
         // A protocol switch (WebSocket): the upstream's 101 splices the two connections
         // (hyper's server's side: `front` hands such requests over to it).
         let upgrade = upgrade_token(&req);
@@ -2553,10 +2602,13 @@ impl Gateway {
         let wants_trailers = hyper_route && req.fields.lists("te", "trailers");
         let Req {
             method,
+            uri: forwarded_uri,
             fields: mut h,
             body,
             ..
         } = req;
+        // (the query as the policies left it: an API key taken out)
+        let query = forwarded_uri.query();
         h.strip_hop_by_hop();
         h.remove("host");
         if let Some(token) = &upgrade {
@@ -2582,11 +2634,7 @@ impl Gateway {
         }
         if self.rfc7239 {
             let https = conn.tls.is_some();
-            let mine = forwarded_element(
-                peer.ip(),
-                original_host.as_ref().map_or(&[][..], |v| v.as_bytes()),
-                https,
-            );
+            let mine = forwarded_element(peer.ip(), original_host, https);
             // a trusted proxy's elements (every line, as received) come first
             let mut chain: Vec<u8> = Vec::new();
             if peer_trusted {
@@ -2598,8 +2646,8 @@ impl Gateway {
             chain.extend_from_slice(mine.as_bytes());
             h.insert("forwarded", &chain);
         }
-        if let Some(host) = original_host.filter(|_| !h.contains("x-forwarded-host")) {
-            h.append("x-forwarded-host", host.as_bytes());
+        if !h.contains("x-forwarded-host") {
+            h.append("x-forwarded-host", original_host);
         }
         h.insert("x-request-id", request_id_value.as_bytes());
         h.append("via", b"1.1 apim");
@@ -2665,15 +2713,6 @@ impl Gateway {
                     )
                 }
             };
-            let mut path_and_query = String::with_capacity(
-                target.path.len() + rest.len() + query.as_ref().map_or(0, |q| q.len() + 1),
-            );
-            path_and_query.push_str(&target.path);
-            path_and_query.push_str(rest);
-            if let Some(q) = &query {
-                path_and_query.push('?');
-                path_and_query.push_str(q);
-            }
             // hyper's client, for HTTPS targets and HTTP/2 to http:// ones
             let h2c = tls_client.is_none()
                 && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
@@ -2682,16 +2721,27 @@ impl Gateway {
             // ASCII: the path was routed from a parsed target, the target's own path checked when
             // published)
             let uri = match (&target.scheme, &target.authority) {
-                (Some(scheme), Some(authority)) if via_hyper => hyper::Uri::builder()
-                    .scheme(scheme.clone())
-                    .authority(authority.clone())
-                    .path_and_query(path_and_query.as_str())
-                    .build()
-                    .ok()
-                    .map(Some),
-                (Some(_), Some(_)) => path_and_query
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic())
+                (Some(scheme), Some(authority)) if via_hyper => {
+                    let mut path_and_query = String::with_capacity(
+                        target.path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+                    );
+                    path_and_query.push_str(&target.path);
+                    path_and_query.push_str(rest);
+                    if let Some(q) = query {
+                        path_and_query.push('?');
+                        path_and_query.push_str(q);
+                    }
+                    hyper::Uri::builder()
+                        .scheme(scheme.clone())
+                        .authority(authority.clone())
+                        .path_and_query(path_and_query)
+                        .build()
+                        .ok()
+                        .map(Some)
+                }
+                (Some(_), Some(_)) => [target.path.as_str(), rest, query.unwrap_or("")]
+                    .iter()
+                    .all(|p| p.bytes().all(|b| b.is_ascii_graphic()))
                     .then_some(None),
                 _ => None,
             };
@@ -2776,7 +2826,8 @@ impl Gateway {
                         origin,
                         h1::Outgoing {
                             method: &method,
-                            target: &path_and_query,
+                            path: [&target.path, rest],
+                            query,
                             fields: &h,
                         },
                         sent,
