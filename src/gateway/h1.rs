@@ -260,17 +260,17 @@ fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec
     out
 }
 
-/// Sends a request (`head` and `body`) to the plain-HTTP upstream `origin` and returns its
-/// answer once the head is read; the body streams from the connection, which returns to the
-/// pool at its end.
+/// Sends a request (`head` and `body`, `None` for none) to the plain-HTTP upstream `origin`
+/// and returns its answer once the head is read; the body streams from the connection, which
+/// returns to the pool at its end.
 pub async fn send(
     origin: &Authority,
     head: Outgoing<'_>,
-    mut body: Body,
+    mut body: Option<Body>,
     connect_timeout: Duration,
     body_idle_timeout: Duration,
 ) -> Result<Answer<UpBody>, Error> {
-    let bodyless = body.is_end_stream();
+    let bodyless = body.as_ref().is_none_or(|b| b.is_end_stream());
     let framing = if bodyless {
         if head.fields.contains("content-length")
             || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH)
@@ -280,7 +280,7 @@ pub async fn send(
             Framing::None
         }
     } else {
-        match body.size_hint().exact() {
+        match body.as_ref().and_then(|b| b.size_hint().exact()) {
             Some(n) => Framing::Length(n),
             None => Framing::Chunked,
         }
@@ -297,7 +297,7 @@ pub async fn send(
             Some(s) => s,
             None => connect(origin, connect_timeout).await?,
         };
-        let body = (!bodyless).then_some(&mut body);
+        let body = body.as_mut().filter(|_| !bodyless);
         let sent = exchange(
             stream,
             &encoded,
@@ -914,7 +914,7 @@ mod tests {
             fields: &fields,
         };
         let t = Duration::from_secs(5);
-        let resp = send(&origin, get(), Body::default(), t, t).await.unwrap();
+        let resp = send(&origin, get(), None, t, t).await.unwrap();
         assert!(resp.body.is_whole());
         assert_eq!(resp.body.size_hint().exact(), Some(2));
         let pooled = checkout(&origin).expect("back in the pool before the body is read");
@@ -923,7 +923,9 @@ mod tests {
         assert_eq!(&body[..], b"ok");
 
         // the second request reuses it; its body comes in two parts
-        let resp = send(&origin, get(), Body::default(), t, t).await.unwrap();
+        let resp = send(&origin, get(), Some(Body::default()), t, t)
+            .await
+            .unwrap();
         assert!(!resp.body.is_whole());
         assert!(checkout(&origin).is_none(), "in use until the body's end");
         let body = resp.body.collect().await.unwrap().to_bytes();

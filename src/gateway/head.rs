@@ -234,19 +234,35 @@ impl Fields {
     /// Adds a field after the others; `false` (and nothing added) when `name` is not a token or
     /// `value` holds a control character.
     pub fn append(&mut self, name: &str, value: &[u8]) -> bool {
-        if !is_name(name.as_bytes()) || !is_value(value) {
+        self.append_parts(name, &[value])
+    }
+
+    /// [`append`](Fields::append) with a value made of `parts`, joined (no buffer in between).
+    pub fn append_parts(&mut self, name: &str, parts: &[&[u8]]) -> bool {
+        if !is_name(name.as_bytes()) || !parts.iter().all(|p| is_value(p)) {
             return false;
         }
         if self.added.is_empty() {
             self.added.reserve(256);
         }
-        match (self.add(name.as_bytes()), self.add(value)) {
-            (Some(n), Some(v)) => {
-                self.list.push((n, v));
-                true
-            }
-            _ => false,
+        let Some(n) = self.add(name.as_bytes()) else {
+            return false;
+        };
+        let start = self.added.len();
+        for p in parts {
+            self.added.extend_from_slice(p);
         }
+        let v = Place {
+            start: start as u32 | ADDED,
+            len: (self.added.len() - start) as u32,
+        };
+        // (a head's added bytes stay far below 2 GiB: the limits bound every value)
+        if (self.added.len() as u64) >= u64::from(ADDED) {
+            self.added.truncate(start);
+            return false;
+        }
+        self.list.push((n, v));
+        true
     }
 
     /// Sets `name` to `value` alone (any field of that name removed); `false` as

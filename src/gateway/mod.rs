@@ -25,7 +25,7 @@ use bytes::Bytes;
 use head::{Answer, Fields, Req};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -1002,19 +1002,39 @@ fn upgrade_token(req: &Req<ReqBody>) -> Option<Vec<u8>> {
 /// no backslash, no `;` parameters, and no percent-encoded dot, slash or backslash (which
 /// upstreams may decode differently than the router matched).
 fn path_is_plain(path: &str) -> bool {
-    let encoded_trick = path.as_bytes().windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'e') | (b'2', b'f') | (b'5', b'c') | (b'0', b'0')
-            )
-    });
-    path.starts_with('/')
-        && !path.contains("//")
-        && !path.contains('\\')
-        && !path.contains(';')
-        && !encoded_trick
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+    // (one pass: this runs for every request)
+    let p = path.as_bytes();
+    if p.first() != Some(&b'/') {
+        return false;
+    }
+    // where the current segment began (after its slash)
+    let mut segment = 1;
+    for (i, &b) in p.iter().enumerate().skip(1) {
+        match b {
+            b'/' => {
+                // an empty, `.` or `..` segment before this slash
+                if matches!(&p[segment..i], b"" | b"." | b"..") {
+                    return false;
+                }
+                segment = i + 1;
+            }
+            b'\\' | b';' => return false,
+            b'%' => {
+                let next = (p.get(i + 1), p.get(i + 2).map(u8::to_ascii_lowercase));
+                if matches!(
+                    next,
+                    (Some(b'2'), Some(b'e' | b'f'))
+                        | (Some(b'5'), Some(b'c'))
+                        | (Some(b'0'), Some(b'0'))
+                ) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    // the last segment may be empty (a trailing slash), not `.` or `..`
+    !matches!(&p[segment..], b"." | b"..")
 }
 
 /// Removes a query parameter (the API key) from the request's URI.
@@ -1043,17 +1063,13 @@ fn cors_allows(allow_origins: &[String], origin: &str) -> bool {
 }
 
 /// `Access-Control-Allow-Origin` (the origin itself, or `*`) and `Vary: Origin`.
-fn cors_origin_headers(allow_origins: &[String], origin: &str) -> Vec<(HeaderName, HeaderValue)> {
-    let value = if allow_origins.iter().any(|o| o == origin) {
-        HeaderValue::from_str(origin).ok()
-    } else {
-        Some(HeaderValue::from_static("*"))
+fn cors_origin_headers(allow_origins: &[String], origin: &str, out: &mut Fields) {
+    out.append("vary", b"origin");
+    let value = match allow_origins.iter().any(|o| o == origin) {
+        true => origin.as_bytes(),
+        false => b"*",
     };
-    let mut out = vec![(header::VARY, HeaderValue::from_static("origin"))];
-    if let Some(v) = value {
-        out.push((header::ACCESS_CONTROL_ALLOW_ORIGIN, v));
-    }
-    out
+    out.append("access-control-allow-origin", value);
 }
 
 /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) of
@@ -1097,9 +1113,7 @@ fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option
         ));
     }
     let mut h = Fields::with_capacity(8);
-    for (k, v) in cors_origin_headers(allow_origins, origin) {
-        h.append(k.as_str(), v.as_bytes());
-    }
+    cors_origin_headers(allow_origins, origin, &mut h);
     h.append(
         "access-control-allow-methods",
         methods.join(", ").as_bytes(),
@@ -1355,25 +1369,20 @@ impl Drop for Handling<'_> {
 
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
 /// credential was wrong.
-struct Refusal(
-    StatusCode,
-    &'static str,
-    String,
-    Vec<(HeaderName, HeaderValue)>,
-);
+struct Refusal(StatusCode, &'static str, String, Fields);
 
 fn push_num(out: &mut String, n: u64) {
     out.push_str(access::digits(n, &mut [0u8; 20]));
 }
 
 fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal(status, slug, detail.into(), Vec::new())
+    Refusal(status, slug, detail.into(), Fields::default())
 }
 
 /// A quota's IETF RateLimit headers: `RateLimit-Policy: "<name>";q=<limit>;w=<seconds>` and
 /// `RateLimit: "<name>";r=<remaining>;t=<seconds left>` (each one more item of its list).
 fn push_quota_headers(
-    out: &mut Vec<(HeaderName, HeaderValue)>,
+    out: &mut Fields,
     name: &str,
     limit: Option<u64>,
     width: u64,
@@ -1381,11 +1390,53 @@ fn push_quota_headers(
     left: u64,
 ) {
     let Some(limit) = limit else { return };
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={limit};w={width}")) {
-        out.push((HeaderName::from_static("ratelimit-policy"), v));
+    let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+    out.append_parts(
+        "ratelimit-policy",
+        &[
+            b"\"",
+            name.as_bytes(),
+            b"\";q=",
+            access::digits(limit, &mut a).as_bytes(),
+            b";w=",
+            access::digits(width, &mut b).as_bytes(),
+        ],
+    );
+    out.append_parts(
+        "ratelimit",
+        &[
+            b"\"",
+            name.as_bytes(),
+            b"\";r=",
+            access::digits(remaining, &mut a).as_bytes(),
+            b";t=",
+            access::digits(left, &mut b).as_bytes(),
+        ],
+    );
+}
+
+/// Adds the policies' answer fields (rate-limit state, CORS) to an answer's: the RateLimit
+/// fields replace any the upstream reported and, like `Vary`, are lists (a plan's rate limit
+/// and its quotas each add an item); another field replaces the answer's own.
+fn add_policy_headers(fields: &mut Fields, policies: &Fields) {
+    let list = |n: &[u8]| {
+        n.eq_ignore_ascii_case(b"vary")
+            || n.eq_ignore_ascii_case(b"ratelimit")
+            || n.eq_ignore_ascii_case(b"ratelimit-policy")
+    };
+    if policies.contains("ratelimit") || policies.contains("ratelimit-policy") {
+        fields.remove("ratelimit");
+        fields.remove("ratelimit-policy");
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={remaining};t={left}")) {
-        out.push((HeaderName::from_static("ratelimit"), v));
+    for (n, v) in policies.iter() {
+        let Ok(name) = std::str::from_utf8(n) else {
+            continue;
+        };
+        if list(n) {
+            fields.append(name, v);
+        } else {
+            fields.insert(name, v);
+        }
     }
 }
 
@@ -1712,7 +1763,7 @@ impl Gateway {
                 fields: &fields,
             };
             let connect = self.route_timeouts(route).0;
-            let sent = h1::send(origin, head, empty(), connect, timeout);
+            let sent = h1::send(origin, head, None, connect, timeout);
             return matches!(
                 tokio::time::timeout(timeout, sent).await,
                 Ok(Ok(r)) if passed(r.status)
@@ -1855,12 +1906,12 @@ impl Gateway {
         req: &mut Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Refusal> {
+    ) -> Result<Fields, Refusal> {
         if route.policies.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Fields::default());
         }
         let client = served.client.unwrap_or(conn.peer.ip());
-        let mut answer_headers = Vec::new();
+        let mut answer_headers = Fields::default();
         let now = time::OffsetDateTime::now_utc();
         for (i, p) in route.policies.iter().enumerate() {
             match p {
@@ -2083,7 +2134,7 @@ impl Gateway {
                     // request an allowed origin gets the CORS answer headers.
                     let origin = req.fields.get_str("origin");
                     if let Some(origin) = origin.filter(|o| cors_allows(allow_origins, o)) {
-                        answer_headers.extend(cors_origin_headers(allow_origins, origin));
+                        cors_origin_headers(allow_origins, origin, &mut answer_headers);
                     }
                 }
                 Policy::MutualTls { map_by, .. } => {
@@ -2186,7 +2237,7 @@ impl Gateway {
         route: &Route,
         consumer: &str,
         now: time::OffsetDateTime,
-        answer_headers: &mut Vec<(HeaderName, HeaderValue)>,
+        answer_headers: &mut Fields,
     ) -> Result<(), Refusal> {
         let Some((SubscriptionStatus::Active, plan)) = route.subscriptions.get(consumer) else {
             return Err(refuse(
@@ -2234,10 +2285,10 @@ impl Gateway {
                         "quota-exceeded",
                         "the plan's quota for this period is used up",
                     );
-                    let mut digits = [0u8; 20];
-                    if let Ok(v) = HeaderValue::from_str(access::digits(secs, &mut digits)) {
-                        r.3.push((header::RETRY_AFTER, v));
-                    }
+                    r.3.append(
+                        "retry-after",
+                        access::digits(secs, &mut [0u8; 20]).as_bytes(),
+                    );
                     let (name, limit, width) = named(&window);
                     push_quota_headers(&mut r.3, name, limit, width, 0, secs);
                     return Err(r);
@@ -2247,12 +2298,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn rate_limit(
-        &self,
-        key: &str,
-        gcra: Gcra,
-        answer: &mut Vec<(HeaderName, HeaderValue)>,
-    ) -> Result<(), Refusal> {
+    fn rate_limit(&self, key: &str, gcra: Gcra, answer: &mut Fields) -> Result<(), Refusal> {
         let now = self.now_ns();
         let decision = {
             let mut m = self.rate.lock().unwrap_or_else(|p| p.into_inner());
@@ -2265,33 +2311,35 @@ impl Gateway {
                 None => gcra.check(m.entry(key.to_string()).or_insert(0), now),
             }
         };
-        let mut policy = String::with_capacity(32);
-        policy.push_str("\"default\";q=");
-        push_num(&mut policy, u64::from(gcra.requests));
-        policy.push_str(";w=");
-        push_num(&mut policy, u64::from(gcra.per_seconds));
-        let policy = HeaderValue::from_maybe_shared(Bytes::from(policy)).ok();
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        let policy: [&[u8]; 4] = [
+            b"\"default\";q=",
+            access::digits(u64::from(gcra.requests), &mut a).as_bytes(),
+            b";w=",
+            access::digits(u64::from(gcra.per_seconds), &mut b).as_bytes(),
+        ];
+        let (mut c, mut d) = ([0u8; 20], [0u8; 20]);
         match decision {
             Decision::Allow {
                 remaining,
                 reset_secs,
             } => {
                 // one "default" item: the last rate limit checked is the one reported
-                answer.retain(|(k, v)| {
-                    !((k == "ratelimit" || k == "ratelimit-policy")
-                        && v.as_bytes().starts_with(b"\"default\""))
+                answer.retain(|n, v| {
+                    !((n.eq_ignore_ascii_case(b"ratelimit")
+                        || n.eq_ignore_ascii_case(b"ratelimit-policy"))
+                        && v.starts_with(b"\"default\""))
                 });
-                if let Some(p) = policy {
-                    answer.push((HeaderName::from_static("ratelimit-policy"), p));
-                }
-                let mut state = String::with_capacity(32);
-                state.push_str("\"default\";r=");
-                push_num(&mut state, u64::from(remaining));
-                state.push_str(";t=");
-                push_num(&mut state, reset_secs);
-                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
-                    answer.push((HeaderName::from_static("ratelimit"), v));
-                }
+                answer.append_parts("ratelimit-policy", &policy);
+                answer.append_parts(
+                    "ratelimit",
+                    &[
+                        b"\"default\";r=",
+                        access::digits(u64::from(remaining), &mut c).as_bytes(),
+                        b";t=",
+                        access::digits(reset_secs, &mut d).as_bytes(),
+                    ],
+                );
                 Ok(())
             }
             Decision::Deny { retry_after_secs } => {
@@ -2300,17 +2348,10 @@ impl Gateway {
                     "rate-limited",
                     "the rate limit is exceeded; retry later",
                 );
-                if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
-                    r.3.push((header::RETRY_AFTER, v));
-                }
-                if let Some(p) = policy {
-                    r.3.push((HeaderName::from_static("ratelimit-policy"), p));
-                }
-                if let Ok(v) =
-                    HeaderValue::from_str(&format!("\"default\";r=0;t={retry_after_secs}"))
-                {
-                    r.3.push((HeaderName::from_static("ratelimit"), v));
-                }
+                let retry = access::digits(retry_after_secs, &mut c).as_bytes();
+                r.3.append("retry-after", retry);
+                r.3.append_parts("ratelimit-policy", &policy);
+                r.3.append_parts("ratelimit", &[b"\"default\";r=0;t=", retry]);
                 Err(r)
             }
         }
@@ -2579,9 +2620,7 @@ impl Gateway {
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);
                 let mut r = problem(status, slug, &detail, request_id);
-                for (k, v) in headers {
-                    r.fields.insert(k.as_str(), v.as_bytes());
-                }
+                add_policy_headers(&mut r.fields, &headers);
                 return r;
             }
         };
@@ -2662,7 +2701,8 @@ impl Gateway {
         } else {
             1
         };
-        let mut body = Some(body);
+        // (a request without a body sends none: nothing is boxed for it)
+        let mut body = (!bodyless).then_some(body);
         // targets tried so far (at most 6 attempts: retries are capped at 5)
         let mut tried = [0usize; 6];
         let mut n_tried = 0;
@@ -2754,29 +2794,28 @@ impl Gateway {
                 );
             };
             let last = n_tried >= max_attempts;
-            let mut sent = match body.take() {
-                Some(b) if last || !bodyless => match &served.bytes_in {
-                    Some(counter) => usage::Counted::new(b, counter.clone())
-                        .map_err(|e| Box::new(e) as BoxError)
-                        .boxed(),
-                    None => b.map_err(|e| Box::new(e) as BoxError).boxed(),
-                },
-                other => {
-                    body = other;
-                    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
-                }
-            };
+            // (a body is sent once: a request with one makes one attempt)
             // a request body that stops coming fails after the idle timeout (hyper's client
             // pulls it in its own task, past the answer; the HTTP/1.1 client in this one), and
             // the attempt learns what became of it
             let watch = (!bodyless).then(|| Arc::new(BodyWatch::default()));
-            if let Some(w) = &watch {
-                sent = Idle::watched(sent, conn.idle, w.clone()).boxed();
-            }
+            let sent = body.take().map(|b| {
+                let b = match &served.bytes_in {
+                    Some(counter) => usage::Counted::new(b, counter.clone())
+                        .map_err(|e| Box::new(e) as BoxError)
+                        .boxed(),
+                    None => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+                };
+                match &watch {
+                    Some(w) => Idle::watched(b, conn.idle, w.clone()).boxed(),
+                    None => b,
+                }
+            });
             let body_failure = || watch.as_ref().and_then(|w| w.failure());
             // (hyper's request: the fields copied into its map)
-            let hyper_request = |sent: Body, uri: hyper::Uri| {
-                let mut r = Request::new(sent);
+            let hyper_request = |sent: Option<Body>, uri: hyper::Uri| {
+                let empty = || http_body_util::Empty::new().map_err(|e| match e {}).boxed();
+                let mut r = Request::new(sent.unwrap_or_else(empty));
                 *r.method_mut() = method.clone();
                 *r.uri_mut() = uri;
                 *r.headers_mut() = h.to_map();
@@ -3060,23 +3099,7 @@ impl Gateway {
         }
         fields.append("via", b"1.1 apim");
         fields.insert("x-request-id", request_id_value.as_bytes());
-        if extra
-            .iter()
-            .any(|(k, _)| k == "ratelimit" || k == "ratelimit-policy")
-        {
-            // the gateway's limits replace any the upstream reported
-            fields.remove("ratelimit");
-            fields.remove("ratelimit-policy");
-        }
-        for (k, v) in extra {
-            // (the RateLimit headers are lists: a plan's rate limit and its quotas each add
-            // an item)
-            if k == header::VARY || k == "ratelimit" || k == "ratelimit-policy" {
-                fields.append(k.as_str(), v.as_bytes());
-            } else {
-                fields.insert(k.as_str(), v.as_bytes());
-            }
-        }
+        add_policy_headers(fields, &extra);
         match total_deadline {
             // (a spliced connection's bytes are bounded by the idle timeout instead)
             Some(at) if !spliced && !hyper::body::Body::is_end_stream(&resp.body) => {
@@ -3839,7 +3862,39 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::forwarded_element;
+    use super::{forwarded_element, path_is_plain};
+
+    #[test]
+    fn plain_paths_are_told_from_tricks() {
+        for plain in [
+            "/", "/a", "/a/", "/a/b.c", "/a/.b", "/a..b/c", "/%41", "/a%2", "/v1/x?",
+        ] {
+            assert!(path_is_plain(plain), "{plain}");
+        }
+        for trick in [
+            "",
+            "a",
+            "//",
+            "/a//b",
+            "/.",
+            "/..",
+            "/a/.",
+            "/a/..",
+            "/./a",
+            "/a/../b",
+            "/a\\b",
+            "/a;b",
+            "/%2e",
+            "/%2E%2e/x",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a%5Cb",
+            "/a%00",
+        ] {
+            assert!(!path_is_plain(trick), "{trick}");
+        }
+    }
 
     #[test]
     fn forwarded_elements_quote_what_is_not_a_token() {
