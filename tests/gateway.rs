@@ -526,6 +526,25 @@ async fn path_tricks_query_keys_and_host_claims() {
         .expect("raw client");
         assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
     }
+    // a path in UTF-8 (not percent-encoded) is no trick: it is forwarded as it came
+    let port = n.gateway_port;
+    let request = format!(
+        "GET /open/caf\u{e9} HTTP/1.1\r\nHost: api.acme.example\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        c.write_all(request.as_bytes()).expect("write");
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("raw client");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let e: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(e["uri"], "/caf\u{e9}", "{answer}");
 
     // another tenant cannot claim the same host and base path
     let r = n

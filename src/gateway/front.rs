@@ -336,7 +336,10 @@ impl Head {
     fn take(buf: &mut BytesMut, parsed: Parsed) -> Option<Head> {
         let whole = buf.split_to(parsed.len).freeze();
         // the target and the fields share the head's bytes
-        let Ok(uri) = Uri::from_maybe_shared(whole.slice(parsed.target)) else {
+        let uri = Uri::from_maybe_shared(whole.slice(parsed.target))
+            .ok()
+            .filter(|_| parsed.places.fit(whole.len()));
+        let Some(uri) = uri else {
             // given back whole, for hyper
             let mut back = BytesMut::with_capacity(whole.len() + buf.len());
             back.extend_from_slice(&whole);

@@ -55,6 +55,11 @@ impl Places {
         }
         Some(Places { list, end })
     }
+
+    /// Whether the places lie within a head of `len` bytes (as [`Fields::parsed`] requires).
+    pub fn fit(&self, len: usize) -> bool {
+        self.end <= len
+    }
 }
 
 /// A head's header fields, in order.
@@ -101,6 +106,15 @@ pub fn is_value(value: &[u8]) -> bool {
     value
         .iter()
         .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// A value as text, when it is visible ASCII, spaces and tabs (as `HeaderValue::to_str`).
+pub fn as_str(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
@@ -174,11 +188,7 @@ impl Fields {
 
     /// The first value of `name`, when it is visible ASCII (as `HeaderValue::to_str`).
     pub fn get_str(&self, name: &str) -> Option<&str> {
-        let v = self.get(name)?;
-        v.iter()
-            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
-            .then(|| std::str::from_utf8(v).ok())
-            .flatten()
+        as_str(self.get(name)?)
     }
 
     /// Whether a field is named `name`.
@@ -221,13 +231,15 @@ impl Fields {
     }
 
     fn add(&mut self, bytes: &[u8]) -> Option<Place> {
-        let start = u32::try_from(self.added.len())
-            .ok()
-            .filter(|s| s & ADDED == 0 && (s + bytes.len() as u32) & ADDED == 0)?;
+        let start = u32::try_from(self.added.len()).ok()?;
+        let len = u32::try_from(bytes.len()).ok()?;
+        if start.checked_add(len)? & ADDED != 0 {
+            return None;
+        }
         self.added.extend_from_slice(bytes);
         Some(Place {
             start: start | ADDED,
-            len: bytes.len() as u32,
+            len,
         })
     }
 

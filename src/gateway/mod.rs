@@ -2473,7 +2473,7 @@ impl Gateway {
         let lines: Vec<&str> = req
             .fields
             .get_all("x-forwarded-for")
-            .filter_map(|v| std::str::from_utf8(v).ok())
+            .filter_map(head::as_str)
             .collect();
         let incoming_xff = (!lines.is_empty()).then(|| lines.join(", "));
         let client =
@@ -2580,14 +2580,19 @@ impl Gateway {
         // the request was routed by (validated), with the port the client named, never a raw
         // client header
         // (on the stack: a DNS name is at most 253 bytes, a port 5 digits)
-        let port = match req.uri.authority() {
-            Some(a) => split_host_port(a.as_str()).1,
-            None => req
-                .fields
-                .get_str("host")
-                .and_then(|h| split_host_port(h).1),
-        }
-        .filter(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+        let valid =
+            |p: &&str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+        let port = req
+            .uri
+            .authority()
+            .and_then(|a| split_host_port(a.as_str()).1)
+            .filter(valid)
+            .or_else(|| {
+                req.fields
+                    .get_str("host")
+                    .and_then(|h| split_host_port(h).1)
+                    .filter(valid)
+            });
         let mut host_port = [0u8; 272];
         let mut long_host_port = Vec::new();
         let original_host: &[u8] = {
@@ -2757,9 +2762,10 @@ impl Gateway {
             let h2c = tls_client.is_none()
                 && route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
             let via_hyper = tls_client.is_some() || h2c;
-            // hyper's client takes a URI; the HTTP/1.1 client writes the target as it is (visible
-            // ASCII: the path was routed from a parsed target, the target's own path checked when
-            // published)
+            // hyper's client takes a URI; the HTTP/1.1 client writes the target as it is, which
+            // must not split its request line (no space or control character: the path was
+            // routed from a parsed target, which may hold UTF-8, the target's own path checked
+            // when published)
             let uri = match (&target.scheme, &target.authority) {
                 (Some(scheme), Some(authority)) if via_hyper => {
                     let mut path_and_query = String::with_capacity(
@@ -2781,7 +2787,7 @@ impl Gateway {
                 }
                 (Some(_), Some(_)) => [target.path.as_str(), rest, query.unwrap_or("")]
                     .iter()
-                    .all(|p| p.bytes().all(|b| b.is_ascii_graphic()))
+                    .all(|p| p.bytes().all(|b| b > b' ' && b != 0x7f))
                     .then_some(None),
                 _ => None,
             };
