@@ -429,6 +429,21 @@ async fn limits_filters_specificity_and_upstream_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_tricks_query_keys_and_host_claims() {
+    /// Sends `request` as raw bytes on a new connection (an HTTP client library would
+    /// normalise its path) and reads the whole answer.
+    async fn raw_exchange(port: u16, request: String) -> String {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            c.write_all(request.as_bytes()).expect("write");
+            let mut out = Vec::new();
+            let _ = c.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .await
+        .expect("raw client")
+    }
+
     let up = echo_upstream().await;
     let n = Node::start().await;
     for t in ["acme", "globex"] {
@@ -509,21 +524,11 @@ async fn path_tricks_query_keys_and_host_claims() {
         "/open/./a",
         "/open/a\\b",
     ] {
-        // raw bytes: an HTTP client library would normalise the path before sending it
         let port = n.gateway_port;
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: api.acme.example\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
         );
-        let answer = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-            c.write_all(request.as_bytes()).expect("write");
-            let mut out = String::new();
-            let _ = c.read_to_string(&mut out);
-            out
-        })
-        .await
-        .expect("raw client");
+        let answer = raw_exchange(port, request).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
     }
     // a path in UTF-8 (not percent-encoded) is no trick: it is forwarded as it came
@@ -531,16 +536,7 @@ async fn path_tricks_query_keys_and_host_claims() {
     let request = format!(
         "GET /open/caf\u{e9} HTTP/1.1\r\nHost: api.acme.example\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
     );
-    let answer = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        c.write_all(request.as_bytes()).expect("write");
-        let mut out = Vec::new();
-        let _ = c.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .await
-    .expect("raw client");
+    let answer = raw_exchange(port, request).await;
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
     let e: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
