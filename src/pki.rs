@@ -50,13 +50,21 @@ pub fn random_id(prefix: &str) -> anyhow::Result<String> {
 /// Hex SHA-256 of a secret: what the store keeps of API keys and tokens. Secrets are 256-bit
 /// random values, so a plain hash (no salt, no stretching) cannot be reversed.
 pub fn secret_hash(secret: &str) -> String {
-    // lower-case hex, written directly (this runs on every API-key request)
+    secret_hash_hex(secret)
+        .iter()
+        .map(|&b| char::from(b))
+        .collect()
+}
+
+/// [`secret_hash`] as its 64 lower-case hex bytes, on the stack (this runs on every API-key
+/// request).
+pub fn secret_hash_hex(secret: &str) -> [u8; 64] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest.as_ref() {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 0xf)] as char);
+    let mut out = [0u8; 64];
+    for (pair, b) in out.chunks_exact_mut(2).zip(digest.as_ref()) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
     out
 }

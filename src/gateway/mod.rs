@@ -1262,6 +1262,8 @@ struct Served {
     client_closed: bool,
     /// Request body bytes forwarded, counted when the consumer is known (usage metering).
     bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The policies admitted an identified consumer: the request is metered.
+    admitted: bool,
 }
 
 /// What the access log needs of a request (kept only when the line is written).
@@ -1333,17 +1335,15 @@ impl Handling<'_> {
                     .unwrap_or(""),
             });
         }
-        let (Some(route), Some(consumer), Some(bytes_in)) =
-            (&served.route, &served.consumer, &served.bytes_in)
-        else {
+        let (Some(route), Some(consumer)) = (&served.route, &served.consumer) else {
             return None;
         };
-        Some(usage::Ticket {
+        served.admitted.then(|| usage::Ticket {
             meter: gateway.usage.clone(),
             route: route.clone(),
             consumer: consumer.clone(),
-            bytes_in: bytes_in.clone(),
-            bytes_out: Arc::default(),
+            bytes_in: served.bytes_in.clone(),
+            bytes_out: 0,
         })
     }
 }
@@ -1923,7 +1923,7 @@ impl Gateway {
                     let from_header = req
                         .fields
                         .get_str(name)
-                        .map(|k| crate::pki::secret_hash(k.trim()));
+                        .map(|k| crate::pki::secret_hash_hex(k.trim()));
                     let from_query = || {
                         let q = query_param.as_ref()?;
                         let qs = req.uri.query()?;
@@ -1931,7 +1931,7 @@ impl Gateway {
                             .ok()?
                             .into_iter()
                             .find(|(k, _)| k == q)
-                            .map(|(_, v)| crate::pki::secret_hash(v.trim()))
+                            .map(|(_, v)| crate::pki::secret_hash_hex(v.trim()))
                     };
                     let Some(hash) = from_header.or_else(from_query) else {
                         return Err(refuse(
@@ -1946,7 +1946,9 @@ impl Gateway {
                         strip_query_param(&mut req.uri, q);
                     }
                     let now_unix = now.unix_timestamp();
-                    let entry = table.keys.get(&hash).filter(|k| {
+                    // (lower-case hex: ASCII)
+                    let hash = std::str::from_utf8(&hash).unwrap_or_default();
+                    let entry = table.keys.get(hash).filter(|k| {
                         k.tenant == route.tenant && !k.revoked && k.expires_unix > now_unix
                     });
                     let Some(entry) = entry else {
@@ -2618,7 +2620,11 @@ impl Gateway {
         };
         let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
             Ok(h) if served.consumer.is_some() => {
-                served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+                served.admitted = true;
+                // (a request body's bytes are counted as it goes upstream)
+                if !hyper::body::Body::is_end_stream(&req.body) {
+                    served.bytes_in = Some(Arc::new(std::sync::atomic::AtomicU64::new(0)));
+                }
                 h
             }
             Ok(h) => h,

@@ -121,16 +121,22 @@ impl Meter {
 /// answer, records the request's usage when it is done (sent or abandoned).
 pub struct Counted<B> {
     inner: B,
-    bytes: Arc<AtomicU64>,
-    _ticket: Option<Ticket>,
+    counter: Counter,
+}
+
+/// Where a [`Counted`] body's bytes go.
+enum Counter {
+    /// A counter shared with the request's ticket (a request body's bytes in).
+    Shared(Arc<AtomicU64>),
+    /// The ticket's own bytes out (an answer's body, which owns the ticket).
+    Ticket(Ticket),
 }
 
 impl<B> Counted<B> {
     pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
         Counted {
             inner,
-            bytes,
-            _ticket: None,
+            counter: Counter::Shared(bytes),
         }
     }
 
@@ -138,8 +144,7 @@ impl<B> Counted<B> {
     pub fn metered(inner: B, ticket: Ticket) -> Self {
         Counted {
             inner,
-            bytes: ticket.bytes_out.clone(),
-            _ticket: Some(ticket),
+            counter: Counter::Ticket(ticket),
         }
     }
 }
@@ -158,7 +163,13 @@ where
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {
-                self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                let n = d.len() as u64;
+                match &mut self.counter {
+                    Counter::Shared(bytes) => {
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Counter::Ticket(t) => t.bytes_out += n,
+                }
             }
         }
         polled
@@ -178,8 +189,9 @@ pub struct Ticket {
     pub meter: Arc<Meter>,
     pub route: Arc<Route>,
     pub consumer: String,
-    pub bytes_in: Arc<AtomicU64>,
-    pub bytes_out: Arc<AtomicU64>,
+    /// The request body's bytes (none without a body).
+    pub bytes_in: Option<Arc<AtomicU64>>,
+    pub bytes_out: u64,
 }
 
 impl Drop for Ticket {
@@ -190,8 +202,11 @@ impl Drop for Ticket {
             &self.route.api,
             UsageCounts {
                 requests: 1,
-                bytes_in: self.bytes_in.load(Ordering::Relaxed),
-                bytes_out: self.bytes_out.load(Ordering::Relaxed),
+                bytes_in: self
+                    .bytes_in
+                    .as_ref()
+                    .map_or(0, |b| b.load(Ordering::Relaxed)),
+                bytes_out: self.bytes_out,
             },
         );
     }
