@@ -1,10 +1,11 @@
 //! Heads as the gateway keeps them: header fields left in the bytes they arrived in, with their
-//! places, and the fields the gateway adds beside them ([`Fields`]); an answer made of a
-//! status, such fields and a body ([`Answer`]).
+//! places, and the fields the gateway adds beside them ([`Fields`]); a request ([`Req`]) and
+//! an answer ([`Answer`]) made of such fields, their line's parts and a body.
 //!
 //! Building an `http::HeaderMap` costs a name lookup and a hash per field, and writing it out
-//! again another pass: about a third of the gateway's CPU per proxied request went to making,
-//! editing and writing such maps (see the README's benchmark figures). A head that arrives on
+//! again another pass: making, editing and writing such maps (and the `http::Request` and
+//! `Response` around them) cost about 1.4 µs of the 13.4 µs of CPU a proxied request took
+//! (see the README's benchmark figures). A head that arrives on
 //! the wire and leaves on the wire needs none of that: its fields are found by a scan of a few
 //! entries, edited in place, and written back from the bytes they came in. Conversion to and
 //! from `http` types happens only where hyper carries the message (HTTP/2, HTTPS upstreams,
@@ -145,11 +146,7 @@ impl Fields {
     }
 
     fn bytes(&self, p: Place) -> &[u8] {
-        let (from, at) = match p.start & ADDED {
-            0 => (&self.received[..], p.start as usize),
-            _ => (&self.added[..], (p.start & !ADDED) as usize),
-        };
-        &from[at..at + p.len as usize]
+        Fields::place_of(&self.received, &self.added, p)
     }
 
     /// Every field, as (name, value).
