@@ -443,11 +443,7 @@ async fn access_log_fields_follow_the_configuration() {
     );
 
     // HTTP/2 with prior knowledge on the plain listener (the client opens with the preface)
-    let h2c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .resolve("logged.example", ([127, 0, 0, 1], port).into())
-        .build()
-        .unwrap();
+    let h2c = h2c_client("logged.example", port);
     let r = h2c
         .get(format!("http://logged.example:{port}/h2"))
         .header("user-agent", "h2c-client/1")
@@ -1018,6 +1014,26 @@ fn echoed(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
 }
 
+/// A connection to the gateway's `port` in the middle of a 100-byte upload to `path` of host
+/// `e.example`: the head, then, 200 ms later, 10 bytes of the body.
+async fn start_upload(port: u16, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: e.example\r\nContent-Length: 100\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b"0123456789").await.unwrap();
+    s
+}
+
+/// A client speaking HTTP/2 with prior knowledge (no TLS) to `host` at the gateway's `port`.
+fn h2c_client(host: &str, port: u16) -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve(host, ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap()
+}
+
 /// The status of the access-log line of the request for `path` (once the log has it).
 async fn access_status(n: &Node, path: &str) -> u64 {
     let field = format!("\"path\":\"{path}\"");
@@ -1281,11 +1297,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     // (its wait was the upstream's: it has an upstream time)
     assert!(line["upstream_us"].is_u64(), "{line}");
     // and so is an HTTP/2 request whose stream the client resets
-    let h2c = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .resolve("e.example", ([127, 0, 0, 1], port).into())
-        .build()
-        .unwrap();
+    let h2c = h2c_client("e.example", port);
     let gone = h2c
         .get(format!("http://e.example:{port}/h2/slow"))
         .timeout(Duration::from_millis(300))
@@ -1296,12 +1308,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
     assert_eq!(access_status(&n, "/h2/slow").await, 499, "the reset stream");
     // and so is one whose client closes its connection in the middle of its upload (over
     // hyper's server, which streams bodies that come after their head)
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"PUT /upload-left HTTP/1.1\r\nHost: e.example\r\nContent-Length: 100\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    s.write_all(b"0123456789").await.unwrap();
+    let s = start_upload(port, "/upload-left").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(s);
     assert_eq!(
@@ -1310,12 +1317,7 @@ async fn http1_answers_are_framed_pipelined_and_handed_over() {
         "the upload left"
     );
     // one that only half-closes is still reading: it gets a 400 (no 499 on the wire)
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"PUT /upload-half HTTP/1.1\r\nHost: e.example\r\nContent-Length: 100\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    s.write_all(b"0123456789").await.unwrap();
+    let mut s = start_upload(port, "/upload-half").await;
     s.shutdown().await.unwrap();
     let answer = read_some(&mut s, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");

@@ -335,17 +335,21 @@ impl Head {
     /// (and `buf` untouched) when its target is not one hyper's URI takes.
     fn take(buf: &mut BytesMut, parsed: Parsed) -> Option<Head> {
         let whole = buf.split_to(parsed.len).freeze();
-        // the target and the fields share the head's bytes
-        let uri = Uri::from_maybe_shared(whole.slice(parsed.target))
-            .ok()
-            .filter(|_| parsed.places.fit(whole.len()));
-        let Some(uri) = uri else {
-            // given back whole, for hyper
-            let mut back = BytesMut::with_capacity(whole.len() + buf.len());
-            back.extend_from_slice(&whole);
-            back.extend_from_slice(buf);
-            *buf = back;
-            return None;
+        // the target and the fields share the head's bytes (both made before the body is
+        // taken: a head this server cannot take is given back whole, for hyper)
+        let made = match Uri::from_maybe_shared(whole.slice(parsed.target)) {
+            Ok(uri) => Fields::parsed(whole, parsed.places).map(|fields| (uri, fields)),
+            Err(_) => Err(whole),
+        };
+        let (uri, fields) = match made {
+            Ok(made) => made,
+            Err(whole) => {
+                let mut back = BytesMut::with_capacity(whole.len() + buf.len());
+                back.extend_from_slice(&whole);
+                back.extend_from_slice(buf);
+                *buf = back;
+                return None;
+            }
         };
         let body = match parsed.length {
             0 => None,
@@ -356,7 +360,7 @@ impl Head {
                 method: parsed.method,
                 uri,
                 version: hyper::Version::HTTP_11,
-                fields: Fields::parsed(whole, parsed.places)?,
+                fields,
                 body: ReqBody::Whole(body),
                 upgrade: None,
             },

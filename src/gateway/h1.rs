@@ -535,7 +535,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         let places = Places::of(&buf[..len], parsed.headers, 6)
             .ok_or(Error::Protocol("malformed response head"))?;
         let mut headers = Fields::parsed(buf.split_to(len).freeze(), places)
-            .ok_or(Error::Protocol("malformed response head"))?;
+            .map_err(|_| Error::Protocol("malformed response head"))?;
         let mut keep = http11 && !headers.lists("connection", "close");
         let kind = if head_request
             || status == StatusCode::NO_CONTENT

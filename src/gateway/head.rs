@@ -56,11 +56,6 @@ impl Places {
         }
         Some(Places { list, end })
     }
-
-    /// Whether the places lie within a head of `len` bytes (as [`Fields::parsed`] requires).
-    pub fn fit(&self, len: usize) -> bool {
-        self.end <= len
-    }
 }
 
 /// A head's header fields, in order.
@@ -136,9 +131,12 @@ impl Fields {
     }
 
     /// The fields httparse parsed, with the head they point into (split off its buffer
-    /// after [`Places::of`]); `None` when a place lies outside `head`.
-    pub fn parsed(head: Bytes, places: Places) -> Option<Fields> {
-        (places.end <= head.len()).then_some(Fields {
+    /// after [`Places::of`]); the head given back when a place lies outside it.
+    pub fn parsed(head: Bytes, places: Places) -> Result<Fields, Bytes> {
+        if places.end > head.len() {
+            return Err(head);
+        }
+        Ok(Fields {
             received: head,
             added: Vec::new(),
             list: places.list,

@@ -869,15 +869,6 @@ struct RequestId {
     bytes: [u8; 128],
 }
 
-impl Default for RequestId {
-    fn default() -> RequestId {
-        RequestId::new(b"req-").unwrap_or(RequestId {
-            len: 0,
-            bytes: [0; 128],
-        })
-    }
-}
-
 impl RequestId {
     /// `id` when it may be one: 1 to 128 visible ASCII characters.
     fn new(id: &[u8]) -> Option<RequestId> {
@@ -1379,9 +1370,10 @@ fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> 
     Refusal(status, slug, detail.into(), Fields::default())
 }
 
-/// A quota's IETF RateLimit headers: `RateLimit-Policy: "<name>";q=<limit>;w=<seconds>` and
-/// `RateLimit: "<name>";r=<remaining>;t=<seconds left>` (each one more item of its list).
-fn push_quota_headers(
+/// A rate limit's or a quota's IETF RateLimit fields: `RateLimit-Policy:
+/// "<name>";q=<limit>;w=<seconds>` and `RateLimit: "<name>";r=<remaining>;t=<seconds left>`
+/// (each one more item of its list; none without a limit).
+fn push_ratelimit_fields(
     out: &mut Fields,
     name: &str,
     limit: Option<u64>,
@@ -1390,29 +1382,24 @@ fn push_quota_headers(
     left: u64,
 ) {
     let Some(limit) = limit else { return };
-    let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
-    out.append_parts(
-        "ratelimit-policy",
-        &[
-            b"\"",
-            name.as_bytes(),
-            b"\";q=",
-            access::digits(limit, &mut a).as_bytes(),
-            b";w=",
-            access::digits(width, &mut b).as_bytes(),
-        ],
-    );
-    out.append_parts(
-        "ratelimit",
-        &[
-            b"\"",
-            name.as_bytes(),
-            b"\";r=",
-            access::digits(remaining, &mut a).as_bytes(),
-            b";t=",
-            access::digits(left, &mut b).as_bytes(),
-        ],
-    );
+    for (field, first, second) in [
+        ("ratelimit-policy", (b";q=", limit), (b";w=", width)),
+        ("ratelimit", (b";r=", remaining), (b";t=", left)),
+    ] {
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        out.append_parts(
+            field,
+            &[
+                b"\"",
+                name.as_bytes(),
+                b"\"",
+                first.0,
+                access::digits(first.1, &mut a).as_bytes(),
+                second.0,
+                access::digits(second.1, &mut b).as_bytes(),
+            ],
+        );
+    }
 }
 
 /// Adds the policies' answer fields (rate-limit state, CORS) to an answer's: the RateLimit
@@ -1863,7 +1850,12 @@ impl Gateway {
         for (i, digit) in id[4..].iter_mut().rev().enumerate() {
             *digit = HEX[((value >> (i * 4)) & 0xf) as usize];
         }
-        RequestId::new(&id).unwrap_or_default()
+        let mut bytes = [0; 128];
+        bytes[..id.len()].copy_from_slice(&id);
+        RequestId {
+            len: id.len() as u8,
+            bytes,
+        }
     }
 
     /// Installs a new routing table; requests in flight finish on the one they started with.
@@ -2278,7 +2270,7 @@ impl Gateway {
                 Ok(left) => {
                     for (window, remaining, secs) in left {
                         let (name, limit, width) = named(&window);
-                        push_quota_headers(answer_headers, name, limit, width, remaining, secs);
+                        push_ratelimit_fields(answer_headers, name, limit, width, remaining, secs);
                     }
                 }
                 Err((window, secs)) => {
@@ -2292,7 +2284,7 @@ impl Gateway {
                         access::digits(secs, &mut [0u8; 20]).as_bytes(),
                     );
                     let (name, limit, width) = named(&window);
-                    push_quota_headers(&mut r.3, name, limit, width, 0, secs);
+                    push_ratelimit_fields(&mut r.3, name, limit, width, 0, secs);
                     return Err(r);
                 }
             }
@@ -2313,14 +2305,8 @@ impl Gateway {
                 None => gcra.check(m.entry(key.to_string()).or_insert(0), now),
             }
         };
-        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
-        let policy: [&[u8]; 4] = [
-            b"\"default\";q=",
-            access::digits(u64::from(gcra.requests), &mut a).as_bytes(),
-            b";w=",
-            access::digits(u64::from(gcra.per_seconds), &mut b).as_bytes(),
-        ];
-        let (mut c, mut d) = ([0u8; 20], [0u8; 20]);
+        let limit = Some(u64::from(gcra.requests));
+        let width = u64::from(gcra.per_seconds);
         match decision {
             Decision::Allow {
                 remaining,
@@ -2332,16 +2318,8 @@ impl Gateway {
                         || n.eq_ignore_ascii_case(b"ratelimit-policy"))
                         && v.starts_with(b"\"default\""))
                 });
-                answer.append_parts("ratelimit-policy", &policy);
-                answer.append_parts(
-                    "ratelimit",
-                    &[
-                        b"\"default\";r=",
-                        access::digits(u64::from(remaining), &mut c).as_bytes(),
-                        b";t=",
-                        access::digits(reset_secs, &mut d).as_bytes(),
-                    ],
-                );
+                let remaining = u64::from(remaining);
+                push_ratelimit_fields(answer, "default", limit, width, remaining, reset_secs);
                 Ok(())
             }
             Decision::Deny { retry_after_secs } => {
@@ -2350,10 +2328,11 @@ impl Gateway {
                     "rate-limited",
                     "the rate limit is exceeded; retry later",
                 );
-                let retry = access::digits(retry_after_secs, &mut c).as_bytes();
-                r.3.append("retry-after", retry);
-                r.3.append_parts("ratelimit-policy", &policy);
-                r.3.append_parts("ratelimit", &[b"\"default\";r=0;t=", retry]);
+                r.3.append(
+                    "retry-after",
+                    access::digits(retry_after_secs, &mut [0u8; 20]).as_bytes(),
+                );
+                push_ratelimit_fields(&mut r.3, "default", limit, width, 0, retry_after_secs);
                 Err(r)
             }
         }
