@@ -20,7 +20,7 @@
 //! write is cut by [`Stall`](super::Stall), and the gateway's shutdown closes an idle connection
 //! and makes the answer in progress the last (`Connection: close`).
 
-use super::head::{Answer, Fields, Places, Req};
+use super::head::{Answer, Fields, Known, Places, Req};
 use super::{Body, Conn, Gateway, ListenerLimits, ReqBody};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -282,33 +282,35 @@ impl Parsed {
         if !target.starts_with('/') || target.len() >= usize::from(u16::MAX) {
             return None;
         }
+        // (room for the forwarding fields the gateway adds)
+        let places = Places::of(bytes, req.headers, 8)?;
         let mut close = false;
         let mut length = None;
-        for f in req.headers.iter() {
-            let name = f.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-                || name.eq_ignore_ascii_case(b"te")
-            {
-                return None;
-            }
-            if name.eq_ignore_ascii_case(b"content-length") {
-                // one length, in digits (anything else is hyper's to refuse)
-                if length.is_some() || f.value.is_empty() || !f.value.iter().all(u8::is_ascii_digit)
-                {
-                    return None;
+        for (f, known) in req.headers.iter().zip(places.known()) {
+            match known {
+                Known::TransferEncoding | Known::Expect | Known::Upgrade | Known::Te => {
+                    return None
                 }
-                length = Some(std::str::from_utf8(f.value).ok()?.parse::<u64>().ok()?);
-            }
-            if name.eq_ignore_ascii_case(b"connection") {
-                for token in f.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"upgrade") {
+                Known::ContentLength => {
+                    // one length, in digits (anything else is hyper's to refuse)
+                    if length.is_some()
+                        || f.value.is_empty()
+                        || !f.value.iter().all(u8::is_ascii_digit)
+                    {
                         return None;
                     }
-                    close |= token.eq_ignore_ascii_case(b"close");
+                    length = Some(std::str::from_utf8(f.value).ok()?.parse::<u64>().ok()?);
                 }
+                Known::Connection => {
+                    for token in f.value.split(|b| *b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"upgrade") {
+                            return None;
+                        }
+                        close |= token.eq_ignore_ascii_case(b"close");
+                    }
+                }
+                _ => {}
             }
         }
         let length = length.unwrap_or(0);
@@ -324,8 +326,7 @@ impl Parsed {
             target: at..at + target.len(),
             close,
             length,
-            // (room for the forwarding fields the gateway adds)
-            places: Places::of(bytes, req.headers, 8)?,
+            places,
         })
     }
 }
@@ -401,7 +402,7 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
         io.flush().await?;
         return Ok(false);
     }
-    let last = last || fields.lists("connection", "close");
+    let last = last || fields.lists(Known::Connection, "close");
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -424,33 +425,32 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     let mut length = None;
     let mut length_written = false;
     let mut dated = false;
-    for (name, value) in fields.iter() {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            if !keeps_length {
-                continue;
-            }
-            let v = value;
-            let n = (!v.is_empty() && v.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-                .flatten();
-            // the first readable one is written, and frames the body (both upstream clients
-            // refuse answers whose lengths disagree)
-            match n {
-                Some(n) if !length_written => {
-                    length_written = true;
-                    if !bodiless {
-                        length = Some(n);
-                    }
+    for (known, name, value) in fields.iter_known() {
+        match known {
+            Known::ContentLength => {
+                if !keeps_length {
+                    continue;
                 }
-                _ => continue,
+                let v = value;
+                let n = (!v.is_empty() && v.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                    .flatten();
+                // the first readable one is written, and frames the body (both upstream
+                // clients refuse answers whose lengths disagree)
+                match n {
+                    Some(n) if !length_written => {
+                        length_written = true;
+                        if !bodiless {
+                            length = Some(n);
+                        }
+                    }
+                    _ => continue,
+                }
             }
+            Known::TransferEncoding | Known::Connection => continue,
+            Known::Date => dated = true,
+            _ => {}
         }
-        if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"connection")
-        {
-            continue;
-        }
-        dated |= name.eq_ignore_ascii_case(b"date");
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);

@@ -13,7 +13,7 @@
 //! in CRLF, heads and chunk lines are size-limited. A connection is reused only after an answer
 //! read to its exact end with nothing behind it.
 
-use super::head::{Answer, Fields, Places, Switched};
+use super::head::{Answer, Fields, Known, Places, Switched};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
@@ -105,12 +105,20 @@ impl Upgraded {
 struct Idle {
     stream: TcpStream,
     since: Instant,
+    /// The last exchange's buffer, empty: the next exchange reads into it (no allocation per
+    /// exchange once the last answer's bytes are gone).
+    buf: BytesMut,
 }
+
+/// The most room an idle connection's buffer keeps (a larger one, grown for a long body, is
+/// let go).
+const KEPT_BUFFER: usize = 8 * 1024;
 
 thread_local! {
     // keyed by configured origins (not by anything a client sends): a fast hash, not a
-    // flood-resistant one
-    static IDLE: RefCell<HashMap<Authority, VecDeque<Idle>, rustc_hash::FxBuildHasher>> =
+    // flood-resistant one, of the origin's text as configured (`Authority`'s own hash and
+    // comparison fold the case byte by byte)
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>, rustc_hash::FxBuildHasher>> =
         RefCell::new(HashMap::default());
 }
 
@@ -119,10 +127,10 @@ thread_local! {
 /// closed instead. Reads leave the socket's readiness clear once drained (a short read, or
 /// would-block), so a clean idle connection is known without a system call; only one that
 /// became readable is read.
-fn checkout(origin: &Authority) -> Option<TcpStream> {
+fn checkout(origin: &Authority) -> Option<(TcpStream, BytesMut)> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
-        let list = pool.get_mut(origin)?;
+        let list = pool.get_mut(origin.as_str())?;
         let now = Instant::now();
         while let Some(idle) = list.pop_back() {
             if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
@@ -133,7 +141,9 @@ fn checkout(origin: &Authority) -> Option<TcpStream> {
             // no system call unless the socket became readable (tokio's try_read)
             let mut byte = [0u8; 1];
             match idle.stream.try_read(&mut byte) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(idle.stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Some((idle.stream, idle.buf))
+                }
                 // closed by the upstream, or bytes nobody asked for
                 _ => continue,
             }
@@ -142,7 +152,7 @@ fn checkout(origin: &Authority) -> Option<TcpStream> {
     })
 }
 
-fn checkin(origin: &Authority, stream: TcpStream) {
+fn checkin(origin: &Authority, stream: TcpStream, buf: BytesMut) {
     thread_local! {
         static CHECKINS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
@@ -163,9 +173,9 @@ fn checkin(origin: &Authority, stream: TcpStream) {
             });
         }
         // the origin is cloned only the first time it is pooled
-        let list = match pool.get_mut(origin) {
+        let list = match pool.get_mut(origin.as_str()) {
             Some(list) => list,
-            None => pool.entry(origin.clone()).or_default(),
+            None => pool.entry(origin.as_str().into()).or_default(),
         };
         while list.front().is_some_and(expired) {
             list.pop_front();
@@ -173,7 +183,15 @@ fn checkin(origin: &Authority, stream: TcpStream) {
         if list.len() >= MAX_IDLE_PER_ORIGIN {
             list.pop_front();
         }
-        list.push_back(Idle { stream, since: now });
+        let buf = match buf.capacity() <= KEPT_BUFFER {
+            true => buf,
+            false => BytesMut::new(),
+        };
+        list.push_back(Idle {
+            stream,
+            since: now,
+            buf,
+        });
     })
 }
 
@@ -235,11 +253,11 @@ fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(origin.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in head.fields.iter() {
-        if name.eq_ignore_ascii_case(b"host")
-            || name.eq_ignore_ascii_case(b"content-length")
-            || name.eq_ignore_ascii_case(b"transfer-encoding")
-        {
+    for (known, name, value) in head.fields.iter_known() {
+        if matches!(
+            known,
+            Known::Host | Known::ContentLength | Known::TransferEncoding
+        ) {
             continue;
         }
         out.extend_from_slice(name);
@@ -272,7 +290,7 @@ pub async fn send(
 ) -> Result<Answer<UpBody>, Error> {
     let bodyless = body.as_ref().is_none_or(|b| b.is_end_stream());
     let framing = if bodyless {
-        if head.fields.contains("content-length")
+        if head.fields.contains(Known::ContentLength)
             || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH)
         {
             Framing::Length(0)
@@ -293,13 +311,14 @@ pub async fn send(
     let mut pooled = checkout(origin);
     loop {
         let reused = pooled.is_some();
-        let stream = match pooled.take() {
-            Some(s) => s,
-            None => connect(origin, connect_timeout).await?,
+        let (stream, buf) = match pooled.take() {
+            Some(pooled) => pooled,
+            None => (connect(origin, connect_timeout).await?, BytesMut::new()),
         };
         let body = body.as_mut().filter(|_| !bodyless);
         let sent = exchange(
             stream,
+            buf,
             &encoded,
             body,
             framing,
@@ -336,6 +355,7 @@ fn io_error(e: io::Error, reused: bool, answered: bool) -> Error {
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     mut stream: TcpStream,
+    mut buf: BytesMut,
     head: &[u8],
     body: Option<&mut Body>,
     framing: Framing,
@@ -343,7 +363,6 @@ async fn exchange(
     reused: bool,
     origin: &Authority,
 ) -> Result<Answer<UpBody>, Error> {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut answered = false;
     let mut early = false;
     let mut failed_write = None;
@@ -536,17 +555,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             .ok_or(Error::Protocol("malformed response head"))?;
         let mut headers = Fields::parsed(buf.split_to(len).freeze(), places)
             .map_err(|_| Error::Protocol("malformed response head"))?;
-        let mut keep = http11 && !headers.lists("connection", "close");
+        let mut keep = http11 && !headers.lists(Known::Connection, "close");
         let kind = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::SWITCHING_PROTOCOLS
         {
             Kind::Length(0)
-        } else if headers.contains("transfer-encoding") {
+        } else if headers.contains(Known::TransferEncoding) {
             // Transfer-Encoding wins; with Content-Length beside it, the message is suspect
             // and the connection is not reused (RFC 9112 §6.3)
-            if headers.remove("content-length") {
+            if headers.remove(Known::ContentLength) {
                 keep = false;
             }
             // only plain `chunked` is relayed: another coding would reach the client
@@ -555,12 +574,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 return Err(Error::Protocol("unsupported Transfer-Encoding"));
             }
             Kind::Chunked(Chunk::Size)
-        } else if headers.contains("content-length") {
+        } else if headers.contains(Known::ContentLength) {
             let n = content_length(&headers)?;
             // one value on to the client, whatever repetition the upstream sent (a single
             // plain value, the usual case, is kept as is)
             let single = {
-                let mut values = headers.get_all("content-length");
+                let mut values = headers.get_all(Known::ContentLength);
                 values
                     .next()
                     .is_some_and(|v| v.iter().all(u8::is_ascii_digit))
@@ -583,7 +602,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
 
 fn only_chunked(headers: &Fields) -> bool {
     let mut codings = headers
-        .get_all("transfer-encoding")
+        .get_all(Known::TransferEncoding)
         .flat_map(|v| v.split(|b| *b == b','))
         .map(<[u8]>::trim_ascii);
     codings
@@ -597,7 +616,7 @@ fn only_chunked(headers: &Fields) -> bool {
 fn content_length(headers: &Fields) -> Result<u64, Error> {
     let bad = || Error::Protocol("invalid Content-Length");
     let mut found: Option<u64> = None;
-    for v in headers.get_all("content-length") {
+    for v in headers.get_all(Known::ContentLength) {
         for item in std::str::from_utf8(v).map_err(|_| bad())?.split(',') {
             let item = item.trim();
             if item.is_empty() || item.len() > 19 || !item.bytes().all(|b| b.is_ascii_digit()) {
@@ -676,7 +695,7 @@ impl UpBody {
         self.kind = Kind::Done;
         if let Some(stream) = self.stream.take() {
             if self.keep && self.buf.is_empty() {
-                checkin(&self.origin, stream);
+                checkin(&self.origin, stream, std::mem::take(&mut self.buf));
             }
         }
     }
@@ -917,8 +936,8 @@ mod tests {
         let resp = send(&origin, get(), None, t, t).await.unwrap();
         assert!(resp.body.is_whole());
         assert_eq!(resp.body.size_hint().exact(), Some(2));
-        let pooled = checkout(&origin).expect("back in the pool before the body is read");
-        checkin(&origin, pooled);
+        let (pooled, buf) = checkout(&origin).expect("back in the pool before the body is read");
+        checkin(&origin, pooled, buf);
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
 
@@ -953,14 +972,14 @@ mod tests {
     #[test]
     fn content_lengths_must_agree() {
         let mut h = Fields::default();
-        h.append("content-length", b"5");
+        h.append(Known::ContentLength, b"5");
         assert_eq!(content_length(&h).unwrap(), 5);
         h.append("Content-Length", b"5, 5");
         assert_eq!(content_length(&h).unwrap(), 5);
-        h.append("content-length", b"6");
+        h.append(Known::ContentLength, b"6");
         assert!(content_length(&h).is_err());
         let mut h = Fields::default();
-        h.append("content-length", b"+5");
+        h.append(Known::ContentLength, b"+5");
         assert!(content_length(&h).is_err());
     }
 
@@ -981,7 +1000,7 @@ mod tests {
         let (_, fields, (kind, keep)) = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(kind, Kind::Chunked(Chunk::Size));
         assert!(!keep, "TE with CL: not reused");
-        assert!(fields.get("content-length").is_none());
+        assert!(fields.get(Known::ContentLength).is_none());
 
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"[..]);
@@ -994,7 +1013,7 @@ mod tests {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok"[..]);
         let (_, fields, _) = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(
-            fields.get_all("content-length").collect::<Vec<_>>(),
+            fields.get_all(Known::ContentLength).collect::<Vec<_>>(),
             [b"2"],
             "one value relayed"
         );

@@ -22,17 +22,234 @@ use hyper::{Method, StatusCode, Uri, Version};
 /// Marks a place in the added bytes rather than the received ones.
 const ADDED: u32 = 1 << 31;
 
+/// A name place that stands for its field's known name as the gateway writes it (lower case).
+const CANONICAL: Place = Place {
+    start: u32::MAX,
+    len: 0,
+};
+
 /// Where a name or a value is: a range of the received head, or of the added bytes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Place {
     start: u32,
     len: u32,
 }
 
+/// The names the gateway looks for or adds, told apart by a byte: a field's name is
+/// classified once, when it is parsed or added, and lookups of these names compare that
+/// byte rather than the name's letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Known {
+    /// Any other name (compared letter by letter, case-insensitively).
+    Other,
+    Host,
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    Te,
+    Trailer,
+    Upgrade,
+    KeepAlive,
+    ProxyConnection,
+    ProxyAuthenticate,
+    ProxyAuthorization,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Forwarded,
+    XRequestId,
+    Via,
+    Date,
+    UserAgent,
+    Origin,
+    Authorization,
+    Expect,
+    ContentType,
+    Vary,
+    RetryAfter,
+    RateLimit,
+    RateLimitPolicy,
+}
+
+impl Known {
+    /// The name, in lower case.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Known::Other => "",
+            Known::Host => "host",
+            Known::Connection => "connection",
+            Known::ContentLength => "content-length",
+            Known::TransferEncoding => "transfer-encoding",
+            Known::Te => "te",
+            Known::Trailer => "trailer",
+            Known::Upgrade => "upgrade",
+            Known::KeepAlive => "keep-alive",
+            Known::ProxyConnection => "proxy-connection",
+            Known::ProxyAuthenticate => "proxy-authenticate",
+            Known::ProxyAuthorization => "proxy-authorization",
+            Known::XForwardedFor => "x-forwarded-for",
+            Known::XForwardedProto => "x-forwarded-proto",
+            Known::XForwardedHost => "x-forwarded-host",
+            Known::Forwarded => "forwarded",
+            Known::XRequestId => "x-request-id",
+            Known::Via => "via",
+            Known::Date => "date",
+            Known::UserAgent => "user-agent",
+            Known::Origin => "origin",
+            Known::Authorization => "authorization",
+            Known::Expect => "expect",
+            Known::ContentType => "content-type",
+            Known::Vary => "vary",
+            Known::RetryAfter => "retry-after",
+            Known::RateLimit => "ratelimit",
+            Known::RateLimitPolicy => "ratelimit-policy",
+        }
+    }
+
+    /// Which known name `name` is (in any case), or `Other`.
+    pub fn of(name: &[u8]) -> Known {
+        use Known::*;
+        // (by length first: a name is compared with at most two)
+        let candidates: &[Known] = match name.len() {
+            2 => &[Te],
+            3 => &[Via],
+            4 => &[Host, Date, Vary],
+            6 => &[Origin, Expect],
+            7 => &[Upgrade, Trailer],
+            9 => &[Forwarded, RateLimit],
+            10 => &[Connection, UserAgent, KeepAlive],
+            11 => &[RetryAfter],
+            12 => &[XRequestId, ContentType],
+            13 => &[Authorization],
+            14 => &[ContentLength],
+            15 => &[XForwardedFor],
+            16 => &[XForwardedHost, ProxyConnection, RateLimitPolicy],
+            17 => &[XForwardedProto, TransferEncoding],
+            18 => &[ProxyAuthenticate],
+            19 => &[ProxyAuthorization],
+            _ => return Other,
+        };
+        candidates
+            .iter()
+            .copied()
+            .find(|k| folds_to(name, k.name().as_bytes()))
+            .unwrap_or(Other)
+    }
+
+    /// Whether the field is hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+    /// `Proxy-Connection`): never forwarded.
+    pub fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Known::Connection
+                | Known::Te
+                | Known::Trailer
+                | Known::TransferEncoding
+                | Known::Upgrade
+                | Known::KeepAlive
+                | Known::ProxyConnection
+                | Known::ProxyAuthenticate
+                | Known::ProxyAuthorization
+        )
+    }
+}
+
+/// Whether `name` is `lower` (a known name: lower-case letters and `-`, as long) in any case.
+/// Compared a word at a time: a byte with bit 0x20 set is `lower`'s byte only if it is that
+/// byte or its capital (or, for `-`, a carriage return, which no name or value holds).
+fn folds_to(name: &[u8], lower: &[u8]) -> bool {
+    fn word(b: &[u8], at: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(w)
+    }
+    fn half(b: &[u8], at: usize) -> u32 {
+        let mut w = [0u8; 4];
+        w.copy_from_slice(&b[at..at + 4]);
+        u32::from_le_bytes(w)
+    }
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    match n {
+        0..=3 => name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b),
+        4..=7 => {
+            let fold = 0x2020_2020;
+            half(name, 0) | fold == half(lower, 0) && half(name, n - 4) | fold == half(lower, n - 4)
+        }
+        _ => {
+            let fold = 0x2020_2020_2020_2020;
+            let mut at = 0;
+            while at + 8 <= n {
+                if word(name, at) | fold != word(lower, at) {
+                    return false;
+                }
+                at += 8;
+            }
+            // (the last word overlaps the one before)
+            at == n || word(name, n - 8) | fold == word(lower, n - 8)
+        }
+    }
+}
+
+/// A name to look for or to add: a known one, or any other as text.
+#[derive(Clone, Copy, Debug)]
+pub struct Name<'a> {
+    known: Known,
+    bytes: &'a [u8],
+}
+
+impl Name<'_> {
+    /// Which known name it is (`Other` for any other).
+    pub fn known(&self) -> Known {
+        self.known
+    }
+}
+
+impl<'a> From<Known> for Name<'a> {
+    fn from(known: Known) -> Name<'a> {
+        Name {
+            known,
+            bytes: known.name().as_bytes(),
+        }
+    }
+}
+
+impl<'a> From<&'a [u8]> for Name<'a> {
+    fn from(bytes: &'a [u8]) -> Name<'a> {
+        Name {
+            known: Known::of(bytes),
+            bytes,
+        }
+    }
+}
+
+impl<'a> From<&'a str> for Name<'a> {
+    fn from(name: &'a str) -> Name<'a> {
+        Name::from(name.as_bytes())
+    }
+}
+
+impl<'a> From<&'a String> for Name<'a> {
+    fn from(name: &'a String) -> Name<'a> {
+        Name::from(name.as_bytes())
+    }
+}
+
+/// A field: where its name and value are, and which known name it has.
+#[derive(Clone, Copy, Debug)]
+struct Field {
+    name: Place,
+    value: Place,
+    known: Known,
+}
+
 /// Where httparse's fields are in the head they were parsed from: taken while the parse
 /// borrows the read buffer, then given with the head split off it to [`Fields::parsed`].
 pub struct Places {
-    list: Vec<(Place, Place)>,
+    list: Vec<Field>,
     end: usize,
 }
 
@@ -52,30 +269,18 @@ impl Places {
         };
         let mut list = Vec::with_capacity(fields.len() + room);
         for f in fields {
-            list.push((place(f.name.as_bytes())?, place(f.value)?));
+            list.push(Field {
+                name: place(f.name.as_bytes())?,
+                value: place(f.value)?,
+                known: Known::of(f.name.as_bytes()),
+            });
         }
         Some(Places { list, end })
     }
-}
 
-/// A head's header fields, in order.
-#[derive(Clone, Default)]
-pub struct Fields {
-    /// The head as received (shared): the parsed fields point into it.
-    received: Bytes,
-    /// Names and values the gateway added.
-    added: Vec<u8>,
-    list: Vec<(Place, Place)>,
-}
-
-impl std::fmt::Debug for Fields {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(
-                self.iter()
-                    .map(|(n, v)| (String::from_utf8_lossy(n), String::from_utf8_lossy(v))),
-            )
-            .finish()
+    /// The known name of each field, in order.
+    pub fn known(&self) -> impl Iterator<Item = Known> + '_ {
+        self.list.iter().map(|f| f.known)
     }
 }
 
@@ -99,16 +304,42 @@ pub fn is_name(name: &[u8]) -> bool {
 
 /// Whether `value` may be a field value: no control character but horizontal tab.
 pub fn is_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    // (eight bytes at a time; the last few padded with spaces)
+    let mut words = value.chunks_exact(8);
+    for w in words.by_ref() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        if controls(u64::from_le_bytes(b)) != 0 {
+            return false;
+        }
+    }
+    let rest = words.remainder();
+    let mut b = [b' '; 8];
+    b[..rest.len()].copy_from_slice(rest);
+    controls(u64::from_le_bytes(b)) == 0
+}
+
+/// The bytes of `w` that are control characters other than tab (below 0x20, or DEL), each
+/// marked by its top bit. Exact: no carry crosses from one byte into the next.
+fn controls(w: u64) -> u64 {
+    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const fn each(b: u8) -> u64 {
+        0x0101_0101_0101_0101 * b as u64
+    }
+    // bytes equal to zero, marked
+    let zero = |x: u64| !(((x & LOW) + LOW) | x) & HIGH;
+    // below 0x20: neither the top bit set nor 0x20 reached by the low seven bits
+    let small = !(((w & LOW) + each(0x60)) | w) & HIGH;
+    let tab = zero(w ^ each(b'\t'));
+    let del = zero(w ^ each(0x7f));
+    (small & !tab) | del
 }
 
 /// A value as text, when it is visible ASCII, spaces and tabs (as `HeaderValue::to_str`).
 pub fn as_str(value: &[u8]) -> Option<&str> {
-    value
-        .iter()
-        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    // (visible ASCII is UTF-8: the check finds it so at once)
+    (value.is_ascii() && is_value(value))
         .then(|| std::str::from_utf8(value).ok())
         .flatten()
 }
@@ -118,6 +349,56 @@ pub fn lists(value: &[u8], token: &str) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether a field is hop-by-hop (see [`Known::hop_by_hop`]).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    Known::of(name).hop_by_hop()
+}
+
+/// A head's header fields, in order.
+#[derive(Clone, Default)]
+pub struct Fields {
+    /// The head as received (shared): the parsed fields point into it.
+    received: Bytes,
+    /// Names and values the gateway added.
+    added: Vec<u8>,
+    list: Vec<Field>,
+}
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|(n, v)| (String::from_utf8_lossy(n), String::from_utf8_lossy(v))),
+            )
+            .finish()
+    }
+}
+
+/// The bytes at `p`, in the received head or the added bytes.
+fn place_of<'a>(received: &'a [u8], added: &'a [u8], p: Place) -> &'a [u8] {
+    let (from, at) = match p.start & ADDED {
+        0 => (received, p.start as usize),
+        _ => (added, (p.start & !ADDED) as usize),
+    };
+    &from[at..at + p.len as usize]
+}
+
+/// A field's name as it is written.
+fn name_of<'a>(received: &'a [u8], added: &'a [u8], f: &Field) -> &'a [u8] {
+    match f.name == CANONICAL {
+        true => f.known.name().as_bytes(),
+        false => place_of(received, added, f.name),
+    }
+}
+
+/// Whether field `f` is named `name`: a known name by its byte, another by its letters.
+fn is_named(received: &[u8], added: &[u8], f: &Field, name: Name<'_>) -> bool {
+    f.known == name.known
+        && (name.known != Known::Other
+            || name_of(received, added, f).eq_ignore_ascii_case(name.bytes))
 }
 
 impl Fields {
@@ -143,15 +424,27 @@ impl Fields {
         })
     }
 
-    fn bytes(&self, p: Place) -> &[u8] {
-        Fields::place_of(&self.received, &self.added, p)
-    }
-
     /// Every field, as (name, value).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        self.list
-            .iter()
-            .map(|(n, v)| (self.bytes(*n), self.bytes(*v)))
+        self.iter_known().map(|(_, n, v)| (n, v))
+    }
+
+    /// Every field, as (known name, name, value).
+    pub fn iter_known(&self) -> impl Iterator<Item = (Known, &[u8], &[u8])> + '_ {
+        let (received, added) = (&self.received[..], &self.added[..]);
+        self.list.iter().map(move |f| {
+            (
+                f.known,
+                name_of(received, added, f),
+                place_of(received, added, f.value),
+            )
+        })
+    }
+
+    /// Every field, as (name, value), the name as a [`Name`] (its known name kept).
+    pub fn iter_named(&self) -> impl Iterator<Item = (Name<'_>, &[u8])> + '_ {
+        self.iter_known()
+            .map(|(known, bytes, v)| (Name { known, bytes }, v))
     }
 
     /// How many fields there are.
@@ -165,121 +458,158 @@ impl Fields {
     }
 
     /// The values of the fields named `name`, in order.
-    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    pub fn get_all<'a>(&'a self, name: impl Into<Name<'a>>) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let name = name.into();
+        let (received, added) = (&self.received[..], &self.added[..]);
         self.list
             .iter()
-            .filter(move |(n, _)| self.bytes(*n).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| self.bytes(*v))
+            .filter(move |f| is_named(received, added, f, name))
+            .map(move |f| place_of(received, added, f.value))
     }
 
     /// The first value of `name`.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.list.iter().find_map(|(n, v)| {
-            self.bytes(*n)
-                .eq_ignore_ascii_case(name.as_bytes())
-                .then(|| self.bytes(*v))
-        })
+    pub fn get<'a>(&'a self, name: impl Into<Name<'a>>) -> Option<&'a [u8]> {
+        self.get_all(name).next()
     }
 
     /// The first value of `name`, when it is visible ASCII (as `HeaderValue::to_str`).
-    pub fn get_str(&self, name: &str) -> Option<&str> {
+    pub fn get_str<'a>(&'a self, name: impl Into<Name<'a>>) -> Option<&'a str> {
         as_str(self.get(name)?)
     }
 
     /// Whether a field is named `name`.
-    pub fn contains(&self, name: &str) -> bool {
+    pub fn contains<'a>(&'a self, name: impl Into<Name<'a>>) -> bool {
         self.get(name).is_some()
     }
 
     /// Whether a field `name` lists `token` (`Connection: close`).
-    pub fn lists(&self, name: &str, token: &str) -> bool {
+    pub fn lists<'a>(&'a self, name: impl Into<Name<'a>>, token: &str) -> bool {
         self.get_all(name).any(|v| lists(v, token))
     }
 
     /// Removes every field named `name`; whether there was one.
-    pub fn remove(&mut self, name: &str) -> bool {
-        let before = self.list.len();
-        let (received, added) = (&self.received, &self.added);
-        self.list.retain(|(n, _)| {
-            !Fields::place_of(received, added, *n).eq_ignore_ascii_case(name.as_bytes())
-        });
-        self.list.len() != before
-    }
-
-    fn place_of<'a>(received: &'a [u8], added: &'a [u8], p: Place) -> &'a [u8] {
-        let (from, at) = match p.start & ADDED {
-            0 => (received, p.start as usize),
-            _ => (added, (p.start & !ADDED) as usize),
+    pub fn remove<'n>(&mut self, name: impl Into<Name<'n>>) -> bool {
+        let name = name.into();
+        let (received, added) = (&self.received[..], &self.added[..]);
+        let Some(first) = self
+            .list
+            .iter()
+            .position(|f| is_named(received, added, f, name))
+        else {
+            return false;
         };
-        &from[at..at + p.len as usize]
+        let mut at = 0;
+        self.list.retain(|f| {
+            at += 1;
+            at <= first || !is_named(received, added, f, name)
+        });
+        true
     }
 
     /// Keeps the fields `keep` says yes to (given name and value).
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &[u8]) -> bool) {
-        let (received, added) = (&self.received, &self.added);
-        self.list.retain(|(n, v)| {
+        let (received, added) = (&self.received[..], &self.added[..]);
+        self.list.retain(|f| {
             keep(
-                Fields::place_of(received, added, *n),
-                Fields::place_of(received, added, *v),
+                name_of(received, added, f),
+                place_of(received, added, f.value),
             )
         });
     }
 
-    fn add(&mut self, bytes: &[u8]) -> Option<Place> {
-        let start = u32::try_from(self.added.len()).ok()?;
-        let len = u32::try_from(bytes.len()).ok()?;
-        if start.checked_add(len)? & ADDED != 0 {
+    /// Adds `parts`, joined, to the added bytes: their place, or `None` (and nothing added)
+    /// past the bound of places.
+    fn add(&mut self, parts: &[&[u8]]) -> Option<Place> {
+        let start = self.added.len();
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        // (a head's added bytes stay far below 2 GiB: the limits bound every value; and no
+        // place can be taken for the canonical-name mark)
+        if start.checked_add(len)? >= (ADDED - 1) as usize {
             return None;
         }
-        self.added.extend_from_slice(bytes);
+        if self.added.capacity() == 0 {
+            self.added.reserve(len.max(256));
+        }
+        for p in parts {
+            self.added.extend_from_slice(p);
+        }
         Some(Place {
-            start: start | ADDED,
-            len,
+            start: start as u32 | ADDED,
+            len: len as u32,
         })
     }
 
+    /// Whether `name` and `parts` make a field: a token (a known name is one) and no control
+    /// character but tab.
+    fn valid(name: Name<'_>, parts: &[&[u8]]) -> bool {
+        (name.known != Known::Other || is_name(name.bytes)) && parts.iter().all(|p| is_value(p))
+    }
+
     /// Adds a field after the others; `false` (and nothing added) when `name` is not a token or
-    /// `value` holds a control character.
-    pub fn append(&mut self, name: &str, value: &[u8]) -> bool {
+    /// `value` holds a control character. A known name is written in lower case, any other as
+    /// given.
+    pub fn append<'n>(&mut self, name: impl Into<Name<'n>>, value: &[u8]) -> bool {
         self.append_parts(name, &[value])
     }
 
     /// [`append`](Fields::append) with a value made of `parts`, joined (no buffer in between).
-    pub fn append_parts(&mut self, name: &str, parts: &[&[u8]]) -> bool {
-        if !is_name(name.as_bytes()) || !parts.iter().all(|p| is_value(p)) {
+    pub fn append_parts<'n>(&mut self, name: impl Into<Name<'n>>, parts: &[&[u8]]) -> bool {
+        let name = name.into();
+        if !Fields::valid(name, parts) {
             return false;
         }
-        if self.added.is_empty() {
-            self.added.reserve(256);
-        }
-        let Some(n) = self.add(name.as_bytes()) else {
+        let mark = self.added.len();
+        let name_place = match name.known {
+            Known::Other => match self.add(&[name.bytes]) {
+                Some(p) => p,
+                None => return false,
+            },
+            _ => CANONICAL,
+        };
+        let Some(value) = self.add(parts) else {
+            self.added.truncate(mark);
             return false;
         };
-        let start = self.added.len();
-        for p in parts {
-            self.added.extend_from_slice(p);
-        }
-        let v = Place {
-            start: start as u32 | ADDED,
-            len: (self.added.len() - start) as u32,
-        };
-        // (a head's added bytes stay far below 2 GiB: the limits bound every value)
-        if (self.added.len() as u64) >= u64::from(ADDED) {
-            self.added.truncate(start);
-            return false;
-        }
-        self.list.push((n, v));
+        self.list.push(Field {
+            name: name_place,
+            value,
+            known: name.known,
+        });
         true
     }
 
-    /// Sets `name` to `value` alone (any field of that name removed); `false` as
-    /// [`append`](Fields::append) (and the old fields then kept).
-    pub fn insert(&mut self, name: &str, value: &[u8]) -> bool {
-        if !is_name(name.as_bytes()) || !is_value(value) {
+    /// Sets `name` to `value` alone: the first field of that name takes the value where it
+    /// stands (as `HeaderMap::insert`), the others go, and with none it is appended; `false`
+    /// as [`append`](Fields::append) (and the old fields then kept).
+    pub fn insert<'n>(&mut self, name: impl Into<Name<'n>>, value: &[u8]) -> bool {
+        let name = name.into();
+        if !Fields::valid(name, &[value]) {
             return false;
         }
-        self.remove(name);
-        self.append(name, value)
+        let (received, added) = (&self.received[..], &self.added[..]);
+        let Some(first) = self
+            .list
+            .iter()
+            .position(|f| is_named(received, added, f, name))
+        else {
+            return self.append_parts(name, &[value]);
+        };
+        let Some(place) = self.add(&[value]) else {
+            return false;
+        };
+        self.list[first].value = place;
+        let (received, added) = (&self.received[..], &self.added[..]);
+        if self.list[first + 1..]
+            .iter()
+            .any(|f| is_named(received, added, f, name))
+        {
+            let mut at = 0;
+            self.list.retain(|f| {
+                at += 1;
+                at <= first + 1 || !is_named(received, added, f, name)
+            });
+        }
+        true
     }
 
     /// The fields of a map (hyper's messages).
@@ -304,58 +634,39 @@ impl Fields {
         map
     }
 
-    /// Removes the hop-by-hop fields (RFC 9110 §7.6.1, with the legacy `Keep-Alive` and
-    /// `Proxy-Connection`) and those `Connection` names.
+    /// Removes the hop-by-hop fields ([`Known::hop_by_hop`]) and those `Connection` names.
     pub fn strip_hop_by_hop(&mut self) {
         // (most messages carry at most `Connection`, whose usual tokens name no field)
-        if !self.iter().any(|(n, _)| is_hop_by_hop(n)) {
+        if !self.list.iter().any(|f| f.known.hop_by_hop()) {
             return;
         }
-        let (received, added) = (&self.received, &self.added);
-        // the `Connection` values (a few kept on the stack)
-        let mut few = [Place { start: 0, len: 0 }; 4];
+        let (received, added) = (&self.received[..], &self.added[..]);
+        // the names `Connection` lists that are not hop-by-hop anyway (a few kept on the
+        // stack)
+        let mut few = [Name::from(Known::Other); 8];
         let (mut n, mut more) = (0, Vec::new());
-        for (name, value) in &self.list {
-            if Fields::place_of(received, added, *name).eq_ignore_ascii_case(b"connection") {
+        for f in self.list.iter().filter(|f| f.known == Known::Connection) {
+            for token in place_of(received, added, f.value).split(|b| *b == b',') {
+                let name = Name::from(token.trim_ascii());
+                if name.bytes.is_empty() || name.known.hop_by_hop() {
+                    continue;
+                }
                 match few.get_mut(n) {
-                    Some(slot) => *slot = *value,
-                    None => more.push(*value),
+                    Some(slot) => *slot = name,
+                    None => more.push(name),
                 }
                 n += 1;
             }
         }
-        let connection = &few[..n.min(few.len())];
-        let named = |name: &[u8]| {
-            connection.iter().chain(&more).any(|v| {
-                Fields::place_of(received, added, *v)
-                    .split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
-            })
-        };
-        self.list.retain(|(n, _)| {
-            let n = Fields::place_of(received, added, *n);
-            !is_hop_by_hop(n) && !named(n)
+        let listed = &few[..n.min(few.len())];
+        self.list.retain(|f| {
+            !f.known.hop_by_hop()
+                && !listed
+                    .iter()
+                    .chain(&more)
+                    .any(|name| is_named(received, added, f, *name))
         });
     }
-}
-
-/// Whether a field is hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
-/// `Proxy-Connection`): never forwarded.
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    // (by length first: most names are none of these)
-    let hop: &[u8] = match name.len() {
-        2 => b"te",
-        7 if name[0].eq_ignore_ascii_case(&b't') => b"trailer",
-        7 => b"upgrade",
-        10 if name[0].eq_ignore_ascii_case(&b'c') => b"connection",
-        10 => b"keep-alive",
-        16 => b"proxy-connection",
-        17 => b"transfer-encoding",
-        18 => b"proxy-authenticate",
-        19 => b"proxy-authorization",
-        _ => return false,
-    };
-    name.eq_ignore_ascii_case(hop)
 }
 
 /// A request as the gateway handles it: method, target, version, the header fields as they
@@ -500,11 +811,12 @@ mod tests {
         assert_eq!(
             all,
             [
-                (&b"Set-Cookie"[..], &b"a"[..]),
+                (&b"Server"[..], &b"apim"[..]),
+                (b"Set-Cookie", b"a"),
                 (b"set-cookie", b"b"),
-                (b"server", b"apim"),
                 (b"via", b"1.1 apim"),
-            ]
+            ],
+            "a field set takes its value where it stands"
         );
         let map = f.to_map();
         assert_eq!(map.get_all("set-cookie").iter().count(), 2);
@@ -514,6 +826,40 @@ mod tests {
         assert!(f.remove("SET-COOKIE"));
         assert!(!f.remove("set-cookie"));
         assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn values_have_no_control_character_but_tab() {
+        let plain = |v: &[u8]| v.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+        // every byte, at every place of a word and of the padded rest
+        for b in 0..=255u8 {
+            for len in 1..=17 {
+                for at in 0..len {
+                    let mut v = vec![b'a'; len];
+                    v[at] = b;
+                    assert_eq!(is_value(&v), plain(&v), "byte {b:#x} at {at} of {len}");
+                }
+            }
+        }
+        // neighbours that could carry into one another
+        for (a, b) in [
+            (0xffu8, 0x1fu8),
+            (0x1f, 0xff),
+            (0x80, 0x00),
+            (0x7f, 0x80),
+            (0x09, 0x0a),
+        ] {
+            for len in 2..=16 {
+                for at in 0..len - 1 {
+                    let mut v = vec![b'x'; len];
+                    v[at] = a;
+                    v[at + 1] = b;
+                    assert_eq!(is_value(&v), plain(&v), "{a:#x} {b:#x} at {at} of {len}");
+                }
+            }
+        }
+        assert!(is_value(b""));
+        assert!(is_value("caf\u{e9}\tau lait, 1.1 apim".as_bytes()));
     }
 
     #[test]
@@ -548,6 +894,105 @@ mod tests {
         ] {
             assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
         }
+    }
+
+    #[test]
+    fn known_names_are_told_by_a_byte() {
+        use Known::*;
+        let all = [
+            Host,
+            Connection,
+            ContentLength,
+            TransferEncoding,
+            Te,
+            Trailer,
+            Upgrade,
+            KeepAlive,
+            ProxyConnection,
+            ProxyAuthenticate,
+            ProxyAuthorization,
+            XForwardedFor,
+            XForwardedProto,
+            XForwardedHost,
+            Forwarded,
+            XRequestId,
+            Via,
+            Date,
+            UserAgent,
+            Origin,
+            Authorization,
+            Expect,
+            ContentType,
+            Vary,
+            RetryAfter,
+            RateLimit,
+            RateLimitPolicy,
+        ];
+        for k in all {
+            assert_eq!(Known::of(k.name().as_bytes()), k, "{}", k.name());
+            let upper = k.name().to_ascii_uppercase();
+            assert_eq!(Known::of(upper.as_bytes()), k, "{upper}");
+        }
+        for other in [
+            "",
+            "x",
+            "hosts",
+            "hos",
+            "x-forwarded-fox",
+            "vía",
+            "content_type",
+            "x-request-iD_",
+            "te\r",
+            "v\tia",
+            "Trailer1",
+            "trailes",
+            "xonnection",
+            "connectio",
+        ] {
+            assert_eq!(Known::of(other.as_bytes()), Other, "{other}");
+        }
+        // a field found by either form of its name, and an unknown name by its letters
+        let mut f = Fields::default();
+        assert!(f.append("X-Forwarded-For", b"1"));
+        assert!(f.append(XForwardedFor, b"2"));
+        assert!(f.append("X-Api-Key", b"k"));
+        assert!(f.append("x-api-keys", b"no"));
+        assert_eq!(
+            f.get_all("x-forwarded-for").collect::<Vec<_>>(),
+            [b"1", b"2"]
+        );
+        assert_eq!(f.get(XForwardedFor), Some(&b"1"[..]));
+        assert_eq!(f.get("x-api-KEY"), Some(&b"k"[..]));
+        let names: Vec<&[u8]> = f.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                &b"x-forwarded-for"[..],
+                b"x-forwarded-for",
+                b"X-Api-Key",
+                b"x-api-keys"
+            ],
+            "a known name added is written in lower case, another as given"
+        );
+        // a set replaces every field of the name, in the first one's place
+        assert!(f.insert("x-forwarded-FOR", b"3"));
+        let all: Vec<(&[u8], &[u8])> = f.iter().collect();
+        assert_eq!(
+            all,
+            [
+                (&b"x-forwarded-for"[..], &b"3"[..]),
+                (b"X-Api-Key", b"k"),
+                (b"x-api-keys", b"no"),
+            ]
+        );
+        assert!(f.remove("X-API-KEY"));
+        assert_eq!(f.len(), 2);
+        assert!(!f.append("bad name", b"x"));
+        assert!(
+            !f.insert(Via, b"a\nb"),
+            "a known name's value is checked too"
+        );
+        assert_eq!(f.len(), 2, "nothing added by a refused field");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod usage;
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use head::{Answer, Fields, Req};
+use head::{Answer, Fields, Known, Req};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -902,8 +902,8 @@ fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> An
         "request_id": request_id,
     });
     let mut fields = Fields::with_capacity(8);
-    fields.append("content-type", b"application/problem+json");
-    fields.append("x-request-id", request_id.as_bytes());
+    fields.append(Known::ContentType, b"application/problem+json");
+    fields.append(Known::XRequestId, request_id.as_bytes());
     Answer::new(
         status,
         fields,
@@ -946,19 +946,24 @@ fn edit_headers(
 /// Whether a host name from `Host` or the request target is plausible: DNS characters (letters,
 /// digits, `-`, `_`, `.`) or a bracketed IPv6 literal, at most 253 characters.
 fn host_is_valid(host: &str) -> bool {
-    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+    let b = host.as_bytes();
+    if let [b'[', inner @ .., b']'] = b {
         return !inner.is_empty()
             && inner
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+                .iter()
+                .all(|&c| c.is_ascii_hexdigit() || c == b':' || c == b'.');
     }
-    !host.is_empty()
-        && host.len() <= 253
-        && !host.starts_with('.')
-        && !host.contains("..")
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    if b.is_empty() || b.len() > 253 || b[0] == b'.' {
+        return false;
+    }
+    // (one pass: letters, digits, `-`, `_` and `.`, never two dots in a row)
+    let mut prev = 0u8;
+    b.iter().all(|&c| {
+        let ok = (c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+            && !(c == b'.' && prev == b'.');
+        prev = c;
+        ok
+    })
 }
 
 /// A `Host` value split into host and port (`[v6]:port` keeps its brackets on the host).
@@ -969,8 +974,8 @@ fn split_host_port(h: &str) -> (&str, Option<&str>) {
             None => (h, None),
         };
     }
-    match h.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
+    match h.bytes().rposition(|b| b == b':') {
+        Some(at) => (&h[..at], Some(&h[at + 1..])),
         None => (h, None),
     }
 }
@@ -981,8 +986,8 @@ fn upgrade_token(req: &Req<ReqBody>) -> Option<Vec<u8>> {
     if req.version != hyper::Version::HTTP_11 {
         return None;
     }
-    let asks = req.fields.lists("connection", "upgrade");
-    let token = req.fields.get("upgrade")?;
+    let asks = req.fields.lists(Known::Connection, "upgrade");
+    let token = req.fields.get(Known::Upgrade)?;
     // WebSocket only: another protocol (h2c above all) would carry requests the gateway never
     // sees through the spliced connection
     let websocket = token.trim_ascii().eq_ignore_ascii_case(b"websocket");
@@ -1055,7 +1060,7 @@ fn cors_allows(allow_origins: &[String], origin: &str) -> bool {
 
 /// `Access-Control-Allow-Origin` (the origin itself, or `*`) and `Vary: Origin`.
 fn cors_origin_headers(allow_origins: &[String], origin: &str, out: &mut Fields) {
-    out.append("vary", b"origin");
+    out.append(Known::Vary, b"origin");
     let value = match allow_origins.iter().any(|o| o == origin) {
         true => origin.as_bytes(),
         false => b"*",
@@ -1070,7 +1075,7 @@ fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option
     if req.method != hyper::Method::OPTIONS {
         return None;
     }
-    let origin = req.fields.get_str("origin")?;
+    let origin = req.fields.get_str(Known::Origin)?;
     let wanted = req.fields.get_str("access-control-request-method")?;
     let (allow_origins, allow_methods, allow_headers, max_age) =
         route.policies.iter().find_map(|p| match p {
@@ -1118,7 +1123,7 @@ fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option
     if max_age > 0 {
         h.append("access-control-max-age", max_age.to_string().as_bytes());
     }
-    h.append("x-request-id", request_id.as_bytes());
+    h.append(Known::XRequestId, request_id.as_bytes());
     Some(Answer::new(
         StatusCode::NO_CONTENT,
         h,
@@ -1383,8 +1388,8 @@ fn push_ratelimit_fields(
 ) {
     let Some(limit) = limit else { return };
     for (field, first, second) in [
-        ("ratelimit-policy", (b";q=", limit), (b";w=", width)),
-        ("ratelimit", (b";r=", remaining), (b";t=", left)),
+        (Known::RateLimitPolicy, (b";q=", limit), (b";w=", width)),
+        (Known::RateLimit, (b";r=", remaining), (b";t=", left)),
     ] {
         let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
         out.append_parts(
@@ -1406,20 +1411,18 @@ fn push_ratelimit_fields(
 /// fields replace any the upstream reported and, like `Vary`, are lists (a plan's rate limit
 /// and its quotas each add an item); another field replaces the answer's own.
 fn add_policy_headers(fields: &mut Fields, policies: &Fields) {
-    let list = |n: &[u8]| {
-        n.eq_ignore_ascii_case(b"vary")
-            || n.eq_ignore_ascii_case(b"ratelimit")
-            || n.eq_ignore_ascii_case(b"ratelimit-policy")
-    };
-    if policies.contains("ratelimit") || policies.contains("ratelimit-policy") {
-        fields.remove("ratelimit");
-        fields.remove("ratelimit-policy");
+    if policies.is_empty() {
+        return;
     }
-    for (n, v) in policies.iter() {
-        let Ok(name) = std::str::from_utf8(n) else {
-            continue;
-        };
-        if list(n) {
+    if policies.contains(Known::RateLimit) || policies.contains(Known::RateLimitPolicy) {
+        fields.remove(Known::RateLimit);
+        fields.remove(Known::RateLimitPolicy);
+    }
+    for (name, v) in policies.iter_named() {
+        if matches!(
+            name.known(),
+            Known::Vary | Known::RateLimit | Known::RateLimitPolicy
+        ) {
             fields.append(name, v);
         } else {
             fields.insert(name, v);
@@ -1741,8 +1744,8 @@ impl Gateway {
                 return false;
             };
             let mut fields = Fields::with_capacity(2);
-            fields.append("user-agent", b"apim-health-check");
-            fields.append("connection", b"close");
+            fields.append(Known::UserAgent, b"apim-health-check");
+            fields.append(Known::Connection, b"close");
             let head = h1::Outgoing {
                 method: &hyper::Method::GET,
                 path: [uri.path(), ""],
@@ -2014,7 +2017,7 @@ impl Gateway {
                 Policy::RequestSizeLimit { max_bytes } => {
                     let declared = req
                         .fields
-                        .get_str("content-length")
+                        .get_str(Known::ContentLength)
                         .and_then(|v| v.parse::<u64>().ok());
                     if declared.is_some_and(|n| n > *max_bytes) {
                         return Err(refuse(
@@ -2072,7 +2075,7 @@ impl Gateway {
                             ))
                         }
                     };
-                    let authorization = req.fields.get_str("authorization");
+                    let authorization = req.fields.get_str(Known::Authorization);
                     if let (Some(source), Some(kid)) = (source, token_kid(authorization)) {
                         if !route.jwt_keys.contains_key(&i)
                             && !keys.iter().any(|k| k.kid.as_deref() == Some(kid.as_str()))
@@ -2126,7 +2129,7 @@ impl Gateway {
                 Policy::Cors { allow_origins, .. } => {
                     // Preflights are answered before the chain (see `serve_one`); on a real
                     // request an allowed origin gets the CORS answer headers.
-                    let origin = req.fields.get_str("origin");
+                    let origin = req.fields.get_str(Known::Origin);
                     if let Some(origin) = origin.filter(|o| cors_allows(allow_origins, o)) {
                         cors_origin_headers(allow_origins, origin, &mut answer_headers);
                     }
@@ -2280,7 +2283,7 @@ impl Gateway {
                         "the plan's quota for this period is used up",
                     );
                     r.3.append(
-                        "retry-after",
+                        Known::RetryAfter,
                         access::digits(secs, &mut [0u8; 20]).as_bytes(),
                     );
                     let (name, limit, width) = named(&window);
@@ -2329,7 +2332,7 @@ impl Gateway {
                     "the rate limit is exceeded; retry later",
                 );
                 r.3.append(
-                    "retry-after",
+                    Known::RetryAfter,
                     access::digits(retry_after_secs, &mut [0u8; 20]).as_bytes(),
                 );
                 push_ratelimit_fields(&mut r.3, "default", limit, width, 0, retry_after_secs);
@@ -2351,7 +2354,7 @@ impl Gateway {
             user_agent: self
                 .access
                 .wants(access::Field::UserAgent)
-                .then(|| req.fields.get("user-agent"))
+                .then(|| req.fields.get(Known::UserAgent))
                 .flatten()
                 .and_then(|v| HeaderValue::from_bytes(v).ok()),
         });
@@ -2378,7 +2381,7 @@ impl Gateway {
         let request_id = handling
             .logged
             .as_ref()
-            .and_then(|_| resp.fields.get_str("x-request-id"))
+            .and_then(|_| resp.fields.get_str(Known::XRequestId))
             .unwrap_or("");
         if let Some(ticket) = handling.record(status, request_id) {
             // the consumer's usage is recorded once the answer's body is sent
@@ -2453,7 +2456,7 @@ impl Gateway {
         // Every X-Forwarded-For line, joined: a proxy may add its own line rather than append.
         let lines: Vec<&str> = req
             .fields
-            .get_all("x-forwarded-for")
+            .get_all(Known::XForwardedFor)
             .filter_map(head::as_str)
             .collect();
         let incoming_xff = (!lines.is_empty()).then(|| lines.join(", "));
@@ -2464,7 +2467,7 @@ impl Gateway {
         // (copied, so it pins none of the connection's buffers), or a new one
         let request_id_value = req
             .fields
-            .get("x-request-id")
+            .get(Known::XRequestId)
             .and_then(RequestId::new)
             .unwrap_or_else(|| self.next_request_id());
         let request_id = request_id_value.as_str();
@@ -2475,7 +2478,11 @@ impl Gateway {
         let host = req
             .uri
             .host()
-            .or_else(|| req.fields.get_str("host").map(|h| split_host_port(h).0))
+            .or_else(|| {
+                req.fields
+                    .get_str(Known::Host)
+                    .map(|h| split_host_port(h).0)
+            })
             .unwrap_or_default();
         // (copied only when it has capitals)
         let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -2483,7 +2490,7 @@ impl Gateway {
         } else {
             host.into()
         };
-        if req.fields.get_all("host").count() > 1 || !host_is_valid(&host) {
+        if req.fields.get_all(Known::Host).count() > 1 || !host_is_valid(&host) {
             served.refusal = Some("bad-host");
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -2570,7 +2577,7 @@ impl Gateway {
             .filter(valid)
             .or_else(|| {
                 req.fields
-                    .get_str("host")
+                    .get_str(Known::Host)
                     .and_then(|h| split_host_port(h).1)
                     .filter(valid)
             });
@@ -2628,7 +2635,7 @@ impl Gateway {
         // routes hyper's client may carry (HTTPS targets, HTTP/2)
         let hyper_route = route.upstream.tls.is_some()
             || route.upstream.protocol == crate::model::UpstreamProtocol::Http2;
-        let wants_trailers = hyper_route && req.fields.lists("te", "trailers");
+        let wants_trailers = hyper_route && req.fields.lists(Known::Te, "trailers");
         let Req {
             method,
             uri: forwarded_uri,
@@ -2639,10 +2646,10 @@ impl Gateway {
         // (the query as the policies left it: an API key taken out)
         let query = forwarded_uri.query();
         h.strip_hop_by_hop();
-        h.remove("host");
+        h.remove(Known::Host);
         if let Some(token) = &upgrade {
-            h.insert("connection", b"upgrade");
-            h.insert("upgrade", token);
+            h.insert(Known::Connection, b"upgrade");
+            h.insert(Known::Upgrade, token);
         }
         // Client-supplied forwarding headers are believed only from trusted proxies.
         let xff = match (&incoming_xff, peer_trusted) {
@@ -2650,16 +2657,16 @@ impl Gateway {
             _ => conn.peer_value.clone(),
         };
         if !peer_trusted {
-            h.remove("x-forwarded-proto");
-            h.remove("x-forwarded-host");
-            h.remove("forwarded");
+            h.remove(Known::XForwardedProto);
+            h.remove(Known::XForwardedHost);
+            h.remove(Known::Forwarded);
         }
         if let Some(v) = xff {
-            h.insert("x-forwarded-for", v.as_bytes());
+            h.insert(Known::XForwardedFor, v.as_bytes());
         }
-        if !h.contains("x-forwarded-proto") {
+        if !h.contains(Known::XForwardedProto) {
             let proto = if conn.tls.is_some() { "https" } else { "http" };
-            h.append("x-forwarded-proto", proto.as_bytes());
+            h.append(Known::XForwardedProto, proto.as_bytes());
         }
         if self.rfc7239 {
             let https = conn.tls.is_some();
@@ -2667,19 +2674,19 @@ impl Gateway {
             // a trusted proxy's elements (every line, as received) come first
             let mut chain: Vec<u8> = Vec::new();
             if peer_trusted {
-                for line in h.get_all("forwarded") {
+                for line in h.get_all(Known::Forwarded) {
                     chain.extend_from_slice(line);
                     chain.extend_from_slice(b", ");
                 }
             }
             chain.extend_from_slice(mine.as_bytes());
-            h.insert("forwarded", &chain);
+            h.insert(Known::Forwarded, &chain);
         }
-        if !h.contains("x-forwarded-host") {
-            h.append("x-forwarded-host", original_host);
+        if !h.contains(Known::XForwardedHost) {
+            h.append(Known::XForwardedHost, original_host);
         }
-        h.insert("x-request-id", request_id_value.as_bytes());
-        h.append("via", b"1.1 apim");
+        h.insert(Known::XRequestId, request_id_value.as_bytes());
+        h.append(Known::Via, b"1.1 apim");
 
         // Attempts: a retry goes to another target, and only when it is safe: the request has
         // no body, and its method is idempotent or it never reached the upstream.
@@ -3061,13 +3068,13 @@ impl Gateway {
             _ => false,
         };
         let fields = &mut resp.fields;
-        let upgrade_answer = fields.get("upgrade").map(<[u8]>::to_vec);
+        let upgrade_answer = fields.get(Known::Upgrade).map(<[u8]>::to_vec);
         fields.strip_hop_by_hop();
         if spliced {
-            fields.insert("connection", b"upgrade");
+            fields.insert(Known::Connection, b"upgrade");
             let token = upgrade_answer.as_deref().or(upgrade.as_deref());
             if let Some(token) = token {
-                fields.insert("upgrade", token);
+                fields.insert(Known::Upgrade, token);
             }
         } else if switching {
             // a 101 the client did not ask for cannot be relayed
@@ -3088,8 +3095,8 @@ impl Gateway {
                 edit_headers(fields, add, remove, rename);
             }
         }
-        fields.append("via", b"1.1 apim");
-        fields.insert("x-request-id", request_id_value.as_bytes());
+        fields.append(Known::Via, b"1.1 apim");
+        fields.insert(Known::XRequestId, request_id_value.as_bytes());
         add_policy_headers(fields, &extra);
         match total_deadline {
             // (a spliced connection's bytes are bounded by the idle timeout instead)
@@ -3853,7 +3860,46 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{forwarded_element, path_is_plain};
+    use super::{forwarded_element, host_is_valid, path_is_plain, split_host_port};
+
+    #[test]
+    fn hosts_are_checked_and_split_from_ports() {
+        for good in [
+            "api.example",
+            "a",
+            "a-b_c.example.",
+            "127.0.0.1",
+            "[::1]",
+            "[2001:db8::1]",
+        ] {
+            assert!(host_is_valid(good), "{good}");
+        }
+        let long = "a".repeat(254);
+        for bad in [
+            "",
+            ".api.example",
+            "api..example",
+            "a..",
+            "bad host",
+            "api.example:",
+            "[]",
+            "[",
+            "[::1",
+            "[::g]",
+            "caf\u{e9}.example",
+            long.as_str(),
+        ] {
+            assert!(!host_is_valid(bad), "{bad:?}");
+        }
+        assert_eq!(
+            split_host_port("api.example:8443"),
+            ("api.example", Some("8443"))
+        );
+        assert_eq!(split_host_port("api.example"), ("api.example", None));
+        assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some("80")));
+        assert_eq!(split_host_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_host_port("a:b:c"), ("a:b", Some("c")));
+    }
 
     #[test]
     fn plain_paths_are_told_from_tricks() {
