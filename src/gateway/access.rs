@@ -161,15 +161,14 @@ impl AccessLog {
     }
 
     fn format(&self, e: &Entry<'_>, now: SystemTime, out: &mut Vec<u8>) {
-        let ts = timestamp(now);
         if self.json {
             out.extend_from_slice(b"{\"timestamp\":\"");
-            out.extend_from_slice(ts.as_bytes());
+            push_timestamp(now, out);
             out.extend_from_slice(
                 b"\",\"level\":\"INFO\",\"message\":\"gateway request\",\"target\":\"apim::gateway::access\"",
             );
         } else {
-            out.extend_from_slice(ts.as_bytes());
+            push_timestamp(now, out);
             out.extend_from_slice(b"  INFO apim::gateway::access: gateway request");
         }
         for f in &self.fields {
@@ -199,7 +198,8 @@ impl AccessLog {
                                 ip[n] = b'.';
                                 n += 1;
                             }
-                            for digit in digits(u64::from(octet), &mut [0u8; 20]).bytes() {
+                            for digit in digits(u64::from(octet), &mut itoa::Buffer::new()).bytes()
+                            {
                                 ip[n] = digit;
                                 n += 1;
                             }
@@ -248,38 +248,31 @@ enum Value<'a> {
 }
 
 /// The decimal digits of `n`, written into `buf` without the formatter (request path).
-pub(crate) fn digits(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+pub(crate) fn digits(n: u64, buf: &mut itoa::Buffer) -> &str {
+    buf.format(n)
 }
 
 fn push_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(digits(n, &mut [0u8; 20]).as_bytes());
+    out.extend_from_slice(digits(n, &mut itoa::Buffer::new()).as_bytes());
 }
 
 /// A string as a JSON string (escaped), or for text lines as is when it is plain and quoted
 /// and escaped otherwise.
 fn quoted(s: &str, json: bool, out: &mut Vec<u8>) {
-    let plain = !s.is_empty()
+    if !json
+        && !s.is_empty()
         && s.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-    if !json && plain {
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
         out.extend_from_slice(s.as_bytes());
         return;
     }
     out.push(b'"');
-    // most values need no escape: copied at once
-    if s.bytes()
-        .all(|b| b >= 0x20 && b != 0x7f && b != b'"' && b != b'\\')
-    {
+    // most values need no escape: copied at once (checked eight bytes at a time)
+    if super::head::none_marked(s.as_bytes(), |w| {
+        use super::head::{below_space, equal};
+        below_space(w) | equal(w, 0x7f) | equal(w, b'"') | equal(w, b'\\')
+    }) {
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
         return;
@@ -303,8 +296,9 @@ fn quoted(s: &str, json: bool, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
-/// RFC 3339 UTC with microseconds. The date and time of day are formatted once per second.
-fn timestamp(now: SystemTime) -> String {
+/// Appends `now` in RFC 3339 UTC with microseconds. The date and time of day are formatted
+/// once per second.
+fn push_timestamp(now: SystemTime, out: &mut Vec<u8>) {
     thread_local! {
         static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
@@ -328,15 +322,13 @@ fn timestamp(now: SystemTime) -> String {
             );
             cached.0 = secs;
         }
-        let mut ts = String::with_capacity(27);
-        ts.push_str(&cached.1);
-        ts.push('.');
+        out.extend_from_slice(cached.1.as_bytes());
         let micros = since.subsec_micros();
-        for div in [100_000, 10_000, 1_000, 100, 10, 1] {
-            ts.push(char::from(b'0' + ((micros / div) % 10) as u8));
+        let mut frac = *b".000000Z";
+        for (i, div) in [100_000, 10_000, 1_000, 100, 10, 1].into_iter().enumerate() {
+            frac[1 + i] = b'0' + ((micros / div) % 10) as u8;
         }
-        ts.push('Z');
-        ts
+        out.extend_from_slice(&frac);
     })
 }
 
@@ -409,5 +401,33 @@ mod tests {
             line,
             "1970-01-01T00:00:00.000000Z  INFO apim::gateway::access: gateway request method=GET path=\"/a\\\"b\\\\c\\n\" consumer=\"\"\n"
         );
+    }
+
+    #[test]
+    fn json_strings_are_escaped_at_every_place_of_a_word() {
+        // each escaped character, at each place of the eight-byte words and of the rest
+        for c in [
+            '"', '\\', '\n', '\r', '\t', '\u{1}', '\u{1f}', '\u{7f}', '\u{e9}', ' ', '~',
+        ] {
+            for len in 1..=17 {
+                for at in 0..len {
+                    let mut s: Vec<char> = vec!['a'; len];
+                    s[at] = c;
+                    let s: String = s.into_iter().collect();
+                    let mut out = Vec::new();
+                    quoted(&s, true, &mut out);
+                    let back: String = serde_json::from_slice(&out).expect("a JSON string");
+                    assert_eq!(back, s, "{c:?} at {at} of {len}");
+                }
+            }
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            digits(u64::MAX, &mut itoa::Buffer::new()),
+            "18446744073709551615"
+        );
+        push_u64(&mut out, 18_446_744_073_709_551_615);
+        push_u64(&mut out, 0);
+        assert_eq!(out, b"184467440737095516150");
     }
 }

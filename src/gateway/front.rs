@@ -466,7 +466,7 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
     } else if let Some(n) = body.size_hint().exact() {
         length = Some(n);
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(super::access::digits(n, &mut [0u8; 20]).as_bytes());
+        out.extend_from_slice(super::access::digits(n, &mut itoa::Buffer::new()).as_bytes());
         out.extend_from_slice(b"\r\n");
         false
     } else {

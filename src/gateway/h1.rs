@@ -269,7 +269,7 @@ fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec
         Framing::None => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(super::access::digits(n, &mut [0u8; 20]).as_bytes());
+            out.extend_from_slice(super::access::digits(n, &mut itoa::Buffer::new()).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -588,7 +588,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             if !single {
                 headers.insert(
                     "content-length",
-                    crate::gateway::access::digits(n, &mut [0u8; 20]).as_bytes(),
+                    crate::gateway::access::digits(n, &mut itoa::Buffer::new()).as_bytes(),
                 );
             }
             Kind::Length(n)

@@ -201,13 +201,6 @@ pub struct Name<'a> {
     bytes: &'a [u8],
 }
 
-impl Name<'_> {
-    /// Which known name it is (`Other` for any other).
-    pub fn known(&self) -> Known {
-        self.known
-    }
-}
-
 impl<'a> From<Known> for Name<'a> {
     fn from(known: Known) -> Name<'a> {
         Name {
@@ -304,36 +297,47 @@ pub fn is_name(name: &[u8]) -> bool {
 
 /// Whether `value` may be a field value: no control character but horizontal tab.
 pub fn is_value(value: &[u8]) -> bool {
-    // (eight bytes at a time; the last few padded with spaces)
+    none_marked(value, |w| {
+        (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
+    })
+}
+
+/// Whether `mark` marks no byte of `value`: eight bytes at a time, the last few padded with
+/// spaces (`mark` gives a word's bytes to refuse, each by its top bit).
+pub(crate) fn none_marked(value: &[u8], mark: impl Fn(u64) -> u64) -> bool {
     let mut words = value.chunks_exact(8);
     for w in words.by_ref() {
         let mut b = [0u8; 8];
         b.copy_from_slice(w);
-        if controls(u64::from_le_bytes(b)) != 0 {
+        if mark(u64::from_le_bytes(b)) != 0 {
             return false;
         }
     }
     let rest = words.remainder();
     let mut b = [b' '; 8];
     b[..rest.len()].copy_from_slice(rest);
-    controls(u64::from_le_bytes(b)) == 0
+    mark(u64::from_le_bytes(b)) == 0
 }
 
-/// The bytes of `w` that are control characters other than tab (below 0x20, or DEL), each
-/// marked by its top bit. Exact: no carry crosses from one byte into the next.
-fn controls(w: u64) -> u64 {
-    const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    const fn each(b: u8) -> u64 {
-        0x0101_0101_0101_0101 * b as u64
-    }
-    // bytes equal to zero, marked
-    let zero = |x: u64| !(((x & LOW) + LOW) | x) & HIGH;
-    // below 0x20: neither the top bit set nor 0x20 reached by the low seven bits
-    let small = !(((w & LOW) + each(0x60)) | w) & HIGH;
-    let tab = zero(w ^ each(b'\t'));
-    let del = zero(w ^ each(0x7f));
-    (small & !tab) | del
+const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// `b` in every byte of a word.
+const fn each(b: u8) -> u64 {
+    0x0101_0101_0101_0101 * b as u64
+}
+
+/// The bytes of `w` equal to `b`, marked by their top bit. Exact: no carry crosses from one
+/// byte into the next.
+pub(crate) fn equal(w: u64, b: u8) -> u64 {
+    let x = w ^ each(b);
+    !(((x & LOW) + LOW) | x) & HIGH
+}
+
+/// The bytes of `w` below 0x20 (neither the top bit set nor 0x20 reached by the low seven
+/// bits), marked by their top bit. Exact, as [`equal`].
+pub(crate) fn below_space(w: u64) -> u64 {
+    !(((w & LOW) + each(0x60)) | w) & HIGH
 }
 
 /// A value as text, when it is visible ASCII, spaces and tabs (as `HeaderValue::to_str`).
@@ -442,7 +446,7 @@ impl Fields {
     }
 
     /// Every field, as (name, value), the name as a [`Name`] (its known name kept).
-    pub fn iter_named(&self) -> impl Iterator<Item = (Name<'_>, &[u8])> + '_ {
+    fn iter_named(&self) -> impl Iterator<Item = (Name<'_>, &[u8])> + '_ {
         self.iter_known()
             .map(|(known, bytes, v)| (Name { known, bytes }, v))
     }
@@ -506,11 +510,12 @@ impl Fields {
         true
     }
 
-    /// Keeps the fields `keep` says yes to (given name and value).
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &[u8]) -> bool) {
+    /// Keeps the fields `keep` says yes to (given known name, name and value).
+    pub fn retain(&mut self, mut keep: impl FnMut(Known, &[u8], &[u8]) -> bool) {
         let (received, added) = (&self.received[..], &self.added[..]);
         self.list.retain(|f| {
             keep(
+                f.known,
                 name_of(received, added, f),
                 place_of(received, added, f.value),
             )
@@ -555,9 +560,11 @@ impl Fields {
     /// [`append`](Fields::append) with a value made of `parts`, joined (no buffer in between).
     pub fn append_parts<'n>(&mut self, name: impl Into<Name<'n>>, parts: &[&[u8]]) -> bool {
         let name = name.into();
-        if !Fields::valid(name, parts) {
-            return false;
-        }
+        Fields::valid(name, parts) && self.push_valid(name, parts)
+    }
+
+    /// Appends a field already found valid ([`Fields::valid`]).
+    fn push_valid(&mut self, name: Name<'_>, parts: &[&[u8]]) -> bool {
         let mark = self.added.len();
         let name_place = match name.known {
             Known::Other => match self.add(&[name.bytes]) {
@@ -583,16 +590,18 @@ impl Fields {
     /// as [`append`](Fields::append) (and the old fields then kept).
     pub fn insert<'n>(&mut self, name: impl Into<Name<'n>>, value: &[u8]) -> bool {
         let name = name.into();
-        if !Fields::valid(name, &[value]) {
-            return false;
-        }
+        Fields::valid(name, &[value]) && self.set_valid(name, value)
+    }
+
+    /// Sets a field already found valid ([`Fields::valid`]).
+    fn set_valid(&mut self, name: Name<'_>, value: &[u8]) -> bool {
         let (received, added) = (&self.received[..], &self.added[..]);
         let Some(first) = self
             .list
             .iter()
             .position(|f| is_named(received, added, f, name))
         else {
-            return self.append_parts(name, &[value]);
+            return self.push_valid(name, &[value]);
         };
         let Some(place) = self.add(&[value]) else {
             return false;
@@ -610,6 +619,18 @@ impl Fields {
             });
         }
         true
+    }
+
+    /// Adds the fields of `from` (checked when they were added there, so not again): those
+    /// `lists` says are lists are appended, the others set (as [`insert`](Fields::insert)).
+    pub fn merge(&mut self, from: &Fields, lists: impl Fn(Known) -> bool) {
+        for (name, value) in from.iter_named() {
+            if lists(name.known) {
+                self.push_valid(name, &[value]);
+            } else {
+                self.set_valid(name, value);
+            }
+        }
     }
 
     /// The fields of a map (hyper's messages).

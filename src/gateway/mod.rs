@@ -830,6 +830,7 @@ impl Conn {
 pub struct Gateway {
     table: ArcSwap<RouteTable>,
     /// GCRA state per (tenant, API, consumer, limit).
+    // (a flood-resistant hash: an unidentified client's address can be part of the key)
     rate: Mutex<HashMap<String, u64>>,
     /// Quota counters per (tenant, API, consumer, window): (window index, count).
     /// Plan quotas, counted from the replicated usage counters (`quota`).
@@ -1368,7 +1369,7 @@ impl Drop for Handling<'_> {
 struct Refusal(StatusCode, &'static str, String, Fields);
 
 fn push_num(out: &mut String, n: u64) {
-    out.push_str(access::digits(n, &mut [0u8; 20]));
+    out.push_str(access::digits(n, &mut itoa::Buffer::new()));
 }
 
 fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Refusal {
@@ -1391,7 +1392,7 @@ fn push_ratelimit_fields(
         (Known::RateLimitPolicy, (b";q=", limit), (b";w=", width)),
         (Known::RateLimit, (b";r=", remaining), (b";t=", left)),
     ] {
-        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
         out.append_parts(
             field,
             &[
@@ -1418,16 +1419,12 @@ fn add_policy_headers(fields: &mut Fields, policies: &Fields) {
         fields.remove(Known::RateLimit);
         fields.remove(Known::RateLimitPolicy);
     }
-    for (name, v) in policies.iter_named() {
-        if matches!(
-            name.known(),
+    fields.merge(policies, |known| {
+        matches!(
+            known,
             Known::Vary | Known::RateLimit | Known::RateLimitPolicy
-        ) {
-            fields.append(name, v);
-        } else {
-            fields.insert(name, v);
-        }
-    }
+        )
+    });
 }
 
 /// Seconds until the end of the current UTC day, and the day's index.
@@ -2284,7 +2281,7 @@ impl Gateway {
                     );
                     r.3.append(
                         Known::RetryAfter,
-                        access::digits(secs, &mut [0u8; 20]).as_bytes(),
+                        access::digits(secs, &mut itoa::Buffer::new()).as_bytes(),
                     );
                     let (name, limit, width) = named(&window);
                     push_ratelimit_fields(&mut r.3, name, limit, width, 0, secs);
@@ -2316,11 +2313,12 @@ impl Gateway {
                 reset_secs,
             } => {
                 // one "default" item: the last rate limit checked is the one reported
-                answer.retain(|n, v| {
-                    !((n.eq_ignore_ascii_case(b"ratelimit")
-                        || n.eq_ignore_ascii_case(b"ratelimit-policy"))
-                        && v.starts_with(b"\"default\""))
-                });
+                if !answer.is_empty() {
+                    answer.retain(|known, _, v| {
+                        !(matches!(known, Known::RateLimit | Known::RateLimitPolicy)
+                            && v.starts_with(b"\"default\""))
+                    });
+                }
                 let remaining = u64::from(remaining);
                 push_ratelimit_fields(answer, "default", limit, width, remaining, reset_secs);
                 Ok(())
@@ -2333,7 +2331,7 @@ impl Gateway {
                 );
                 r.3.append(
                     Known::RetryAfter,
-                    access::digits(retry_after_secs, &mut [0u8; 20]).as_bytes(),
+                    access::digits(retry_after_secs, &mut itoa::Buffer::new()).as_bytes(),
                 );
                 push_ratelimit_fields(&mut r.3, "default", limit, width, 0, retry_after_secs);
                 Err(r)

@@ -15,7 +15,9 @@ use std::task::{Context, Poll};
 
 /// Counts by UTC hour, then by `tenant`, `consumer` and `api` joined by NUL (which no name can
 /// hold): a request already counted in its hour adds without allocating.
-type Pending = HashMap<i64, HashMap<String, UsageCounts>>;
+// (keyed by tenant, consumer and API names from the configuration, not by anything a
+// request sends: a fast hash, not a flood-resistant one)
+type Pending = HashMap<i64, HashMap<String, UsageCounts, rustc_hash::FxBuildHasher>>;
 
 /// Usage counted since the last flush, and the batch a failed flush left to retry.
 #[derive(Debug, Default)]
