@@ -69,10 +69,45 @@ pub enum Known {
     Vary,
     RetryAfter,
     RateLimit,
+    // (a name added here goes into `Known::ALL` too, last)
     RateLimitPolicy,
 }
 
 impl Known {
+    /// Every known name (not `Other`).
+    pub const ALL: [Known; 27] = {
+        use Known::*;
+        [
+            Host,
+            Connection,
+            ContentLength,
+            TransferEncoding,
+            Te,
+            Trailer,
+            Upgrade,
+            KeepAlive,
+            ProxyConnection,
+            ProxyAuthenticate,
+            ProxyAuthorization,
+            XForwardedFor,
+            XForwardedProto,
+            XForwardedHost,
+            Forwarded,
+            XRequestId,
+            Via,
+            Date,
+            UserAgent,
+            Origin,
+            Authorization,
+            Expect,
+            ContentType,
+            Vary,
+            RetryAfter,
+            RateLimit,
+            RateLimitPolicy,
+        ]
+    };
+
     /// The name, in lower case.
     pub const fn name(self) -> &'static str {
         match self {
@@ -920,36 +955,12 @@ mod tests {
     #[test]
     fn known_names_are_told_by_a_byte() {
         use Known::*;
-        let all = [
-            Host,
-            Connection,
-            ContentLength,
-            TransferEncoding,
-            Te,
-            Trailer,
-            Upgrade,
-            KeepAlive,
-            ProxyConnection,
-            ProxyAuthenticate,
-            ProxyAuthorization,
-            XForwardedFor,
-            XForwardedProto,
-            XForwardedHost,
-            Forwarded,
-            XRequestId,
-            Via,
-            Date,
-            UserAgent,
-            Origin,
-            Authorization,
-            Expect,
-            ContentType,
-            Vary,
-            RetryAfter,
-            RateLimit,
-            RateLimitPolicy,
-        ];
-        for k in all {
+        // every variant listed, once
+        assert_eq!(Known::RateLimitPolicy as usize, Known::ALL.len());
+        for (i, k) in Known::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i + 1, "{k:?} in its place");
+        }
+        for k in Known::ALL {
             assert_eq!(Known::of(k.name().as_bytes()), k, "{}", k.name());
             let upper = k.name().to_ascii_uppercase();
             assert_eq!(Known::of(upper.as_bytes()), k, "{upper}");
