@@ -69,8 +69,8 @@ pub enum Known {
     Vary,
     RetryAfter,
     RateLimit,
-    // (a name added here goes into `Known::ALL` too, last)
     RateLimitPolicy,
+    // (a name added goes here, and last into `Known::ALL`: a test checks both)
 }
 
 impl Known {
