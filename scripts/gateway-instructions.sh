@@ -4,8 +4,8 @@
 # log, metrics), each under the same wrk load. Unlike CPU time on this shared machine, the
 # count does not drift with the neighbours' load: it tells two builds apart by a fraction of a
 # percent where the CPU-time benchmarks need many rounds. It counts user-space instructions
-# only (not the kernel's work on the sockets, about half of a request's CPU time; see the
-# README) and varies by about 1% with how requests batch under the load.
+# only (not the kernel's work on the sockets, more than half of a request's CPU time here;
+# see the README) and varies by about 1% with how requests batch under the load.
 #
 # Every process runs under valgrind (about 50 times slower), all on CPU 1, wrk on CPU 0;
 # traffic stays on 127.0.0.1 and every process started here is stopped on exit.

@@ -364,6 +364,7 @@ async fn exchange(
     origin: &Authority,
 ) -> Result<Answer<UpBody>, Error> {
     let mut answered = false;
+    let mut grew = false;
     let mut early = false;
     let mut failed_write = None;
     let parsed = {
@@ -371,7 +372,14 @@ async fn exchange(
         wr.write_all(head)
             .await
             .map_err(|e| io_error(e, reused, false))?;
-        let reading = read_head(&mut rd, &mut buf, &mut answered, reused, head_request);
+        let reading = read_head(
+            &mut rd,
+            &mut buf,
+            &mut answered,
+            &mut grew,
+            reused,
+            head_request,
+        );
         match body {
             None => reading.await,
             Some(body) => {
@@ -426,7 +434,10 @@ async fn exchange(
         idle: None,
         progress: false,
         whole: None,
+        keep_buf: false,
     };
+    // (the buffer goes back to the pool with the connection when the answer came whole in it)
+    body.keep_buf = !grew;
     match body.kind {
         // nothing to read: the connection is free now (hyper never polls an empty body)
         Kind::Length(0) => body.finish(),
@@ -436,7 +447,7 @@ async fn exchange(
             body.whole = Some(body.buf.split_to(n as usize).freeze());
             body.finish();
         }
-        _ => {}
+        _ => body.keep_buf = false,
     }
     Ok(Answer::new(status, fields, body))
 }
@@ -490,6 +501,7 @@ async fn read_head(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     buf: &mut BytesMut,
     answered: &mut bool,
+    grew: &mut bool,
     reused: bool,
     head_request: bool,
 ) -> Result<Head, Error> {
@@ -502,7 +514,12 @@ async fn read_head(
                 return Err(Error::Protocol("response head too large"));
             }
         }
-        buf.reserve(8 * 1024);
+        // (room made only when little is left: a pooled buffer keeps its size, unless a
+        // head outgrows it)
+        if buf.capacity() - buf.len() < 1024 {
+            *grew |= !buf.is_empty();
+            buf.reserve(8 * 1024);
+        }
         let n = rd
             .read_buf(buf)
             .await
@@ -667,6 +684,10 @@ pub struct UpBody {
     progress: bool,
     /// The whole body, when it came with the head (the connection is then back in the pool).
     whole: Option<Bytes>,
+    /// Whether the buffer goes back to the pool with the connection: only when the answer
+    /// came whole in the room it had (a buffer grown for a large head or a streamed body is
+    /// let go, so an idle connection keeps at most `KEPT_BUFFER`).
+    keep_buf: bool,
 }
 
 impl UpBody {
@@ -681,6 +702,7 @@ impl UpBody {
             idle: None,
             progress: false,
             whole: None,
+            keep_buf: false,
         }
     }
 
@@ -695,7 +717,11 @@ impl UpBody {
         self.kind = Kind::Done;
         if let Some(stream) = self.stream.take() {
             if self.keep && self.buf.is_empty() {
-                checkin(&self.origin, stream, std::mem::take(&mut self.buf));
+                let buf = match self.keep_buf {
+                    true => std::mem::take(&mut self.buf),
+                    false => BytesMut::new(),
+                };
+                checkin(&self.origin, stream, buf);
             }
         }
     }
@@ -937,6 +963,10 @@ mod tests {
         assert!(resp.body.is_whole());
         assert_eq!(resp.body.size_hint().exact(), Some(2));
         let (pooled, buf) = checkout(&origin).expect("back in the pool before the body is read");
+        assert!(
+            buf.is_empty() && buf.capacity() > 0 && buf.capacity() <= KEPT_BUFFER,
+            "a whole answer's buffer goes back with its connection, emptied"
+        );
         checkin(&origin, pooled, buf);
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
@@ -949,10 +979,8 @@ mod tests {
         assert!(checkout(&origin).is_none(), "in use until the body's end");
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"helloworld");
-        assert!(
-            checkout(&origin).is_some(),
-            "back in the pool at the body's end"
-        );
+        let (_, buf) = checkout(&origin).expect("back in the pool at the body's end");
+        assert_eq!(buf.capacity(), 0, "a streamed answer's buffer is let go");
     }
 
     #[test]
