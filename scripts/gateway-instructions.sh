@@ -33,9 +33,7 @@ bin="${APIM_BIN:-$here/target/release/apim}"
 up_port=18380 ngx_port=18381 apim_port=18390
 # shellcheck source=scripts/loopback.sh
 . "$here/scripts/loopback.sh"
-nginx_conf "$work/up" "server { listen 127.0.0.1:$up_port backlog=4096; location / { default_type text/plain; return 200 \"ok\"; } }"
-nginx_conf "$work/px" "upstream backend { server 127.0.0.1:$up_port; keepalive 256; keepalive_requests 10000000; keepalive_timeout 120s; }
-  server { listen 127.0.0.1:$ngx_port backlog=4096; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+upstream_and_proxy_confs "$up_port" "$ngx_port"
 start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
 # (callgrind_control reaches a process of its own user only: nginx's worker runs as root here
 # when the script does)

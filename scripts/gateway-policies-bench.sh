@@ -29,9 +29,7 @@ done
 up_port=18280 ngx_port=18281 apim_port=18290
 # shellcheck source=scripts/loopback.sh
 . "$here/scripts/loopback.sh"
-nginx_conf "$work/up" "server { listen 127.0.0.1:$up_port backlog=4096; location / { default_type text/plain; return 200 \"ok\"; } }"
-nginx_conf "$work/px" "upstream backend { server 127.0.0.1:$up_port; keepalive 256; keepalive_requests 10000000; keepalive_timeout 120s; }
-  server { listen 127.0.0.1:$ngx_port backlog=4096; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+upstream_and_proxy_confs "$up_port" "$ngx_port"
 start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
 start 1 nginx -c "$work/px/nginx.conf" -p "$work/px"
 ngx_group=$started

@@ -44,3 +44,12 @@ start() {
   started=$!
   groups+=("$started")
 }
+
+# upstream_and_proxy_confs UP_PORT PROXY_PORT: the upstream nginx (answering `200 ok`) in
+# $work/up and nginx's keep-alive reverse proxy to it in $work/px, as the shared benchmark
+# configures them.
+upstream_and_proxy_confs() {
+  nginx_conf "$work/up" "server { listen 127.0.0.1:$1 backlog=4096; location / { default_type text/plain; return 200 \"ok\"; } }"
+  nginx_conf "$work/px" "upstream backend { server 127.0.0.1:$1; keepalive 256; keepalive_requests 10000000; keepalive_timeout 120s; }
+  server { listen 127.0.0.1:$2 backlog=4096; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+}
