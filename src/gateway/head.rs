@@ -337,11 +337,6 @@ pub fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Whether a field is hop-by-hop (see [`Known::hop_by_hop`]).
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    Known::of(name).hop_by_hop()
-}
-
 /// A head's header fields, in order.
 #[derive(Clone, Default)]
 pub struct Fields {
@@ -884,7 +879,7 @@ mod tests {
             "keep-alive",
             "proxy-connection",
         ] {
-            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+            assert!(Known::of(name.as_bytes()).hop_by_hop(), "{name}");
         }
         for name in [
             "tf",
@@ -895,7 +890,7 @@ mod tests {
             "via",
             "",
         ] {
-            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+            assert!(!Known::of(name.as_bytes()).hop_by_hop(), "{name}");
         }
     }
 
