@@ -12,16 +12,20 @@
 #
 # Usage, from the repository root after `cargo build --release`:
 #   scripts/gateway-instructions.sh [-d SECONDS] [-c CONNS] [--only "nginx plain policies"]
+#     [--keep DIR]
+# --keep DIR keeps each target's callgrind files (and its request count) in DIR/<target>, for
+# `callgrind_annotate --inclusive=yes` (an unstripped build shows functions: see the README).
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")/.." && pwd)"
-duration=10 conns=50 only="nginx plain policies"
+duration=10 conns=50 only="nginx plain policies" keep=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -d) duration="$2"; shift 2 ;;
     -c) conns="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
-    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"]" >&2; exit 2 ;;
+    --keep) keep="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
+    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR]" >&2; exit 2 ;;
   esac
 done
 for bin in nginx wrk taskset setsid valgrind callgrind_control curl; do
@@ -94,6 +98,11 @@ measure() {
   done
   [ "${n:-0}" -gt 0 ] || { echo "$name: no request served" >&2; return 1; }
   printf '%-9s %8d requests  %7d instructions per request\n' "$name" "$n" $((total / n))
+  if [ -n "${keep:-}" ]; then
+    mkdir -p "$keep/$name"
+    cp "$work"/cg/cg.*.[0-9]* "$keep/$name/"
+    echo "$n" >"$keep/$name/requests"
+  fi
 }
 
 for target in $only; do

@@ -56,17 +56,41 @@ pub fn secret_hash(secret: &str) -> String {
         .collect()
 }
 
-/// [`secret_hash`] as its 64 lower-case hex bytes, on the stack (this runs on every API-key
-/// request).
-pub fn secret_hash_hex(secret: &str) -> [u8; 64] {
+/// [`secret_hash`] as its 64 lower-case hex bytes, on the stack.
+fn secret_hash_hex(secret: &str) -> [u8; 64] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
     let mut out = [0u8; 64];
-    for (pair, b) in out.chunks_exact_mut(2).zip(digest.as_ref()) {
+    for (pair, b) in out.chunks_exact_mut(2).zip(secret_digest(secret)) {
         pair[0] = HEX[usize::from(b >> 4)];
         pair[1] = HEX[usize::from(b & 0xf)];
     }
     out
+}
+
+/// The SHA-256 digest [`secret_hash`] writes in hex (the gateway looks API keys up by it).
+pub fn secret_digest(secret: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// The digest a [`secret_hash`] spells (64 lower-case hex digits), or `None`.
+pub fn secret_hash_digest(hash: &str) -> Option<[u8; 32]> {
+    let hex = hash.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (b, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *b = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Creates a directory (and its parents) readable by the owner only.
@@ -438,5 +462,27 @@ mod tests {
         assert_eq!(a.len(), 5 + 43);
         assert_eq!(secret_hash(&a).len(), 64);
         assert_ne!(secret_hash(&a), secret_hash(&b));
+    }
+
+    #[test]
+    fn stored_hashes_read_back_as_digests() {
+        let secret = random_secret("apim_").unwrap();
+        let hash = secret_hash(&secret);
+        assert_eq!(secret_hash_digest(&hash), Some(secret_digest(&secret)));
+        // the known SHA-256 of "abc"
+        assert_eq!(
+            secret_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // only what secret_hash writes: 64 lower-case hex digits
+        for bad in [
+            hash.to_uppercase(),
+            hash[..62].to_string(),
+            format!("{hash}00"),
+            format!("{}g", &hash[..63]),
+            String::new(),
+        ] {
+            assert_eq!(secret_hash_digest(&bad), None, "{bad:?}");
+        }
     }
 }

@@ -92,6 +92,35 @@ async fn key_for(n: &Node, tenant: &str, consumer: &str) -> (String, String) {
     )
 }
 
+/// One request on a kept connection and the status of its answer (whose body, of the length
+/// its `Content-Length` gives, is read off the connection).
+async fn kept_exchange(c: &mut tokio::net::TcpStream, host: &str, key: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!("GET /payments/kept HTTP/1.1\r\nHost: {host}\r\nx-api-key: {key}\r\n\r\n");
+    c.write_all(head.as_bytes()).await.expect("request sent");
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = c.read(&mut byte).await.expect("answer read");
+        assert_eq!(
+            n,
+            1,
+            "the connection closed after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    let mut body = vec![0u8; length];
+    c.read_exact(&mut body).await.expect("body read");
+    head[9..12].parse().expect("status")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_subscriptions_and_proxy_semantics() {
     let up = echo_upstream().await;
@@ -264,6 +293,19 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
 
+    // A connection keeps the digest of the last key it presented (the key is hashed once):
+    // another key, even one that differs in its last letter only, is still refused on it,
+    // and the kept key is refused once revoked (below).
+    let mut kept = tokio::net::TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .expect("gateway connection");
+    let mut near = key.clone();
+    let last = if near.ends_with('A') { "B" } else { "A" };
+    near.replace_range(near.len() - 1.., last);
+    for (k, want) in [(&key, 200), (&near, 401), (&key, 200), (&key, 200)] {
+        assert_eq!(kept_exchange(&mut kept, "api.bank.example", k).await, want);
+    }
+
     // a revoked key stops working as soon as the change is committed
     let r = n
         .req(
@@ -281,6 +323,11 @@ async fn api_keys_subscriptions_and_proxy_semantics() {
     assert_eq!(
         (s, b["type"].as_str()),
         (401, Some("urn:apim:problem:gateway:invalid-credential"))
+    );
+    // also on the connection that presented it before
+    assert_eq!(
+        kept_exchange(&mut kept, "api.bank.example", &key).await,
+        401
     );
 }
 

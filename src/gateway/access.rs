@@ -74,10 +74,8 @@ impl Field {
     }
 
     fn name(self) -> &'static str {
-        Field::ALL
-            .iter()
-            .find(|(_, f)| *f == self)
-            .map_or("", |(n, _)| n)
+        // (`ALL` lists the fields in their order: see the test)
+        Field::ALL[self as usize].0
     }
 }
 
@@ -107,7 +105,8 @@ const FLUSH_AT: usize = 32 * 1024;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 pub struct AccessLog {
-    fields: Vec<Field>,
+    /// The fields, each with what goes before its value (`,"name":` or ` name=`).
+    fields: Vec<(Field, Box<[u8]>)>,
     json: bool,
     buf: Mutex<Vec<u8>>,
 }
@@ -116,7 +115,17 @@ impl AccessLog {
     /// `fields` must have been checked by the configuration (unknown names are skipped).
     pub fn new(fields: &[String], json: bool) -> AccessLog {
         AccessLog {
-            fields: fields.iter().filter_map(|f| Field::parse(f)).collect(),
+            fields: fields
+                .iter()
+                .filter_map(|f| Field::parse(f))
+                .map(|f| {
+                    let key = match json {
+                        true => format!(",\"{}\":", f.name()),
+                        false => format!(" {}=", f.name()),
+                    };
+                    (f, key.into_bytes().into_boxed_slice())
+                })
+                .collect(),
             json,
             buf: Mutex::new(Vec::with_capacity(FLUSH_AT + 4096)),
         }
@@ -124,7 +133,7 @@ impl AccessLog {
 
     /// Whether lines carry `field`.
     pub fn wants(&self, field: Field) -> bool {
-        self.fields.contains(&field)
+        self.fields.iter().any(|(f, _)| *f == field)
     }
 
     /// Whether lines are written (the log filter's verdict for the target, at info).
@@ -171,7 +180,7 @@ impl AccessLog {
             push_timestamp(now, out);
             out.extend_from_slice(b"  INFO apim::gateway::access: gateway request");
         }
-        for f in &self.fields {
+        for (f, key) in &self.fields {
             let value = match f {
                 Field::Timestamp => continue, // every line has it
                 Field::Method => Value::Str(e.method),
@@ -214,15 +223,7 @@ impl AccessLog {
                 Field::UserAgent => Value::Str(e.user_agent),
                 Field::Sni => Value::Str(e.sni),
             };
-            if self.json {
-                out.extend_from_slice(b",\"");
-                out.extend_from_slice(f.name().as_bytes());
-                out.extend_from_slice(b"\":");
-            } else {
-                out.push(b' ');
-                out.extend_from_slice(f.name().as_bytes());
-                out.push(b'=');
-            }
+            out.extend_from_slice(key);
             match value {
                 Value::Num(n) => push_u64(out, n),
                 Value::Str(s) => quoted(s, self.json, out),
@@ -389,6 +390,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["user_agent"], "curl/8");
         assert!(v.get("path").is_none() && v.get("client").is_none());
+    }
+
+    #[test]
+    fn fields_are_named_by_their_place_in_the_list() {
+        for (i, (name, field)) in Field::ALL.into_iter().enumerate() {
+            assert_eq!(field as usize, i, "{name}");
+            assert_eq!(field.name(), name);
+            assert_eq!(Field::parse(name), Some(field));
+        }
     }
 
     #[test]

@@ -111,6 +111,9 @@ pub struct Conn {
     /// connection checks its chain once per CA bundle, not once per request.
     /// (The verifier is held, so its address cannot be reused by another while cached.)
     mtls_checked: Mutex<Vec<(Verifier, bool)>>,
+    /// The last API key presented on this connection, as its fingerprint and its SHA-256
+    /// digest: see [`key_digest`].
+    key_digest: Mutex<Option<(u64, [u8; 32])>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
     /// The connection's place under `max_connections` and in the open-connections gauge, held
@@ -734,6 +737,7 @@ impl Conn {
             peer,
             tls,
             mtls_checked: Mutex::new(Vec::new()),
+            key_digest: Mutex::new(None),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             activity: Activity::new(false),
             answers: Mutex::new(Vec::new()),
@@ -1237,7 +1241,8 @@ fn token_kid(authorization: Option<&str>) -> Option<String> {
 struct Served {
     /// The API the request was routed to.
     route: Option<Arc<Route>>,
-    consumer: Option<String>,
+    /// (shared with the key's entry in the table, or made for the request)
+    consumer: Option<Arc<str>>,
     upstream_us: Option<u64>,
     /// The client's address (the peer, or what a trusted proxy says).
     client: Option<IpAddr>,
@@ -1269,6 +1274,31 @@ struct Logged {
     uri: hyper::Uri,
     version: hyper::Version,
     user_agent: Option<HeaderValue>,
+}
+
+/// The SHA-256 digest of an API key presented on `conn` (the table finds keys by it),
+/// computed once for as long as the connection presents the same key.
+///
+/// The connection keeps the digest with a fingerprint of the key: SipHash under the process's
+/// random key, 64 bits. Neither the key nor anything that finds it is kept: the digest is what
+/// the table holds already, and the fingerprint is a keyed function of a 256-bit random secret.
+/// Another key passes for the last one only when its fingerprint is the same, a chance of
+/// 2^-64 per request for a client that knows neither the last key nor the process's SipHash
+/// key. The key's entry (revocation, expiry, subscription) is still read from the current
+/// table on every request.
+fn key_digest(conn: &Conn, key: &str) -> [u8; 32] {
+    use std::hash::BuildHasher;
+    static FINGERPRINT: std::sync::LazyLock<std::hash::RandomState> =
+        std::sync::LazyLock::new(std::hash::RandomState::new);
+    let print = FINGERPRINT.hash_one(key.as_bytes());
+    if let Some((p, digest)) = *lock(&conn.key_digest) {
+        if p == print {
+            return digest;
+        }
+    }
+    let digest = crate::pki::secret_digest(key);
+    *lock(&conn.key_digest) = Some((print, digest));
+    digest
 }
 
 /// The status recorded for a request that ended before its answer was made, or whose client
@@ -1381,30 +1411,38 @@ fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> 
 /// (each one more item of its list; none without a limit).
 fn push_ratelimit_fields(
     out: &mut Fields,
-    name: &str,
+    name: &'static str,
     limit: Option<u64>,
     width: u64,
     remaining: u64,
     left: u64,
 ) {
+    use std::io::Write;
     let Some(limit) = limit else { return };
     for (field, first, second) in [
         (Known::RateLimitPolicy, (b";q=", limit), (b";w=", width)),
         (Known::RateLimit, (b";r=", remaining), (b";t=", left)),
     ] {
+        // written in place: a name of a few letters and two numbers of at most 20 digits
+        const ROOM: usize = 80;
+        let mut value = [0u8; ROOM];
+        let mut rest = &mut value[..];
         let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
-        out.append_parts(
-            field,
-            &[
-                b"\"",
-                name.as_bytes(),
-                b"\"",
-                first.0,
-                access::digits(first.1, &mut a).as_bytes(),
-                second.0,
-                access::digits(second.1, &mut b).as_bytes(),
-            ],
-        );
+        for part in [
+            b"\"",
+            name.as_bytes(),
+            b"\"",
+            first.0,
+            a.format(first.1).as_bytes(),
+            second.0,
+            b.format(second.1).as_bytes(),
+        ] {
+            if rest.write_all(part).is_err() {
+                return;
+            }
+        }
+        let written = ROOM - rest.len();
+        out.append(field, &value[..written]);
     }
 }
 
@@ -1904,7 +1942,6 @@ impl Gateway {
         }
         let client = served.client.unwrap_or(conn.peer.ip());
         let mut answer_headers = Fields::default();
-        let now = time::OffsetDateTime::now_utc();
         for (i, p) in route.policies.iter().enumerate() {
             match p {
                 Policy::ApiKey {
@@ -1912,10 +1949,8 @@ impl Gateway {
                     query_param,
                 } => {
                     // the key is only ever hashed (never copied, never logged)
-                    let from_header = req
-                        .fields
-                        .get_str(name)
-                        .map(|k| crate::pki::secret_hash_hex(k.trim()));
+                    let name = head::Name::from(name.as_str());
+                    let from_header = req.fields.get_str(name).map(|k| key_digest(conn, k.trim()));
                     let from_query = || {
                         let q = query_param.as_ref()?;
                         let qs = req.uri.query()?;
@@ -1923,9 +1958,9 @@ impl Gateway {
                             .ok()?
                             .into_iter()
                             .find(|(k, _)| k == q)
-                            .map(|(_, v)| crate::pki::secret_hash_hex(v.trim()))
+                            .map(|(_, v)| key_digest(conn, v.trim()))
                     };
-                    let Some(hash) = from_header.or_else(from_query) else {
+                    let Some(digest) = from_header.or_else(from_query) else {
                         return Err(refuse(
                             StatusCode::UNAUTHORIZED,
                             "missing-credential",
@@ -1937,10 +1972,10 @@ impl Gateway {
                     if let Some(q) = query_param {
                         strip_query_param(&mut req.uri, q);
                     }
-                    let now_unix = now.unix_timestamp();
-                    // (lower-case hex: ASCII)
-                    let hash = std::str::from_utf8(&hash).unwrap_or_default();
-                    let entry = table.keys.get(hash).filter(|k| {
+                    let now_unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                    let entry = table.keys.get(&digest).filter(|k| {
                         k.tenant == route.tenant && !k.revoked && k.expires_unix > now_unix
                     });
                     let Some(entry) = entry else {
@@ -1951,8 +1986,8 @@ impl Gateway {
                         ));
                     };
                     // (a consumer two policies identify is admitted, and counted, once)
-                    if served.consumer.as_deref() != Some(entry.consumer.as_str()) {
-                        self.admit(route, &entry.consumer, now, &mut answer_headers)?;
+                    if served.consumer.as_deref() != Some(&*entry.consumer) {
+                        self.admit(route, &entry.consumer, &mut answer_headers)?;
                     }
                     served.consumer = Some(entry.consumer.clone());
                 }
@@ -2118,9 +2153,9 @@ impl Gateway {
                             ));
                         };
                         if served.consumer.as_deref() != Some(name) {
-                            self.admit(route, name, now, &mut answer_headers)?;
+                            self.admit(route, name, &mut answer_headers)?;
                         }
-                        served.consumer = Some(name.to_string());
+                        served.consumer = Some(name.into());
                     }
                 }
                 Policy::Cors { allow_origins, .. } => {
@@ -2134,9 +2169,9 @@ impl Gateway {
                 Policy::MutualTls { map_by, .. } => {
                     let who = self.client_certificate(table, route, i, *map_by, conn)?;
                     if served.consumer.as_deref() != Some(who.as_str()) {
-                        self.admit(route, &who, now, &mut answer_headers)?;
+                        self.admit(route, &who, &mut answer_headers)?;
                     }
-                    served.consumer = Some(who);
+                    served.consumer = Some(who.into());
                 }
             }
         }
@@ -2230,7 +2265,6 @@ impl Gateway {
         &self,
         route: &Route,
         consumer: &str,
-        now: time::OffsetDateTime,
         answer_headers: &mut Fields,
     ) -> Result<(), Refusal> {
         let Some((SubscriptionStatus::Active, plan)) = route.subscriptions.get(consumer) else {
@@ -2259,6 +2293,7 @@ impl Gateway {
             self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer_headers)?;
         }
         if let Some(q) = &plan.quota {
+            let now = time::OffsetDateTime::now_utc();
             let who = (route.tenant.as_str(), route.api.as_str(), consumer);
             // the quotas as RateLimit policies named "day" and "month" (windows in seconds)
             let month_secs = 86_400 * u64::from(now.month().length(now.year()));

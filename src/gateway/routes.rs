@@ -243,7 +243,8 @@ impl Route {
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub tenant: String,
-    pub consumer: String,
+    /// (shared with each request the key identifies)
+    pub consumer: Arc<str>,
     /// Expiry, in Unix seconds (parsed once per table; unparsable: already expired).
     pub expires_unix: i64,
     pub revoked: bool,
@@ -370,8 +371,8 @@ pub struct RouteTable {
     wildcard: HashMap<String, HostRoutes>,
     /// Every route once (a route is listed under each of its hosts above).
     all: Vec<Arc<Route>>,
-    /// API keys by the hex SHA-256 of the key.
-    pub keys: HashMap<String, KeyEntry>,
+    /// API keys by the SHA-256 digest of the key ([`crate::pki::secret_digest`]).
+    pub keys: HashMap<[u8; 32], KeyEntry>,
     /// Consumers by tenant and client-certificate identity (see
     /// [`crate::model::normalize_cert_identity`]).
     pub cert_consumers: HashMap<String, HashMap<String, String>>,
@@ -534,11 +535,15 @@ impl RouteTable {
             for (_, v) in kv.scan_prefix(&state::object_prefix(Kind::Key, Some(&t)))? {
                 let stored: StoredKey = serde_json::from_slice(&v).map_err(StoreError::msg)?;
                 let k = stored.spec;
+                // (a hash that is not one `secret_hash` writes matches no key)
+                let Some(digest) = crate::pki::secret_hash_digest(&k.key_hash) else {
+                    continue;
+                };
                 table.keys.insert(
-                    k.key_hash,
+                    digest,
                     KeyEntry {
                         tenant: t.clone(),
-                        consumer: k.consumer,
+                        consumer: k.consumer.into(),
                         expires_unix: time::OffsetDateTime::parse(
                             &k.expires_at,
                             &time::format_description::well_known::Rfc3339,

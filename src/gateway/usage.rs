@@ -190,7 +190,7 @@ where
 pub struct Ticket {
     pub meter: Arc<Meter>,
     pub route: Arc<Route>,
-    pub consumer: String,
+    pub consumer: Arc<str>,
     /// The request body's bytes (none without a body).
     pub bytes_in: Option<Arc<AtomicU64>>,
     pub bytes_out: u64,
