@@ -1446,23 +1446,43 @@ fn push_ratelimit_fields(
     }
 }
 
-/// Adds the policies' answer fields (rate-limit state, CORS) to an answer's: the RateLimit
-/// fields replace any the upstream reported and, like `Vary`, are lists (a plan's rate limit
-/// and its quotas each add an item); another field replaces the answer's own.
-fn add_policy_headers(fields: &mut Fields, policies: &Fields) {
-    if policies.is_empty() {
-        return;
+/// What a request's policies add to its answer: the state of its rate limits and quotas,
+/// written as the IETF RateLimit fields when the answer is, and other fields (CORS).
+#[derive(Default)]
+struct PolicyAnswer {
+    /// By [`RATE_ITEMS`]: the last rate limit checked, and the plan's quotas.
+    rates: [Option<RateItem>; 3],
+    fields: Fields,
+}
+
+/// The names of [`PolicyAnswer::rates`]' items in the RateLimit fields.
+const RATE_ITEMS: [&str; 3] = ["default", "day", "month"];
+
+/// A rate limit's or a quota's state: its limit per window of `width` seconds, what is left,
+/// and the seconds until the window ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct RateItem {
+    limit: u64,
+    width: u64,
+    remaining: u64,
+    left: u64,
+}
+
+/// Adds the policies' answer fields to an answer's: the RateLimit fields replace any the
+/// upstream reported (an item each for the rate limit and the quotas); `Vary` is a list;
+/// another field replaces the answer's own.
+fn add_policy_headers(fields: &mut Fields, policies: &PolicyAnswer) {
+    if policies.rates.iter().any(Option::is_some) {
+        fields.retain(|known, _, _| !matches!(known, Known::RateLimit | Known::RateLimitPolicy));
+        for (name, item) in RATE_ITEMS.into_iter().zip(&policies.rates) {
+            if let Some(i) = item {
+                push_ratelimit_fields(fields, name, Some(i.limit), i.width, i.remaining, i.left);
+            }
+        }
     }
-    if policies.contains(Known::RateLimit) || policies.contains(Known::RateLimitPolicy) {
-        fields.remove(Known::RateLimit);
-        fields.remove(Known::RateLimitPolicy);
+    if !policies.fields.is_empty() {
+        fields.merge(&policies.fields, |known| known == Known::Vary);
     }
-    fields.merge(policies, |known| {
-        matches!(
-            known,
-            Known::Vary | Known::RateLimit | Known::RateLimitPolicy
-        )
-    });
 }
 
 /// Seconds until the end of the current UTC day, and the day's index.
@@ -1936,12 +1956,12 @@ impl Gateway {
         req: &mut Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
-    ) -> Result<Fields, Refusal> {
+    ) -> Result<PolicyAnswer, Refusal> {
+        let mut answer = PolicyAnswer::default();
         if route.policies.is_empty() {
-            return Ok(Fields::default());
+            return Ok(answer);
         }
         let client = served.client.unwrap_or(conn.peer.ip());
-        let mut answer_headers = Fields::default();
         for (i, p) in route.policies.iter().enumerate() {
             match p {
                 Policy::ApiKey {
@@ -1987,7 +2007,7 @@ impl Gateway {
                     };
                     // (a consumer two policies identify is admitted, and counted, once)
                     if served.consumer.as_deref() != Some(&*entry.consumer) {
-                        self.admit(route, &entry.consumer, &mut answer_headers)?;
+                        self.admit(route, &entry.consumer, &mut answer)?;
                     }
                     served.consumer = Some(entry.consumer.clone());
                 }
@@ -2030,11 +2050,7 @@ impl Gateway {
                                 push_num(&mut key, u64::from(*per_seconds));
                             }
                         }
-                        self.rate_limit(
-                            &key,
-                            Gcra::new(*requests, *per_seconds),
-                            &mut answer_headers,
-                        )
+                        self.rate_limit(&key, Gcra::new(*requests, *per_seconds), &mut answer)
                     })?;
                 }
                 Policy::IpFilter { allow, deny } => {
@@ -2153,7 +2169,7 @@ impl Gateway {
                             ));
                         };
                         if served.consumer.as_deref() != Some(name) {
-                            self.admit(route, name, &mut answer_headers)?;
+                            self.admit(route, name, &mut answer)?;
                         }
                         served.consumer = Some(name.into());
                     }
@@ -2163,19 +2179,19 @@ impl Gateway {
                     // request an allowed origin gets the CORS answer headers.
                     let origin = req.fields.get_str(Known::Origin);
                     if let Some(origin) = origin.filter(|o| cors_allows(allow_origins, o)) {
-                        cors_origin_headers(allow_origins, origin, &mut answer_headers);
+                        cors_origin_headers(allow_origins, origin, &mut answer.fields);
                     }
                 }
                 Policy::MutualTls { map_by, .. } => {
                     let who = self.client_certificate(table, route, i, *map_by, conn)?;
                     if served.consumer.as_deref() != Some(who.as_str()) {
-                        self.admit(route, &who, &mut answer_headers)?;
+                        self.admit(route, &who, &mut answer)?;
                     }
                     served.consumer = Some(who.into());
                 }
             }
         }
-        Ok(answer_headers)
+        Ok(answer)
     }
 
     /// Checks the connection's client chain against the CA bundle of the route's `mutual-tls`
@@ -2265,7 +2281,7 @@ impl Gateway {
         &self,
         route: &Route,
         consumer: &str,
-        answer_headers: &mut Fields,
+        answer: &mut PolicyAnswer,
     ) -> Result<(), Refusal> {
         let Some((SubscriptionStatus::Active, plan)) = route.subscriptions.get(consumer) else {
             return Err(refuse(
@@ -2290,22 +2306,28 @@ impl Gateway {
             ] {
                 key.push_str(part);
             }
-            self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer_headers)?;
+            self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer)?;
         }
         if let Some(q) = &plan.quota {
             let now = time::OffsetDateTime::now_utc();
             let who = (route.tenant.as_str(), route.api.as_str(), consumer);
             // the quotas as RateLimit policies named "day" and "month" (windows in seconds)
             let month_secs = 86_400 * u64::from(now.month().length(now.year()));
+            // (the item of each: see RATE_ITEMS)
             let named = |exceeded: &quota::Window| match exceeded {
-                quota::Window::Day => ("day", q.per_day, 86_400),
-                quota::Window::Month => ("month", q.per_month, month_secs),
+                quota::Window::Day => (1, q.per_day, 86_400),
+                quota::Window::Month => (2, q.per_month, month_secs),
             };
             match self.quotas.admit(who, q.per_day, q.per_month, now) {
                 Ok(left) => {
                     for (window, remaining, secs) in left {
-                        let (name, limit, width) = named(&window);
-                        push_ratelimit_fields(answer_headers, name, limit, width, remaining, secs);
+                        let (item, limit, width) = named(&window);
+                        answer.rates[item] = limit.map(|limit| RateItem {
+                            limit,
+                            width,
+                            remaining,
+                            left: secs,
+                        });
                     }
                 }
                 Err((window, secs)) => {
@@ -2318,8 +2340,8 @@ impl Gateway {
                         Known::RetryAfter,
                         access::digits(secs, &mut itoa::Buffer::new()).as_bytes(),
                     );
-                    let (name, limit, width) = named(&window);
-                    push_ratelimit_fields(&mut r.3, name, limit, width, 0, secs);
+                    let (item, limit, width) = named(&window);
+                    push_ratelimit_fields(&mut r.3, RATE_ITEMS[item], limit, width, 0, secs);
                     return Err(r);
                 }
             }
@@ -2327,7 +2349,7 @@ impl Gateway {
         Ok(())
     }
 
-    fn rate_limit(&self, key: &str, gcra: Gcra, answer: &mut Fields) -> Result<(), Refusal> {
+    fn rate_limit(&self, key: &str, gcra: Gcra, answer: &mut PolicyAnswer) -> Result<(), Refusal> {
         let now = self.now_ns();
         let decision = {
             let mut m = self.rate.lock().unwrap_or_else(|p| p.into_inner());
@@ -2340,7 +2362,7 @@ impl Gateway {
                 None => gcra.check(m.entry(key.to_string()).or_insert(0), now),
             }
         };
-        let limit = Some(u64::from(gcra.requests));
+        let limit = u64::from(gcra.requests);
         let width = u64::from(gcra.per_seconds);
         match decision {
             Decision::Allow {
@@ -2348,14 +2370,12 @@ impl Gateway {
                 reset_secs,
             } => {
                 // one "default" item: the last rate limit checked is the one reported
-                if !answer.is_empty() {
-                    answer.retain(|known, _, v| {
-                        !(matches!(known, Known::RateLimit | Known::RateLimitPolicy)
-                            && v.starts_with(b"\"default\""))
-                    });
-                }
-                let remaining = u64::from(remaining);
-                push_ratelimit_fields(answer, "default", limit, width, remaining, reset_secs);
+                answer.rates[0] = Some(RateItem {
+                    limit,
+                    width,
+                    remaining: u64::from(remaining),
+                    left: reset_secs,
+                });
                 Ok(())
             }
             Decision::Deny { retry_after_secs } => {
@@ -2368,7 +2388,8 @@ impl Gateway {
                     Known::RetryAfter,
                     access::digits(retry_after_secs, &mut itoa::Buffer::new()).as_bytes(),
                 );
-                push_ratelimit_fields(&mut r.3, "default", limit, width, 0, retry_after_secs);
+                let (limit, name) = (Some(limit), RATE_ITEMS[0]);
+                push_ratelimit_fields(&mut r.3, name, limit, width, 0, retry_after_secs);
                 Err(r)
             }
         }
@@ -2650,7 +2671,8 @@ impl Gateway {
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);
                 let mut r = problem(status, slug, &detail, request_id);
-                add_policy_headers(&mut r.fields, &headers);
+                // (Retry-After and the RateLimit fields of the limit that refused it)
+                r.fields.merge(&headers, |_| true);
                 return r;
             }
         };
@@ -3893,7 +3915,66 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::{add_policy_headers, Fields, Known, PolicyAnswer, RateItem};
     use super::{forwarded_element, host_is_valid, path_is_plain, split_host_port};
+
+    #[test]
+    fn policy_fields_replace_the_upstreams_rate_limits_and_set_the_others() {
+        let mut answer = Fields::default();
+        for (name, value) in [
+            ("RateLimit", "\"up\";r=1;t=1"),
+            ("content-type", "text/plain"),
+            ("ratelimit-policy", "\"up\";q=9;w=1"),
+            ("Vary", "Accept"),
+            ("Access-Control-Allow-Origin", "https://upstream.example"),
+        ] {
+            assert!(answer.append(name, value.as_bytes()));
+        }
+        let mut policies = PolicyAnswer::default();
+        let item = |limit, width, remaining, left| {
+            Some(RateItem {
+                limit,
+                width,
+                remaining,
+                left,
+            })
+        };
+        policies.rates[0] = item(100, 60, 99, 1);
+        policies.rates[2] = item(5000, 2_678_400, 4321, 86_400);
+        policies
+            .fields
+            .append("access-control-allow-origin", b"https://app.example");
+        policies.fields.append(Known::Vary, b"Origin");
+        add_policy_headers(&mut answer, &policies);
+        let got: Vec<(String, String)> = answer
+            .iter()
+            .map(|(n, v)| {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                (text(n).to_ascii_lowercase(), text(v))
+            })
+            .collect();
+        let want = [
+            ("content-type", "text/plain"),
+            ("vary", "Accept"),
+            ("access-control-allow-origin", "https://app.example"),
+            ("ratelimit-policy", "\"default\";q=100;w=60"),
+            ("ratelimit", "\"default\";r=99;t=1"),
+            ("ratelimit-policy", "\"month\";q=5000;w=2678400"),
+            ("ratelimit", "\"month\";r=4321;t=86400"),
+            ("vary", "Origin"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, want);
+
+        // no rate limit checked: the upstream's fields stay
+        let mut answer = Fields::default();
+        answer.append("RateLimit", b"\"up\";r=1;t=1");
+        add_policy_headers(&mut answer, &PolicyAnswer::default());
+        assert_eq!(answer.get_str(Known::RateLimit), Some("\"up\";r=1;t=1"));
+    }
 
     #[test]
     fn hosts_are_checked_and_split_from_ports() {

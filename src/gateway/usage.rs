@@ -7,6 +7,7 @@ use super::routes::Route;
 use crate::state::{UsageCounts, UsageEntry};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use rustc_hash::FxBuildHasher;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +16,9 @@ use std::task::{Context, Poll};
 
 /// Counts by UTC hour, then by `tenant`, `consumer` and `api` joined by NUL (which no name can
 /// hold): a request already counted in its hour adds without allocating.
-// (keyed by tenant, consumer and API names from the configuration, not by anything a
-// request sends: a fast hash, not a flood-resistant one)
-type Pending = HashMap<i64, HashMap<String, UsageCounts, rustc_hash::FxBuildHasher>>;
+// (keyed by hours, and by tenant, consumer and API names from the configuration, not by
+// anything a request sends: a fast hash, not a flood-resistant one)
+type Pending = HashMap<i64, HashMap<String, UsageCounts, FxBuildHasher>, FxBuildHasher>;
 
 /// Usage counted since the last flush, and the batch a failed flush left to retry.
 #[derive(Debug, Default)]
