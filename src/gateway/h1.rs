@@ -591,6 +591,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 return Err(Error::Protocol("unsupported Transfer-Encoding"));
             }
             Kind::Chunked(Chunk::Size)
+        } else if let Some(n) = plain_length(&headers) {
+            // (the usual case: one field of digits, kept as it is)
+            Kind::Length(n)
         } else if headers.contains(Known::ContentLength) {
             let n = content_length(&headers)?;
             // one value on to the client, whatever repetition the upstream sent (a single
@@ -630,6 +633,20 @@ fn only_chunked(headers: &Fields) -> bool {
 
 /// The `Content-Length` of an answer: every value (and every comma-separated item) the same
 /// decimal number.
+/// The length a head's one `Content-Length` field gives when it is plain: one to 19 digits
+/// (what [`content_length`] accepts of a single value, without its list syntax), and no other
+/// field of that name; `None` otherwise.
+fn plain_length(headers: &Fields) -> Option<u64> {
+    let mut values = headers.get_all(Known::ContentLength);
+    let v = values.next()?;
+    if v.is_empty() || v.len() > 19 || values.next().is_some() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
+}
+
 fn content_length(headers: &Fields) -> Result<u64, Error> {
     let bad = || Error::Protocol("invalid Content-Length");
     let mut found: Option<u64> = None;
@@ -995,6 +1012,42 @@ mod tests {
         assert_eq!(chunk_size(b"10 junk"), None);
         assert_eq!(chunk_size(b"11111111111111111"), None, "more than 64 bits");
         assert_eq!(chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn plain_lengths_are_read_as_content_length_reads_them() {
+        let fields = |values: &[&str]| {
+            let mut h = Fields::default();
+            for v in values {
+                h.append(Known::ContentLength, v.as_bytes());
+            }
+            h
+        };
+        assert_eq!(plain_length(&fields(&["0"])), Some(0));
+        assert_eq!(plain_length(&fields(&["1234567"])), Some(1_234_567));
+        let max = "9".repeat(19);
+        assert_eq!(
+            plain_length(&fields(&[&max])),
+            Some(9_999_999_999_999_999_999)
+        );
+        // what is not one plain value is left to content_length
+        for values in [
+            &[][..],
+            &[""],
+            &["5, 5"],
+            &["5", "5"],
+            &["+5"],
+            &[" 5"],
+            &["12a"],
+            &["12345678901234567890"],
+        ] {
+            assert_eq!(plain_length(&fields(values)), None, "{values:?}");
+        }
+        // and agrees with it where both read a value
+        for v in ["0", "7", "0042", &max] {
+            let h = fields(&[v]);
+            assert_eq!(plain_length(&h), content_length(&h).ok(), "{v}");
+        }
     }
 
     #[test]

@@ -540,6 +540,32 @@ impl Fields {
         Fields::valid(name, parts) && self.push_valid(name, parts)
     }
 
+    /// Appends a field of a known name whose value `write` writes at the end of the added
+    /// bytes (no buffer in between); `false` (and nothing added) as
+    /// [`append`](Fields::append).
+    pub fn append_written(&mut self, name: Known, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let start = self.added.len();
+        if self.added.capacity() == 0 {
+            self.added.reserve(256);
+        }
+        write(&mut self.added);
+        let len = self.added.len() - start;
+        // (the bound of places, as in `add`)
+        if !is_value(&self.added[start..]) || self.added.len() >= (ADDED - 1) as usize {
+            self.added.truncate(start);
+            return false;
+        }
+        self.list.push(Field {
+            name: CANONICAL,
+            value: Place {
+                start: start as u32 | ADDED,
+                len: len as u32,
+            },
+            known: name,
+        });
+        true
+    }
+
     /// Appends a field already found valid ([`Fields::valid`]).
     fn push_valid(&mut self, name: Name<'_>, parts: &[&[u8]]) -> bool {
         let mark = self.added.len();
@@ -779,6 +805,27 @@ mod tests {
         };
         let places = Places::of(&buf[..len], r.headers, 2).expect("places");
         Fields::parsed(buf.split_to(len).freeze(), places).expect("fields")
+    }
+
+    #[test]
+    fn fields_written_in_place_are_checked_like_appended_ones() {
+        let mut f = Fields::default();
+        assert!(f.append("x-before", b"1"));
+        assert!(f.append_written(Known::RateLimit, |v| v.extend_from_slice(b"\"a\";r=1")));
+        // a control character: refused, and nothing of it kept
+        assert!(!f.append_written(Known::RateLimit, |v| v.extend_from_slice(b"\"b\"\r\nx: y")));
+        assert!(f.append_written(Known::RateLimitPolicy, |v| v
+            .extend_from_slice(b"\"a\";q=2")));
+        assert!(f.append("x-after", b"2"));
+        let got: Vec<(&[u8], &[u8])> = f.iter().collect();
+        let want: [(&[u8], &[u8]); 4] = [
+            (b"x-before", b"1"),
+            (b"ratelimit", b"\"a\";r=1"),
+            (b"ratelimit-policy", b"\"a\";q=2"),
+            (b"x-after", b"2"),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(f.get_all(Known::RateLimit).count(), 1);
     }
 
     #[test]

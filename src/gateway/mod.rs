@@ -114,6 +114,8 @@ pub struct Conn {
     /// The last API key presented on this connection, as its fingerprint and its SHA-256
     /// digest: see [`key_digest`].
     key_digest: Mutex<Option<(u64, [u8; 32])>>,
+    /// The timer of its requests' upstream attempts, kept between them: see [`Conn::within`].
+    timer: Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
     /// The connection's place under `max_connections` and in the open-connections gauge, held
@@ -738,6 +740,7 @@ impl Conn {
             tls,
             mtls_checked: Mutex::new(Vec::new()),
             key_digest: Mutex::new(None),
+            timer: Mutex::new(None),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             activity: Activity::new(false),
             answers: Mutex::new(Vec::new()),
@@ -745,6 +748,28 @@ impl Conn {
             idle: Duration::from_secs(60),
             live: None,
         }
+    }
+
+    /// `attempt` bounded by `deadline`, on a timer the connection keeps between its requests:
+    /// tokio moves a registered timer's deadline later by one atomic operation, where a timer
+    /// made for each attempt is inserted into its timer wheel and taken out again. (Concurrent
+    /// HTTP/2 requests past the first make their own; an attempt that is dropped drops its
+    /// timer.)
+    async fn within<F: std::future::Future>(
+        &self,
+        deadline: tokio::time::Instant,
+        attempt: F,
+    ) -> Result<F::Output, TimedOut> {
+        let kept = lock(&self.timer).take();
+        let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        let out = tokio::select! {
+            biased;
+            out = attempt => Ok(out),
+            () = timer.as_mut() => Err(TimedOut),
+        };
+        *lock(&self.timer) = Some(timer);
+        out
     }
 
     /// Counts a request of an HTTP/2 connection until the guard is dropped (with its answer's
@@ -1394,6 +1419,9 @@ impl Drop for Handling<'_> {
     }
 }
 
+/// An upstream attempt's deadline passed before its answer's head came.
+struct TimedOut;
+
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
 /// credential was wrong.
 struct Refusal(StatusCode, &'static str, String, Fields);
@@ -1417,32 +1445,25 @@ fn push_ratelimit_fields(
     remaining: u64,
     left: u64,
 ) {
-    use std::io::Write;
     let Some(limit) = limit else { return };
     for (field, first, second) in [
         (Known::RateLimitPolicy, (b";q=", limit), (b";w=", width)),
         (Known::RateLimit, (b";r=", remaining), (b";t=", left)),
     ] {
-        // written in place: a name of a few letters and two numbers of at most 20 digits
-        const ROOM: usize = 80;
-        let mut value = [0u8; ROOM];
-        let mut rest = &mut value[..];
-        let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
-        for part in [
-            b"\"",
-            name.as_bytes(),
-            b"\"",
-            first.0,
-            a.format(first.1).as_bytes(),
-            second.0,
-            b.format(second.1).as_bytes(),
-        ] {
-            if rest.write_all(part).is_err() {
-                return;
+        out.append_written(field, |value| {
+            let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+            for part in [
+                b"\"",
+                name.as_bytes(),
+                b"\"",
+                first.0,
+                a.format(first.1).as_bytes(),
+                second.0,
+                b.format(second.1).as_bytes(),
+            ] {
+                value.extend_from_slice(part);
             }
-        }
-        let written = ROOM - rest.len();
-        out.append(field, &value[..written]);
+        });
     }
 }
 
@@ -2894,13 +2915,13 @@ impl Gateway {
                     })
                 };
             let result = match (tls_client, &target.authority, uri) {
-                (Some(c), _, Some(uri)) => {
-                    tokio::time::timeout_at(left, c.request(hyper_request(sent, uri)))
-                        .await
-                        .map(hyper_answer)
-                }
+                (Some(c), _, Some(uri)) => conn
+                    .within(left, c.request(hyper_request(sent, uri)))
+                    .await
+                    .map(hyper_answer),
                 (None, Some(_), Some(uri)) => match route.h2c_client.get() {
-                    Some(c) => tokio::time::timeout_at(left, c.request(hyper_request(sent, uri)))
+                    Some(c) => conn
+                        .within(left, c.request(hyper_request(sent, uri)))
                         .await
                         .map(hyper_answer),
                     None => {
@@ -2912,33 +2933,34 @@ impl Gateway {
                         )
                     }
                 },
-                (None, Some(origin), None) => tokio::time::timeout_at(
-                    left,
-                    h1::send(
-                        origin,
-                        h1::Outgoing {
-                            method: &method,
-                            path: [&target.path, rest],
-                            query,
-                            fields: &h,
-                        },
-                        sent,
-                        connect_timeout,
-                        response_timeout,
-                    ),
-                )
-                .await
-                .map(|r| {
-                    r.map(|r| r.map(AnswerBody::Plain)).map_err(|e| match e {
-                        h1::Error::Body(_) => {
-                            Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
-                        }
-                        e if e.is_connect() => Failed::Connect,
-                        e => Failed::Upstream {
-                            blamed: !e.is_blameless(),
-                        },
-                    })
-                }),
+                (None, Some(origin), None) => conn
+                    .within(
+                        left,
+                        h1::send(
+                            origin,
+                            h1::Outgoing {
+                                method: &method,
+                                path: [&target.path, rest],
+                                query,
+                                fields: &h,
+                            },
+                            sent,
+                            connect_timeout,
+                            response_timeout,
+                        ),
+                    )
+                    .await
+                    .map(|r| {
+                        r.map(|r| r.map(AnswerBody::Plain)).map_err(|e| match e {
+                            h1::Error::Body(_) => {
+                                Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
+                            }
+                            e if e.is_connect() => Failed::Connect,
+                            e => Failed::Upstream {
+                                blamed: !e.is_blameless(),
+                            },
+                        })
+                    }),
                 _ => Ok(Err(Failed::Connect)),
             };
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
