@@ -93,6 +93,8 @@ known_names! {
     RetryAfter => "retry-after",
     RateLimit => "ratelimit",
     RateLimitPolicy => "ratelimit-policy",
+    // (the API key policy's default header)
+    XApiKey => "x-api-key",
 }
 
 impl Known {
@@ -106,7 +108,7 @@ impl Known {
             4 => &[Host, Date, Vary],
             6 => &[Origin, Expect],
             7 => &[Upgrade, Trailer],
-            9 => &[Forwarded, RateLimit],
+            9 => &[Forwarded, RateLimit, XApiKey],
             10 => &[Connection, UserAgent, KeepAlive],
             11 => &[RetryAfter],
             12 => &[XRequestId, ContentType],
@@ -324,10 +326,12 @@ pub(crate) fn below_space(w: u64) -> u64 {
 
 /// A value as text, when it is visible ASCII, spaces and tabs (as `HeaderValue::to_str`).
 pub fn as_str(value: &[u8]) -> Option<&str> {
-    // (visible ASCII is UTF-8: the check finds it so at once)
-    (value.is_ascii() && is_value(value))
-        .then(|| std::str::from_utf8(value).ok())
-        .flatten()
+    // a value's check, and no byte above ASCII, in one pass (visible ASCII is UTF-8: the
+    // conversion finds it so at once)
+    let text = none_marked(value, |w| {
+        (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f) | (w & HIGH)
+    });
+    text.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
@@ -883,6 +887,9 @@ mod tests {
                     let mut v = vec![b'a'; len];
                     v[at] = b;
                     assert_eq!(is_value(&v), plain(&v), "byte {b:#x} at {at} of {len}");
+                    // text: a value, in ASCII
+                    let text = plain(&v) && v.is_ascii();
+                    assert_eq!(as_str(&v).is_some(), text, "text {b:#x} at {at} of {len}");
                 }
             }
         }
@@ -900,6 +907,8 @@ mod tests {
                     v[at] = a;
                     v[at + 1] = b;
                     assert_eq!(is_value(&v), plain(&v), "{a:#x} {b:#x} at {at} of {len}");
+                    let text = plain(&v) && v.is_ascii();
+                    assert_eq!(as_str(&v).is_some(), text, "text {a:#x} {b:#x} at {at}");
                 }
             }
         }
@@ -978,22 +987,22 @@ mod tests {
         let mut f = Fields::default();
         assert!(f.append("X-Forwarded-For", b"1"));
         assert!(f.append(XForwardedFor, b"2"));
-        assert!(f.append("X-Api-Key", b"k"));
-        assert!(f.append("x-api-keys", b"no"));
+        assert!(f.append("X-Partner-Key", b"k"));
+        assert!(f.append("x-partner-keys", b"no"));
         assert_eq!(
             f.get_all("x-forwarded-for").collect::<Vec<_>>(),
             [b"1", b"2"]
         );
         assert_eq!(f.get(XForwardedFor), Some(&b"1"[..]));
-        assert_eq!(f.get("x-api-KEY"), Some(&b"k"[..]));
+        assert_eq!(f.get("x-partner-KEY"), Some(&b"k"[..]));
         let names: Vec<&[u8]> = f.iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
             [
                 &b"x-forwarded-for"[..],
                 b"x-forwarded-for",
-                b"X-Api-Key",
-                b"x-api-keys"
+                b"X-Partner-Key",
+                b"x-partner-keys"
             ],
             "a known name added is written in lower case, another as given"
         );
@@ -1004,11 +1013,11 @@ mod tests {
             all,
             [
                 (&b"x-forwarded-for"[..], &b"3"[..]),
-                (b"X-Api-Key", b"k"),
-                (b"x-api-keys", b"no"),
+                (b"X-Partner-Key", b"k"),
+                (b"x-partner-keys", b"no"),
             ]
         );
-        assert!(f.remove("X-API-KEY"));
+        assert!(f.remove("X-PARTNER-KEY"));
         assert_eq!(f.len(), 2);
         assert!(!f.append("bad name", b"x"));
         assert!(
