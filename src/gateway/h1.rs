@@ -631,8 +631,6 @@ fn only_chunked(headers: &Fields) -> bool {
         && codings.next().is_none()
 }
 
-/// The `Content-Length` of an answer: every value (and every comma-separated item) the same
-/// decimal number.
 /// The length a head's one `Content-Length` field gives when it is plain: one to 19 digits
 /// (what [`content_length`] accepts of a single value, without its list syntax), and no other
 /// field of that name; `None` otherwise.
@@ -647,6 +645,8 @@ fn plain_length(headers: &Fields) -> Option<u64> {
     })
 }
 
+/// The `Content-Length` of an answer: every value (and every comma-separated item) the same
+/// decimal number.
 fn content_length(headers: &Fields) -> Result<u64, Error> {
     let bad = || Error::Protocol("invalid Content-Length");
     let mut found: Option<u64> = None;

@@ -341,6 +341,16 @@ pub fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// A value being written by [`Fields::append_written`]: bytes can only be added to it.
+pub struct Written<'a>(&'a mut Vec<u8>);
+
+impl Written<'_> {
+    /// Adds `bytes` to the value.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+}
+
 /// A head's header fields, in order.
 #[derive(Clone, Default)]
 pub struct Fields {
@@ -544,15 +554,19 @@ impl Fields {
         Fields::valid(name, parts) && self.push_valid(name, parts)
     }
 
-    /// Appends a field of a known name whose value `write` writes at the end of the added
-    /// bytes (no buffer in between); `false` (and nothing added) as
-    /// [`append`](Fields::append).
-    pub fn append_written(&mut self, name: Known, write: impl FnOnce(&mut Vec<u8>)) -> bool {
+    /// Appends a field of a known name whose value `write` writes, in pieces, straight into
+    /// the added bytes (no buffer in between); `false` (and nothing added) when the value is
+    /// not one ([`append`](Fields::append)'s check) or `name` is `Other` (which has no name to
+    /// write).
+    pub fn append_written(&mut self, name: Known, write: impl FnOnce(&mut Written<'_>)) -> bool {
+        if name == Known::Other {
+            return false;
+        }
         let start = self.added.len();
         if self.added.capacity() == 0 {
             self.added.reserve(256);
         }
-        write(&mut self.added);
+        write(&mut Written(&mut self.added));
         let len = self.added.len() - start;
         // (the bound of places, as in `add`)
         if !is_value(&self.added[start..]) || self.added.len() >= (ADDED - 1) as usize {
@@ -815,11 +829,12 @@ mod tests {
     fn fields_written_in_place_are_checked_like_appended_ones() {
         let mut f = Fields::default();
         assert!(f.append("x-before", b"1"));
-        assert!(f.append_written(Known::RateLimit, |v| v.extend_from_slice(b"\"a\";r=1")));
+        assert!(f.append_written(Known::RateLimit, |v| v.push(b"\"a\";r=1")));
         // a control character: refused, and nothing of it kept
-        assert!(!f.append_written(Known::RateLimit, |v| v.extend_from_slice(b"\"b\"\r\nx: y")));
-        assert!(f.append_written(Known::RateLimitPolicy, |v| v
-            .extend_from_slice(b"\"a\";q=2")));
+        assert!(!f.append_written(Known::RateLimit, |v| v.push(b"\"b\"\r\nx: y")));
+        assert!(f.append_written(Known::RateLimitPolicy, |v| v.push(b"\"a\";q=2")));
+        // no name to write
+        assert!(!f.append_written(Known::Other, |v| v.push(b"1")));
         assert!(f.append("x-after", b"2"));
         let got: Vec<(&[u8], &[u8])> = f.iter().collect();
         let want: [(&[u8], &[u8]); 4] = [

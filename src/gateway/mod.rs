@@ -113,7 +113,7 @@ pub struct Conn {
     mtls_checked: Mutex<Vec<(Verifier, bool)>>,
     /// The last API key presented on this connection, as its fingerprint and its SHA-256
     /// digest: see [`key_digest`].
-    key_digest: Mutex<Option<(u64, [u8; 32])>>,
+    key_digest: Mutex<KeyMemo>,
     /// The timer of its requests' upstream attempts, kept between them: see [`Conn::within`].
     timer: Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
     /// The peer's address as a header value, made once per connection.
@@ -739,7 +739,7 @@ impl Conn {
             peer,
             tls,
             mtls_checked: Mutex::new(Vec::new()),
-            key_digest: Mutex::new(None),
+            key_digest: Mutex::new(KeyMemo(None)),
             timer: Mutex::new(None),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             activity: Activity::new(false),
@@ -763,10 +763,12 @@ impl Conn {
         let kept = lock(&self.timer).take();
         let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
         timer.as_mut().reset(deadline);
+        // (the timer is polled outside the task's budget, as `tokio::time::timeout` does: an
+        // attempt that uses the budget up, a body sent upstream, still ends at its deadline)
         let out = tokio::select! {
             biased;
             out = attempt => Ok(out),
-            () = timer.as_mut() => Err(TimedOut),
+            () = tokio::task::unconstrained(timer.as_mut()) => Err(TimedOut),
         };
         *lock(&self.timer) = Some(timer);
         out
@@ -1301,28 +1303,39 @@ struct Logged {
     user_agent: Option<HeaderValue>,
 }
 
+/// The last API key of a connection, as its fingerprint and its SHA-256 digest (never shown:
+/// the admin API does not show stored key hashes either).
+struct KeyMemo(Option<(u128, [u8; 32])>);
+
+impl std::fmt::Debug for KeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyMemo")
+    }
+}
+
 /// The SHA-256 digest of an API key presented on `conn` (the table finds keys by it),
 /// computed once for as long as the connection presents the same key.
 ///
-/// The connection keeps the digest with a fingerprint of the key: SipHash under the process's
-/// random key, 64 bits. Neither the key nor anything that finds it is kept: the digest is what
-/// the table holds already, and the fingerprint is a keyed function of a 256-bit random secret.
-/// Another key passes for the last one only when its fingerprint is the same, a chance of
-/// 2^-64 per request for a client that knows neither the last key nor the process's SipHash
-/// key. The key's entry (revocation, expiry, subscription) is still read from the current
-/// table on every request.
+/// The connection keeps the digest with a fingerprint of the key: SipHash under a random key
+/// of the process, of the key marked 0 and of the key marked 1, 128 bits in all. Neither the key nor anything that finds it is kept: the
+/// digest is what the table holds already, and the fingerprint is a keyed function of a
+/// 256-bit random secret. Another key passes for the last one only when its fingerprint is the
+/// same, a chance of 2^-128 per request for a client that knows neither the last key nor the
+/// process's keys (a connection a proxy shares among clients included). The key's entry
+/// (revocation, expiry, subscription) is still read from the current table on every request.
 fn key_digest(conn: &Conn, key: &str) -> [u8; 32] {
     use std::hash::BuildHasher;
     static FINGERPRINT: std::sync::LazyLock<std::hash::RandomState> =
         std::sync::LazyLock::new(std::hash::RandomState::new);
-    let print = FINGERPRINT.hash_one(key.as_bytes());
-    if let Some((p, digest)) = *lock(&conn.key_digest) {
+    let half = |mark: u8| u128::from(FINGERPRINT.hash_one((mark, key.as_bytes())));
+    let print = half(0) << 64 | half(1);
+    if let Some((p, digest)) = lock(&conn.key_digest).0 {
         if p == print {
             return digest;
         }
     }
     let digest = crate::pki::secret_digest(key);
-    *lock(&conn.key_digest) = Some((print, digest));
+    lock(&conn.key_digest).0 = Some((print, digest));
     digest
 }
 
@@ -1461,7 +1474,7 @@ fn push_ratelimit_fields(
                 second.0,
                 b.format(second.1).as_bytes(),
             ] {
-                value.extend_from_slice(part);
+                value.push(part);
             }
         });
     }
