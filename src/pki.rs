@@ -50,21 +50,7 @@ pub fn random_id(prefix: &str) -> anyhow::Result<String> {
 /// Hex SHA-256 of a secret: what the store keeps of API keys and tokens. Secrets are 256-bit
 /// random values, so a plain hash (no salt, no stretching) cannot be reversed.
 pub fn secret_hash(secret: &str) -> String {
-    secret_hash_hex(secret)
-        .iter()
-        .map(|&b| char::from(b))
-        .collect()
-}
-
-/// [`secret_hash`] as its 64 lower-case hex bytes, on the stack.
-fn secret_hash_hex(secret: &str) -> [u8; 64] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 64];
-    for (pair, b) in out.chunks_exact_mut(2).zip(secret_digest(secret)) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
-    }
-    out
+    hex::encode(secret_digest(secret))
 }
 
 /// The SHA-256 digest [`secret_hash`] writes in hex (the gateway looks API keys up by it).
@@ -77,20 +63,10 @@ pub fn secret_digest(secret: &str) -> [u8; 32] {
 
 /// The digest a [`secret_hash`] spells (64 lower-case hex digits), or `None`.
 pub fn secret_hash_digest(hash: &str) -> Option<[u8; 32]> {
-    let hex = hash.as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0u8; 32];
-    for (b, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *b = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
+    // (`hex` reads capitals too, which `secret_hash` never writes)
+    let lower = !hash.bytes().any(|c| c.is_ascii_uppercase());
+    (lower && hex::decode_to_slice(hash, &mut out).is_ok()).then_some(out)
 }
 
 /// Creates a directory (and its parents) readable by the owner only.

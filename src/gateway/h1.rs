@@ -595,22 +595,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             // (the usual case: one field of digits, kept as it is)
             Kind::Length(n)
         } else if headers.contains(Known::ContentLength) {
+            // repeated fields or a list, all of one value: that value on to the client
             let n = content_length(&headers)?;
-            // one value on to the client, whatever repetition the upstream sent (a single
-            // plain value, the usual case, is kept as is)
-            let single = {
-                let mut values = headers.get_all(Known::ContentLength);
-                values
-                    .next()
-                    .is_some_and(|v| v.iter().all(u8::is_ascii_digit))
-                    && values.next().is_none()
-            };
-            if !single {
-                headers.insert(
-                    "content-length",
-                    crate::gateway::access::digits(n, &mut itoa::Buffer::new()).as_bytes(),
-                );
-            }
+            headers.insert(
+                Known::ContentLength,
+                crate::gateway::access::digits(n, &mut itoa::Buffer::new()).as_bytes(),
+            );
             Kind::Length(n)
         } else {
             keep = false;

@@ -341,16 +341,6 @@ pub fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// A value being written by [`Fields::append_written`]: bytes can only be added to it.
-pub struct Written<'a>(&'a mut Vec<u8>);
-
-impl Written<'_> {
-    /// Adds `bytes` to the value.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.0.extend_from_slice(bytes);
-    }
-}
-
 /// A head's header fields, in order.
 #[derive(Clone, Default)]
 pub struct Fields {
@@ -535,10 +525,10 @@ impl Fields {
         })
     }
 
-    /// Whether `name` and `parts` make a field: a token (a known name is one) and no control
+    /// Whether `name` and `value` make a field: a token (a known name is one) and no control
     /// character but tab.
-    fn valid(name: Name<'_>, parts: &[&[u8]]) -> bool {
-        (name.known != Known::Other || is_name(name.bytes)) && parts.iter().all(|p| is_value(p))
+    fn valid(name: Name<'_>, value: &[u8]) -> bool {
+        (name.known != Known::Other || is_name(name.bytes)) && is_value(value)
     }
 
     /// Adds a field after the others; `false` (and nothing added) when `name` is not a token or
@@ -548,53 +538,26 @@ impl Fields {
         self.append_parts(name, &[value])
     }
 
-    /// [`append`](Fields::append) with a value made of `parts`, joined (no buffer in between).
+    /// [`append`](Fields::append) with a value made of `parts`, joined (no buffer in between)
+    /// and checked once, where it was written.
     pub fn append_parts<'n>(&mut self, name: impl Into<Name<'n>>, parts: &[&[u8]]) -> bool {
         let name = name.into();
-        Fields::valid(name, parts) && self.push_valid(name, parts)
+        (name.known != Known::Other || is_name(name.bytes)) && self.push(name, parts, true)
     }
 
-    /// Appends a field of a known name whose value `write` writes, in pieces, straight into
-    /// the added bytes (no buffer in between); `false` (and nothing added) when the value is
-    /// not one ([`append`](Fields::append)'s check) or `name` is `Other` (which has no name to
-    /// write).
-    pub fn append_written(&mut self, name: Known, write: impl FnOnce(&mut Written<'_>)) -> bool {
-        if name == Known::Other {
-            return false;
-        }
-        let start = self.added.len();
-        if self.added.capacity() == 0 {
-            self.added.reserve(256);
-        }
-        write(&mut Written(&mut self.added));
-        let len = self.added.len() - start;
-        // (the bound of places, as in `add`)
-        if !is_value(&self.added[start..]) || self.added.len() >= (ADDED - 1) as usize {
-            self.added.truncate(start);
-            return false;
-        }
-        self.list.push(Field {
-            name: CANONICAL,
-            value: Place {
-                start: start as u32 | ADDED,
-                len: len as u32,
-            },
-            known: name,
-        });
-        true
-    }
-
-    /// Appends a field already found valid ([`Fields::valid`]).
-    fn push_valid(&mut self, name: Name<'_>, parts: &[&[u8]]) -> bool {
+    /// Appends a field whose name is a token, its value joined from `parts` and, when `check`,
+    /// checked there; `false` (and nothing added) for a value refused or past the bound of
+    /// places.
+    fn push(&mut self, name: Name<'_>, parts: &[&[u8]], check: bool) -> bool {
         let mark = self.added.len();
+        let value = self
+            .add(parts)
+            .filter(|&p| !check || is_value(place_of(&[], &self.added, p)));
         let name_place = match name.known {
-            Known::Other => match self.add(&[name.bytes]) {
-                Some(p) => p,
-                None => return false,
-            },
-            _ => CANONICAL,
+            Known::Other => value.and_then(|_| self.add(&[name.bytes])),
+            _ => Some(CANONICAL),
         };
-        let Some(value) = self.add(parts) else {
+        let (Some(value), Some(name_place)) = (value, name_place) else {
             self.added.truncate(mark);
             return false;
         };
@@ -611,7 +574,7 @@ impl Fields {
     /// as [`append`](Fields::append) (and the old fields then kept).
     pub fn insert<'n>(&mut self, name: impl Into<Name<'n>>, value: &[u8]) -> bool {
         let name = name.into();
-        Fields::valid(name, &[value]) && self.set_valid(name, value)
+        Fields::valid(name, value) && self.set_valid(name, value)
     }
 
     /// Sets a field already found valid ([`Fields::valid`]).
@@ -622,7 +585,7 @@ impl Fields {
             .iter()
             .position(|f| is_named(received, added, f, name))
         else {
-            return self.push_valid(name, &[value]);
+            return self.push(name, &[value], false);
         };
         let Some(place) = self.add(&[value]) else {
             return false;
@@ -647,7 +610,7 @@ impl Fields {
     pub fn merge(&mut self, from: &Fields, lists: impl Fn(Known) -> bool) {
         for (name, value) in from.iter_named() {
             if lists(name.known) {
-                self.push_valid(name, &[value]);
+                self.push(name, &[value], false);
             } else {
                 self.set_valid(name, value);
             }
@@ -826,15 +789,15 @@ mod tests {
     }
 
     #[test]
-    fn fields_written_in_place_are_checked_like_appended_ones() {
+    fn values_joined_from_parts_are_checked_once_joined() {
         let mut f = Fields::default();
         assert!(f.append("x-before", b"1"));
-        assert!(f.append_written(Known::RateLimit, |v| v.push(b"\"a\";r=1")));
+        assert!(f.append_parts(Known::RateLimit, &[b"\"a\"", b";r=1"]));
         // a control character: refused, and nothing of it kept
-        assert!(!f.append_written(Known::RateLimit, |v| v.push(b"\"b\"\r\nx: y")));
-        assert!(f.append_written(Known::RateLimitPolicy, |v| v.push(b"\"a\";q=2")));
+        assert!(!f.append_parts(Known::RateLimit, &[b"\"b\"", b"\r\nx: y"]));
+        assert!(f.append_parts(Known::RateLimitPolicy, &[b"\"a\";", b"q=2"]));
         // no name to write
-        assert!(!f.append_written(Known::Other, |v| v.push(b"1")));
+        assert!(!f.append_parts(Known::Other, &[b"1"]));
         assert!(f.append("x-after", b"2"));
         let got: Vec<(&[u8], &[u8])> = f.iter().collect();
         let want: [(&[u8], &[u8]); 4] = [

@@ -1449,34 +1449,33 @@ fn refuse(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> 
 
 /// A rate limit's or a quota's IETF RateLimit fields: `RateLimit-Policy:
 /// "<name>";q=<limit>;w=<seconds>` and `RateLimit: "<name>";r=<remaining>;t=<seconds left>`
-/// (each one more item of its list; none without a limit).
-fn push_ratelimit_fields(
-    out: &mut Fields,
-    name: &'static str,
-    limit: Option<u64>,
-    width: u64,
-    remaining: u64,
-    left: u64,
-) {
-    let Some(limit) = limit else { return };
+/// (each one more item of its list).
+fn push_ratelimit_fields(out: &mut Fields, name: &str, item: RateItem) {
     for (field, first, second) in [
-        (Known::RateLimitPolicy, (b";q=", limit), (b";w=", width)),
-        (Known::RateLimit, (b";r=", remaining), (b";t=", left)),
+        (
+            Known::RateLimitPolicy,
+            (b";q=", item.limit),
+            (b";w=", item.width),
+        ),
+        (
+            Known::RateLimit,
+            (b";r=", item.remaining),
+            (b";t=", item.left),
+        ),
     ] {
-        out.append_written(field, |value| {
-            let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
-            for part in [
+        let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+        out.append_parts(
+            field,
+            &[
                 b"\"",
                 name.as_bytes(),
                 b"\"",
                 first.0,
-                a.format(first.1).as_bytes(),
+                access::digits(first.1, &mut a).as_bytes(),
                 second.0,
-                b.format(second.1).as_bytes(),
-            ] {
-                value.push(part);
-            }
-        });
+                access::digits(second.1, &mut b).as_bytes(),
+            ],
+        );
     }
 }
 
@@ -1509,8 +1508,8 @@ fn add_policy_headers(fields: &mut Fields, policies: &PolicyAnswer) {
     if policies.rates.iter().any(Option::is_some) {
         fields.retain(|known, _, _| !matches!(known, Known::RateLimit | Known::RateLimitPolicy));
         for (name, item) in RATE_ITEMS.into_iter().zip(&policies.rates) {
-            if let Some(i) = item {
-                push_ratelimit_fields(fields, name, Some(i.limit), i.width, i.remaining, i.left);
+            if let Some(item) = item {
+                push_ratelimit_fields(fields, name, *item);
             }
         }
     }
@@ -2375,7 +2374,15 @@ impl Gateway {
                         access::digits(secs, &mut itoa::Buffer::new()).as_bytes(),
                     );
                     let (item, limit, width) = named(&window);
-                    push_ratelimit_fields(&mut r.3, RATE_ITEMS[item], limit, width, 0, secs);
+                    if let Some(limit) = limit {
+                        let used_up = RateItem {
+                            limit,
+                            width,
+                            remaining: 0,
+                            left: secs,
+                        };
+                        push_ratelimit_fields(&mut r.3, RATE_ITEMS[item], used_up);
+                    }
                     return Err(r);
                 }
             }
@@ -2422,8 +2429,13 @@ impl Gateway {
                     Known::RetryAfter,
                     access::digits(retry_after_secs, &mut itoa::Buffer::new()).as_bytes(),
                 );
-                let (limit, name) = (Some(limit), RATE_ITEMS[0]);
-                push_ratelimit_fields(&mut r.3, name, limit, width, 0, retry_after_secs);
+                let used_up = RateItem {
+                    limit,
+                    width,
+                    remaining: 0,
+                    left: retry_after_secs,
+                };
+                push_ratelimit_fields(&mut r.3, RATE_ITEMS[0], used_up);
                 Err(r)
             }
         }
