@@ -35,8 +35,87 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Buckets of [`Latency`]: 50 µs doubling 16 times (to 3.2768 s), then +Inf.
+const LATENCY_BUCKETS: usize = 18;
+
+/// A latency histogram (Prometheus `histogram`: `le` 50 µs, 100 µs, ... 3.2768 s, +Inf),
+/// counted by atomics: an observation finds its bucket by arithmetic on its microseconds and
+/// adds to three counters, with no lock (prometheus-client's `Histogram` takes a mutex and
+/// scans its buckets; the gateway observes two per request). A scrape may see an
+/// observation's count before its bucket: off by the requests of that instant, as any
+/// lock-free counter set.
+#[derive(Debug, Default, Clone)]
+pub struct Latency(Arc<LatencyCounts>);
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    /// The bucket of `d`: the first whose bound it does not pass, on whole microseconds.
+    fn bucket(d: Duration) -> usize {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // bucket k holds what is at most 50 µs × 2^k: k is ceil(log2(ceil(us / 50)))
+        let fifties = us.div_ceil(50);
+        let k = match fifties {
+            0 | 1 => 0,
+            n => (u64::BITS - (n - 1).leading_zeros()) as usize,
+        };
+        k.min(LATENCY_BUCKETS - 1)
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let c = &self.0;
+        c.buckets[Latency::bucket(d)].fetch_add(1, Relaxed);
+        c.count.fetch_add(1, Relaxed);
+        c.sum_ns
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The upper bound of bucket `k`, in seconds.
+    fn bound(k: usize) -> f64 {
+        match k {
+            k if k + 1 == LATENCY_BUCKETS => f64::INFINITY,
+            k => 0.000_05 * f64::from(1u32 << k),
+        }
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for Latency {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for Latency {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let buckets: Vec<(f64, u64)> = (0..LATENCY_BUCKETS)
+            .map(|k| (Latency::bound(k), c.buckets[k].load(Relaxed)))
+            .collect();
+        let sum = c.sum_ns.load(Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            sum,
+            c.count.load(Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        <Self as prometheus_client::metrics::TypedMetric>::TYPE
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -70,8 +149,8 @@ pub struct CauseLabels {
 pub struct ApiSeries {
     /// Requests by status class: 2xx, 3xx, 4xx, 5xx.
     pub requests: [Counter; 4],
-    pub added: Histogram,
-    pub upstream: Histogram,
+    pub added: Latency,
+    pub upstream: Latency,
 }
 
 impl ApiSeries {
@@ -102,9 +181,9 @@ pub struct Metrics {
     registry: Registry,
     pub gateway_requests: Family<RequestLabels, Counter>,
     /// Time the gateway itself adds (total minus upstream), seconds.
-    pub gateway_added: Family<ApiLabels, Histogram>,
+    pub gateway_added: Family<ApiLabels, Latency>,
     /// Time waiting for the upstream's response headers, seconds.
-    pub gateway_upstream: Family<ApiLabels, Histogram>,
+    pub gateway_upstream: Family<ApiLabels, Latency>,
     pub gateway_refusals: Family<CauseLabels, Counter>,
     pub gateway_connections: Gauge,
     /// HTTP/1.1 connections the gateway's own server gave to hyper's (`gateway::front`).
@@ -127,11 +206,6 @@ pub struct CertificateLabels {
     pub certificate: String,
 }
 
-fn latency_histogram() -> Histogram {
-    // 50 µs to about 3.3 s
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -142,12 +216,8 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("apim");
         let gateway_requests = Family::<RequestLabels, Counter>::default();
-        let gateway_added = Family::<ApiLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        let gateway_upstream = Family::<ApiLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
+        let gateway_added = Family::<ApiLabels, Latency>::default();
+        let gateway_upstream = Family::<ApiLabels, Latency>::default();
         let gateway_refusals = Family::<CauseLabels, Counter>::default();
         let gateway_connections = Gauge::default();
         let gateway_http1_handovers = Counter::default();
@@ -367,5 +437,59 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+    fn text(name: &str, metric: impl prometheus_client::registry::Metric) -> String {
+        let mut registry = Registry::default();
+        registry.register(name, "help", metric);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoded");
+        out
+    }
+
+    #[test]
+    fn latency_buckets_are_found_by_arithmetic_as_by_scanning_the_bounds() {
+        let us = |n: u64| Duration::from_micros(n);
+        assert_eq!(Latency::bucket(us(0)), 0);
+        assert_eq!(Latency::bucket(us(50)), 0);
+        assert_eq!(Latency::bucket(us(51)), 1);
+        assert_eq!(Latency::bucket(us(100)), 1);
+        assert_eq!(Latency::bucket(us(101)), 2);
+        assert_eq!(Latency::bucket(us(3_276_800)), 16);
+        assert_eq!(Latency::bucket(us(3_276_801)), 17);
+        assert_eq!(Latency::bucket(Duration::MAX), 17);
+        // every bound and its neighbours, against a scan of the bounds
+        for k in 0..LATENCY_BUCKETS - 1 {
+            let bound = 50u64 << k;
+            for n in [bound - 1, bound, bound + 1] {
+                let scanned = (0..LATENCY_BUCKETS)
+                    .find(|&j| j + 1 == LATENCY_BUCKETS || n <= 50u64 << j)
+                    .expect("a bucket");
+                assert_eq!(Latency::bucket(us(n)), scanned, "{n} µs");
+            }
+        }
+    }
+
+    #[test]
+    fn latency_is_exposed_as_prometheus_clients_histogram_is() {
+        let ours = Latency::default();
+        let theirs = Histogram::new(exponential_buckets(0.000_05, 2.0, 17));
+        // (whole multiples of 50 µs: the sums agree exactly in both)
+        for n in [
+            0u64, 50, 100, 150, 800, 51_200, 3_276_800, 6_553_600, 20_000_000,
+        ] {
+            ours.observe(Duration::from_micros(n));
+            theirs.observe(n as f64 / 1e6);
+        }
+        let ours = text("latency", ours);
+        assert!(ours.contains("latency_bucket{le=\"+Inf\"} 9"), "{ours}");
+        assert!(ours.contains("latency_count 9"), "{ours}");
+        assert_eq!(ours, text("latency", theirs));
     }
 }

@@ -171,17 +171,30 @@ enum Next {
 /// The decision on the bytes at the start of `buf` (the fuzz target's too, through
 /// [`take_head`]): the head is parsed once, and a request taken keeps its bytes.
 fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
-    let parsed = with_fields(max_fields, |fields| {
-        let mut req = httparse::Request::new(fields);
-        Ok(match req.parse(buf)? {
-            httparse::Status::Complete(len) if len <= max_bytes => {
-                Some(Parsed::of(&req, &buf[..len], buf.len() - len))
-            }
-            httparse::Status::Partial if buf.len() <= max_bytes => None,
-            // (too large: hyper's to refuse)
-            httparse::Status::Complete(_) | httparse::Status::Partial => Some(None),
-        })
-    });
+    let parsed = match quick_request(buf, max_fields) {
+        Some((line, places)) if line.len <= max_bytes => Ok(Some(Parsed::of(
+            &line,
+            places,
+            &buf[..line.len],
+            buf.len() - line.len,
+        ))),
+        // (too large: hyper's to refuse)
+        Some(_) => Ok(Some(None)),
+        None => with_fields(max_fields, |fields| {
+            let mut req = httparse::Request::new(fields);
+            Ok(match req.parse(buf)? {
+                httparse::Status::Complete(len) if len <= max_bytes => {
+                    Some(Line::of(&req, buf, len).and_then(|line| {
+                        let places = Places::of(&buf[..len], req.headers, ROOM)?;
+                        Parsed::of(&line, places, &buf[..len], buf.len() - len)
+                    }))
+                }
+                httparse::Status::Partial if buf.len() <= max_bytes => None,
+                // (too large: hyper's to refuse)
+                httparse::Status::Complete(_) | httparse::Status::Partial => Some(None),
+            })
+        }),
+    };
     match parsed {
         Ok(Some(Some(parsed))) => match Head::take(buf, parsed) {
             Some(head) => Next::Take(head),
@@ -264,45 +277,98 @@ struct Parsed {
     places: Places,
 }
 
-impl Parsed {
-    /// What the parsed head `bytes` (`req`) is, with `after` bytes behind it in the buffer;
-    /// `None` when it is not a request this server takes.
-    fn of(req: &httparse::Request<'_, '_>, bytes: &[u8], after: usize) -> Option<Parsed> {
-        if req.version != Some(1) {
-            return None;
-        }
-        let method = match req.method? {
-            "GET" => Method::GET,
-            "HEAD" => Method::HEAD,
-            "CONNECT" => return None,
-            m => Method::from_bytes(m.as_bytes()).ok()?,
+/// Room for the forwarding fields the gateway adds, in a request's list of fields.
+const ROOM: usize = 8;
+
+/// A parsed head's request line, as places in the head: its length, method and target, and
+/// whether it is HTTP/1.1 (or 1.0).
+struct Line {
+    len: usize,
+    method: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
+    http11: bool,
+}
+
+impl Line {
+    /// The request line httparse parsed (`req`, from the `len` bytes of a head in `buf`).
+    fn of(req: &httparse::Request<'_, '_>, buf: &[u8], len: usize) -> Option<Line> {
+        let at = |s: &str| {
+            let start = (s.as_ptr() as usize).checked_sub(buf.as_ptr() as usize)?;
+            (start + s.len() <= len).then_some(start..start + s.len())
         };
-        let target = req.path?;
-        // (a target longer than hyper takes is hyper's to refuse: 414)
-        if !target.starts_with('/') || target.len() >= usize::from(u16::MAX) {
+        Some(Line {
+            len,
+            method: at(req.method?)?,
+            target: at(req.path?)?,
+            http11: req.version? == 1,
+        })
+    }
+}
+
+/// The head at the start of `buf` when it is complete and in its plain form (the usual
+/// request), read in one pass without httparse: a method (a token), a space, a target of
+/// visible ASCII, a space, `HTTP/1.1`, CRLF, then at most `max_fields` fields as
+/// [`Places::quick`] reads them. httparse reads such a head the same (the `http1_head` fuzz
+/// target holds every request taken to its reading); `None` leaves any other to it.
+fn quick_request(buf: &[u8], max_fields: usize) -> Option<(Line, Places)> {
+    let method_len = buf.iter().position(|&b| !super::head::is_token_byte(b))?;
+    if method_len == 0 || buf[method_len] != b' ' {
+        return None;
+    }
+    let target_at = method_len + 1;
+    let target_len = super::head::first_marked(&buf[target_at..], |w| {
+        use super::head::{below_space, equal};
+        below_space(w) | equal(w, b' ') | equal(w, 0x7f) | (w & 0x8080_8080_8080_8080)
+    })?;
+    let version_at = target_at + target_len;
+    if target_len == 0 || buf.get(version_at..version_at + 11)? != b" HTTP/1.1\r\n" {
+        return None;
+    }
+    let (places, len) = Places::quick(buf, version_at + 11, max_fields, ROOM)?;
+    let line = Line {
+        len,
+        method: 0..method_len,
+        target: target_at..version_at,
+        http11: true,
+    };
+    Some((line, places))
+}
+
+impl Parsed {
+    /// What the parsed head `bytes` (its `line` and field `places`) is, with `after` bytes
+    /// behind it in the buffer; `None` when it is not a request this server takes.
+    fn of(line: &Line, places: Places, bytes: &[u8], after: usize) -> Option<Parsed> {
+        if !line.http11 {
             return None;
         }
-        // (room for the forwarding fields the gateway adds)
-        let places = Places::of(bytes, req.headers, 8)?;
+        let method = match &bytes[line.method.clone()] {
+            b"GET" => Method::GET,
+            b"HEAD" => Method::HEAD,
+            b"CONNECT" => return None,
+            m => Method::from_bytes(m).ok()?,
+        };
+        let target = &bytes[line.target.clone()];
+        // (a target longer than hyper takes is hyper's to refuse: 414)
+        if !target.starts_with(b"/") || target.len() >= usize::from(u16::MAX) {
+            return None;
+        }
         let mut close = false;
         let mut length = None;
-        for (f, known) in req.headers.iter().zip(places.known()) {
+        for (known, value) in places.values(bytes) {
             match known {
                 Known::TransferEncoding | Known::Expect | Known::Upgrade | Known::Te => {
                     return None
                 }
                 Known::ContentLength => {
                     // one length, in digits (anything else is hyper's to refuse)
-                    if length.is_some()
-                        || f.value.is_empty()
-                        || !f.value.iter().all(u8::is_ascii_digit)
+                    if length.is_some() || value.is_empty() || !value.iter().all(u8::is_ascii_digit)
                     {
                         return None;
                     }
-                    length = Some(std::str::from_utf8(f.value).ok()?.parse::<u64>().ok()?);
+                    length = Some(std::str::from_utf8(value).ok()?.parse::<u64>().ok()?);
                 }
                 Known::Connection => {
-                    for token in f.value.split(|b| *b == b',') {
+                    for token in value.split(|b| *b == b',') {
                         let token = token.trim_ascii();
                         if token.eq_ignore_ascii_case(b"upgrade") {
                             return None;
@@ -319,11 +385,10 @@ impl Parsed {
         if length > after as u64 {
             return None;
         }
-        let at = (target.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
         Some(Parsed {
             len: bytes.len(),
             method,
-            target: at..at + target.len(),
+            target: line.target.clone(),
             close,
             length,
             places,
@@ -402,7 +467,8 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
         io.flush().await?;
         return Ok(false);
     }
-    let last = last || fields.lists(Known::Connection, "close");
+    // (`Connection: close` in the answer, seen as its fields are written, makes it the last)
+    let mut last = last;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -447,7 +513,11 @@ async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
                     _ => continue,
                 }
             }
-            Known::TransferEncoding | Known::Connection => continue,
+            Known::Connection => {
+                last |= super::head::lists(value, "close");
+                continue;
+            }
+            Known::TransferEncoding => continue,
             Known::Date => dated = true,
             _ => {}
         }
@@ -661,5 +731,76 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head as httparse reads it: length, method, target, fields.
+    type Reading = (usize, Vec<u8>, Vec<u8>, Vec<(Known, Vec<u8>)>);
+
+    fn httparse_reading(head: &[u8]) -> Option<Reading> {
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut fields);
+        let httparse::Status::Complete(len) = req.parse(head).ok()? else {
+            return None;
+        };
+        let line = Line::of(&req, head, len)?;
+        let places = Places::of(&head[..len], req.headers, ROOM)?;
+        Some(reading(head, &line, &places))
+    }
+
+    fn reading(head: &[u8], line: &Line, places: &Places) -> Reading {
+        (
+            line.len,
+            head[line.method.clone()].to_vec(),
+            head[line.target.clone()].to_vec(),
+            places.values(head).map(|(k, v)| (k, v.to_vec())).collect(),
+        )
+    }
+
+    #[test]
+    fn plain_request_heads_are_read_quickly_and_as_httparse_reads_them() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"[..],
+            b"POST /v1/payments?x=1&y=%2F HTTP/1.1\r\nhost: api.bank.example\r\nContent-Length: 2\r\nX-Api-Key: k\r\n\r\n{}",
+            b"get /a HTTP/1.1\r\nUser-Agent: wrk\t/4 \xc3\xa9t\xe9\r\n\r\n",
+            b"OPTIONS /b HTTP/1.1\r\n\r\n",
+        ] {
+            let (line, places) = quick_request(head, 100).expect("read quickly");
+            assert!(line.http11);
+            assert_eq!(
+                Some(reading(head, &line, &places)),
+                httparse_reading(head),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // anything else is left to httparse
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n"[..],
+            b"\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a \r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n b\r\n\r\n",
+            b"G(T / HTTP/1.1\r\n\r\n",
+            b"GET /\x7f HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                quick_request(head, 100).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // a field more than allowed: httparse's to refuse
+        assert!(quick_request(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1).is_none());
+        assert!(quick_request(b"GET / HTTP/1.1\r\nA: 1\r\n\r\n", 1).is_some());
     }
 }

@@ -542,21 +542,14 @@ async fn read_head(
 /// 101), consuming it. `None`: more bytes are needed.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
     loop {
-        // (left uninitialised: 128 slots are 4 KiB to clear per answer otherwise)
-        let mut slots =
-            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let config = httparse::ParserConfig::default();
-        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Error::Protocol("too many response headers"))
-            }
-            Err(_) => return Err(Error::Protocol("malformed response head")),
+        let read = match quick_response(buf) {
+            Some(quick) => quick,
+            None => match full_response(buf)? {
+                Some(full) => full,
+                None => return Ok(None),
+            },
         };
-        let code = parsed.code.unwrap_or(0);
-        let http11 = parsed.version == Some(1);
+        let (len, code, http11, places) = read;
         let status =
             StatusCode::from_u16(code).map_err(|_| Error::Protocol("invalid response status"))?;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
@@ -568,18 +561,17 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         }
         // The fields stay where they came: the head is split off the exchange's buffer
         // (made for this exchange, so it pins nothing else) and the fields point into it.
-        let places = Places::of(&buf[..len], parsed.headers, 6)
-            .ok_or(Error::Protocol("malformed response head"))?;
         let mut headers = Fields::parsed(buf.split_to(len).freeze(), places)
             .map_err(|_| Error::Protocol("malformed response head"))?;
-        let mut keep = http11 && !headers.lists(Known::Connection, "close");
+        let seen = seen(&headers);
+        let mut keep = http11 && !seen.close;
         let kind = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::SWITCHING_PROTOCOLS
         {
             Kind::Length(0)
-        } else if headers.contains(Known::TransferEncoding) {
+        } else if seen.coded {
             // Transfer-Encoding wins; with Content-Length beside it, the message is suspect
             // and the connection is not reused (RFC 9112 §6.3)
             if headers.remove(Known::ContentLength) {
@@ -591,10 +583,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
                 return Err(Error::Protocol("unsupported Transfer-Encoding"));
             }
             Kind::Chunked(Chunk::Size)
-        } else if let Some(n) = plain_length(&headers) {
+        } else if let Some(n) = seen.plain {
             // (the usual case: one field of digits, kept as it is)
             Kind::Length(n)
-        } else if headers.contains(Known::ContentLength) {
+        } else if seen.lengths > 0 {
             // repeated fields or a list, all of one value: that value on to the client
             let n = content_length(&headers)?;
             headers.insert(
@@ -624,15 +616,136 @@ fn only_chunked(headers: &Fields) -> bool {
 /// The length a head's one `Content-Length` field gives when it is plain: one to 19 digits
 /// (what [`content_length`] accepts of a single value, without its list syntax), and no other
 /// field of that name; `None` otherwise.
-fn plain_length(headers: &Fields) -> Option<u64> {
-    let mut values = headers.get_all(Known::ContentLength);
-    let v = values.next()?;
-    if v.is_empty() || v.len() > 19 || values.next().is_some() {
+/// A response head read: its length, status code, whether it is HTTP/1.1 (or 1.0), and where
+/// its fields are.
+type Read = (usize, u16, bool, Places);
+
+/// The head at the start of `buf` when it is complete and in its plain form (the usual
+/// answer), read in one pass: `HTTP/1.1` or `HTTP/1.0`, a space, three digits, a space, a
+/// reason without control characters, CRLF, then the fields as [`Places::quick`] reads them.
+/// httparse reads such a head the same; `None` leaves any other to it ([`full_response`]).
+fn quick_response(buf: &[u8]) -> Option<Read> {
+    let line = buf.get(..13)?;
+    let http11 = match &line[..9] {
+        b"HTTP/1.1 " => true,
+        b"HTTP/1.0 " => false,
+        _ => return None,
+    };
+    let mut code = 0u16;
+    for &d in &line[9..12] {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        code = code * 10 + u16::from(d - b'0');
+    }
+    if line[12] != b' ' {
         return None;
     }
-    v.iter().try_fold(0u64, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
+    // the reason runs to its first control character, which must start the CRLF
+    let eol = 13
+        + super::head::first_marked(&buf[13..], |w| {
+            use super::head::{below_space, equal};
+            (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
+        })?;
+    if buf.get(eol..eol + 2)? != b"\r\n" {
+        return None;
+    }
+    let (places, len) = Places::quick(buf, eol + 2, MAX_HEADERS, 6)?;
+    Some((len, code, http11, places))
+}
+
+/// The head at the start of `buf` as httparse reads it, `None` while it is incomplete.
+fn full_response(buf: &[u8]) -> Result<Option<Read>, Error> {
+    // (left uninitialised: 128 slots are 4 KiB to clear per answer otherwise)
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Protocol("too many response headers"))
+        }
+        Err(_) => return Err(Error::Protocol("malformed response head")),
+    };
+    let places = Places::of(&buf[..len], parsed.headers, 6)
+        .ok_or(Error::Protocol("malformed response head"))?;
+    Ok(Some((
+        len,
+        parsed.code.unwrap_or(0),
+        parsed.version == Some(1),
+        places,
+    )))
+}
+
+/// A response head as a reader reads it: its length, status code, whether it is HTTP/1.1, and
+/// its fields (name, value).
+#[doc(hidden)]
+pub type Reading = (usize, u16, bool, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// The response head at the start of `bytes` as each reader reads it: the quick one
+/// ([`quick_response`], `None` when it leaves the head to httparse), then httparse (`None` when
+/// incomplete or refused). For the `http1_response` fuzz target and the tests, which hold the
+/// first to the second wherever it gives a reading.
+#[doc(hidden)]
+pub fn response_readings(bytes: &[u8]) -> (Option<Reading>, Option<Reading>) {
+    let reading = |(len, code, http11, places): Read| {
+        let fields = Fields::parsed(Bytes::copy_from_slice(&bytes[..len]), places).ok()?;
+        let fields = fields
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        Some((len, code, http11, fields))
+    };
+    (
+        quick_response(bytes).and_then(reading),
+        full_response(bytes).ok().flatten().and_then(reading),
+    )
+}
+
+/// What an answer's fields say of its body's framing and of its connection.
+struct Seen {
+    /// `Connection` lists `close`.
+    close: bool,
+    /// There is a `Transfer-Encoding`.
+    coded: bool,
+    /// How many `Content-Length` fields there are.
+    lengths: usize,
+    /// The length when it is one field of 1 to 19 digits (the usual case, read at once; any
+    /// other is [`content_length`]'s).
+    plain: Option<u64>,
+}
+
+/// [`Seen`], in one pass over the fields.
+fn seen(headers: &Fields) -> Seen {
+    let mut seen = Seen {
+        close: false,
+        coded: false,
+        lengths: 0,
+        plain: None,
+    };
+    for (known, _, value) in headers.iter_known() {
+        match known {
+            Known::Connection => seen.close |= super::head::lists(value, "close"),
+            Known::TransferEncoding => seen.coded = true,
+            Known::ContentLength => {
+                seen.lengths += 1;
+                seen.plain = (!value.is_empty() && value.len() <= 19)
+                    .then(|| {
+                        value.iter().try_fold(0u64, |n, &b| {
+                            b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+                        })
+                    })
+                    .flatten();
+            }
+            _ => {}
+        }
+    }
+    if seen.lengths != 1 {
+        seen.plain = None;
+    }
+    seen
 }
 
 /// The `Content-Length` of an answer: every value (and every comma-separated item) the same
@@ -1005,6 +1118,62 @@ mod tests {
     }
 
     #[test]
+    fn plain_response_heads_are_read_quickly_and_as_httparse_reads_them() {
+        // the usual forms: read without httparse, and the same
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n\r\nok"[..],
+            b"HTTP/1.0 404 Not Found\r\nX-A:b\r\nx-c: \t d e\r\n\r\n",
+            b"HTTP/1.1 204 \r\n\r\n",
+            b"HTTP/1.1 200 caf\xc3\xa9\r\nX-Obs: caf\xe9\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+        ] {
+            let (quick, full) = response_readings(head);
+            assert!(quick.is_some(), "{:?}", String::from_utf8_lossy(head));
+            assert_eq!(quick, full, "{:?}", String::from_utf8_lossy(head));
+        }
+        let (quick, _) = response_readings(b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\n\r\nbody");
+        let (len, code, http11, fields) = quick.expect("read");
+        assert_eq!((len, code, http11), (31, 200, true));
+        assert_eq!(
+            fields,
+            [
+                (b"A".to_vec(), b"1".to_vec()),
+                (b"B".to_vec(), b"2".to_vec())
+            ]
+        );
+        // anything else is left to httparse, which reads it or refuses it
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nServer: nginx\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\n\r",
+            b"HTTP/1.1 200 OK\nServer: nginx\n\n",
+            b"\r\nHTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 200\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nEmpty:\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTrailing: space \r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nName : value\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n folded\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: b\r\n c\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad\x01: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: b\x7fc\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: b\rc\r\n\r\n",
+            b"HTTP/1.1 200 O\x00K\r\n\r\n",
+            b"HTTP/2.0 200 OK\r\n\r\n",
+            b"HTTP/1.1 2x0 OK\r\n\r\n",
+        ] {
+            // (what httparse makes of it is its own)
+            let (quick, _) = response_readings(head);
+            assert_eq!(quick, None, "{:?}", String::from_utf8_lossy(head));
+        }
+        // more fields than a head may have: httparse's to refuse
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(response_readings(&many), (None, None));
+    }
+
+    #[test]
     fn plain_lengths_are_read_as_content_length_reads_them() {
         let fields = |values: &[&str]| {
             let mut h = Fields::default();
@@ -1013,11 +1182,11 @@ mod tests {
             }
             h
         };
-        assert_eq!(plain_length(&fields(&["0"])), Some(0));
-        assert_eq!(plain_length(&fields(&["1234567"])), Some(1_234_567));
+        assert_eq!(seen(&fields(&["0"])).plain, Some(0));
+        assert_eq!(seen(&fields(&["1234567"])).plain, Some(1_234_567));
         let max = "9".repeat(19);
         assert_eq!(
-            plain_length(&fields(&[&max])),
+            seen(&fields(&[&max])).plain,
             Some(9_999_999_999_999_999_999)
         );
         // what is not one plain value is left to content_length
@@ -1031,12 +1200,12 @@ mod tests {
             &["12a"],
             &["12345678901234567890"],
         ] {
-            assert_eq!(plain_length(&fields(values)), None, "{values:?}");
+            assert_eq!(seen(&fields(values)).plain, None, "{values:?}");
         }
         // and agrees with it where both read a value
         for v in ["0", "7", "0042", &max] {
             let h = fields(&[v]);
-            assert_eq!(plain_length(&h), content_length(&h).ok(), "{v}");
+            assert_eq!(seen(&h).plain, content_length(&h).ok(), "{v}");
         }
     }
 

@@ -101,31 +101,45 @@ impl Known {
     /// Which known name `name` is (in any case), or `Other`.
     pub fn of(name: &[u8]) -> Known {
         use Known::*;
-        // (by length first: a name is compared with at most three)
-        let candidates: &[Known] = match name.len() {
-            2 => &[Te],
-            3 => &[Via],
-            4 => &[Host, Date, Vary],
-            6 => &[Origin, Expect],
-            7 => &[Upgrade, Trailer],
-            9 => &[Forwarded, RateLimit, XApiKey],
-            10 => &[Connection, UserAgent, KeepAlive],
-            11 => &[RetryAfter],
-            12 => &[XRequestId, ContentType],
-            13 => &[Authorization],
-            14 => &[ContentLength],
-            15 => &[XForwardedFor],
-            16 => &[XForwardedHost, ProxyConnection, RateLimitPolicy],
-            17 => &[XForwardedProto, TransferEncoding],
-            18 => &[ProxyAuthenticate],
-            19 => &[ProxyAuthorization],
+        // (by length and first letter, either case: a name is compared with one at most)
+        let Some(&first) = name.first() else {
+            return Other;
+        };
+        let candidate = match (name.len(), first | 0x20) {
+            (2, b't') => Te,
+            (3, b'v') => Via,
+            (4, b'h') => Host,
+            (4, b'd') => Date,
+            (4, b'v') => Vary,
+            (6, b'o') => Origin,
+            (6, b'e') => Expect,
+            (7, b'u') => Upgrade,
+            (7, b't') => Trailer,
+            (9, b'f') => Forwarded,
+            (9, b'r') => RateLimit,
+            (9, b'x') => XApiKey,
+            (10, b'c') => Connection,
+            (10, b'u') => UserAgent,
+            (10, b'k') => KeepAlive,
+            (11, b'r') => RetryAfter,
+            (12, b'x') => XRequestId,
+            (12, b'c') => ContentType,
+            (13, b'a') => Authorization,
+            (14, b'c') => ContentLength,
+            (15, b'x') => XForwardedFor,
+            (16, b'x') => XForwardedHost,
+            (16, b'p') => ProxyConnection,
+            (16, b'r') => RateLimitPolicy,
+            (17, b'x') => XForwardedProto,
+            (17, b't') => TransferEncoding,
+            (18, b'p') => ProxyAuthenticate,
+            (19, b'p') => ProxyAuthorization,
             _ => return Other,
         };
-        candidates
-            .iter()
-            .copied()
-            .find(|k| folds_to(name, k.name().as_bytes()))
-            .unwrap_or(Other)
+        match folds_to(name, candidate.name().as_bytes()) {
+            true => candidate,
+            false => Other,
+        }
     }
 
     /// Whether the field is hop-by-hop (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
@@ -255,9 +269,68 @@ impl Places {
         Some(Places { list, end })
     }
 
-    /// The known name of each field, in order.
-    pub fn known(&self) -> impl Iterator<Item = Known> + '_ {
-        self.list.iter().map(|f| f.known)
+    /// The fields of `head` from `at` (the line after the start line), read in one pass without
+    /// httparse when they are all in their plain form, with room for `room` fields more; and
+    /// where the head ends (after its empty line). The plain form: at most `max` lines, each a
+    /// token, a colon, spaces or tabs, and a value (no control character but tab) that does not
+    /// end in a space or tab, ended by CRLF; then CRLF. Such a head is one httparse reads the
+    /// same (the same fields, names and values, the same end: its unit test and the
+    /// `http1_response` fuzz target compare them). `None` for anything else, an incomplete
+    /// head included: httparse decides those.
+    pub fn quick(head: &[u8], mut at: usize, max: usize, room: usize) -> Option<(Places, usize)> {
+        let place = |start: usize, len: usize| -> Option<Place> {
+            Some(Place {
+                start: u32::try_from(start).ok().filter(|s| s & ADDED == 0)?,
+                len: u32::try_from(len).ok()?,
+            })
+        };
+        let mut list = Vec::with_capacity(12 + room);
+        let mut end = 0;
+        loop {
+            if head.get(at..at + 2)? == b"\r\n" {
+                return Some((Places { list, end }, at + 2));
+            }
+            if list.len() == max {
+                return None;
+            }
+            let name_at = at;
+            while TOKEN[usize::from(*head.get(at)?)] {
+                at += 1;
+            }
+            if at == name_at || *head.get(at)? != b':' {
+                return None;
+            }
+            let name = &head[name_at..at];
+            at += 1;
+            while matches!(head.get(at)?, b' ' | b'\t') {
+                at += 1;
+            }
+            // the value runs to its first control character, which must start the CRLF
+            let value_at = at;
+            at += first_marked(&head[at..], |w| {
+                (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
+            })?;
+            if at == value_at
+                || matches!(head[at - 1], b' ' | b'\t')
+                || head.get(at..at + 2)? != b"\r\n"
+            {
+                return None;
+            }
+            list.push(Field {
+                name: place(name_at, name.len())?,
+                value: place(value_at, at - value_at)?,
+                known: Known::of(name),
+            });
+            end = at;
+            at += 2;
+        }
+    }
+
+    /// The known name and value of each field, in order, in the `head` they were taken from.
+    pub fn values<'a>(&'a self, head: &'a [u8]) -> impl Iterator<Item = (Known, &'a [u8])> + 'a {
+        self.list
+            .iter()
+            .map(move |f| (f.known, place_of(head, &[], f.value)))
     }
 }
 
@@ -273,6 +346,11 @@ const TOKEN: [bool; 256] = {
     }
     t
 };
+
+/// Whether `b` may be in a token (a field name, a method).
+pub fn is_token_byte(b: u8) -> bool {
+    TOKEN[usize::from(b)]
+}
 
 /// Whether `name` is a field name (an RFC 9110 token).
 pub fn is_name(name: &[u8]) -> bool {
@@ -303,6 +381,27 @@ pub(crate) fn none_marked(value: &[u8], mark: impl Fn(u64) -> u64) -> bool {
     mark(u64::from_le_bytes(b)) == 0
 }
 
+/// Where the first byte `mark` marks is in `bytes`, eight bytes at a time; `None` when there
+/// is none (`mark` as for [`none_marked`]; the last few bytes padded with spaces).
+pub(crate) fn first_marked(bytes: &[u8], mark: impl Fn(u64) -> u64) -> Option<usize> {
+    let mut words = bytes.chunks_exact(8);
+    let mut at = 0;
+    for w in words.by_ref() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let m = mark(u64::from_le_bytes(b));
+        if m != 0 {
+            return Some(at + (m.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    let rest = words.remainder();
+    let mut b = [b' '; 8];
+    b[..rest.len()].copy_from_slice(rest);
+    let m = mark(u64::from_le_bytes(b));
+    (m != 0).then(|| at + (m.trailing_zeros() / 8) as usize)
+}
+
 const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
 const HIGH: u64 = 0x8080_8080_8080_8080;
 
@@ -322,6 +421,47 @@ pub(crate) fn equal(w: u64, b: u8) -> u64 {
 /// bits), marked by their top bit. Exact, as [`equal`].
 pub(crate) fn below_space(w: u64) -> u64 {
     !(((w & LOW) + each(0x60)) | w) & HIGH
+}
+
+/// A field value known to be one (no control character but tab), written without another
+/// check: a `HeaderValue` (checked when it was made), a constant (checked when it is compiled),
+/// or a value the gateway composed of parts it checked ([`Valid::composed`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Valid<'a>(&'a [u8]);
+
+impl Valid<'static> {
+    /// A constant value; used in a `const` item, an invalid one fails the build.
+    pub const fn constant(value: &'static [u8]) -> Valid<'static> {
+        let mut i = 0;
+        while i < value.len() {
+            let b = value[i];
+            assert!((b >= 0x20 || b == b'\t') && b != 0x7f, "not a field value");
+            i += 1;
+        }
+        Valid(value)
+    }
+}
+
+impl<'a> Valid<'a> {
+    /// A value the caller made of parts it checked (a routed host, a port's digits, a request
+    /// id of visible ASCII): not checked again, but in debug builds (and so in every test).
+    pub(crate) fn composed(value: &'a [u8]) -> Valid<'a> {
+        debug_assert!(
+            is_value(value),
+            "a composed value that is not a field value"
+        );
+        Valid(value)
+    }
+
+    pub fn as_bytes(self) -> &'a [u8] {
+        self.0
+    }
+}
+
+impl<'a> From<&'a HeaderValue> for Valid<'a> {
+    fn from(value: &'a HeaderValue) -> Valid<'a> {
+        Valid(value.as_bytes())
+    }
 }
 
 /// A value as text, when it is visible ASCII, spaces and tabs (as `HeaderValue::to_str`).
@@ -362,7 +502,30 @@ impl std::fmt::Debug for Fields {
     }
 }
 
+/// The fields of a head, as (known name, name, value): [`Fields::iter_known`]. (Its `next` is
+/// inlined where the fields are written out, a head's hottest loop.)
+pub struct IterKnown<'a> {
+    received: &'a [u8],
+    added: &'a [u8],
+    list: std::slice::Iter<'a, Field>,
+}
+
+impl<'a> Iterator for IterKnown<'a> {
+    type Item = (Known, &'a [u8], &'a [u8]);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        let f = self.list.next()?;
+        Some((
+            f.known,
+            name_of(self.received, self.added, f),
+            place_of(self.received, self.added, f.value),
+        ))
+    }
+}
+
 /// The bytes at `p`, in the received head or the added bytes.
+#[inline]
 fn place_of<'a>(received: &'a [u8], added: &'a [u8], p: Place) -> &'a [u8] {
     let (from, at) = match p.start & ADDED {
         0 => (received, p.start as usize),
@@ -372,6 +535,7 @@ fn place_of<'a>(received: &'a [u8], added: &'a [u8], p: Place) -> &'a [u8] {
 }
 
 /// A field's name as it is written.
+#[inline]
 fn name_of<'a>(received: &'a [u8], added: &'a [u8], f: &Field) -> &'a [u8] {
     match f.name == CANONICAL {
         true => f.known.name().as_bytes(),
@@ -380,10 +544,17 @@ fn name_of<'a>(received: &'a [u8], added: &'a [u8], f: &Field) -> &'a [u8] {
 }
 
 /// Whether field `f` is named `name`: a known name by its byte, another by its letters.
+// (inlined into every scan of the fields: for a known name, a byte compared per field)
+#[inline(always)]
 fn is_named(received: &[u8], added: &[u8], f: &Field, name: Name<'_>) -> bool {
     f.known == name.known
-        && (name.known != Known::Other
-            || name_of(received, added, f).eq_ignore_ascii_case(name.bytes))
+        && (name.known != Known::Other || same_name(name_of(received, added, f), name.bytes))
+}
+
+/// Whether two names are the same, in any case (the names of `Other` fields).
+#[inline(never)]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
 }
 
 impl Fields {
@@ -415,15 +586,12 @@ impl Fields {
     }
 
     /// Every field, as (known name, name, value).
-    pub fn iter_known(&self) -> impl Iterator<Item = (Known, &[u8], &[u8])> + '_ {
-        let (received, added) = (&self.received[..], &self.added[..]);
-        self.list.iter().map(move |f| {
-            (
-                f.known,
-                name_of(received, added, f),
-                place_of(received, added, f.value),
-            )
-        })
+    pub fn iter_known(&self) -> IterKnown<'_> {
+        IterKnown {
+            received: &self.received,
+            added: &self.added,
+            list: self.list.iter(),
+        }
     }
 
     /// Every field, as (name, value), the name as a [`Name`] (its known name kept).
@@ -569,6 +737,17 @@ impl Fields {
         true
     }
 
+    /// [`append`](Fields::append) of a known name (`Other` has none: `false`) and a value known
+    /// valid: nothing to check.
+    pub fn append_valid(&mut self, name: Known, value: Valid<'_>) -> bool {
+        name != Known::Other && self.push(Name::from(name), &[value.0], false)
+    }
+
+    /// [`insert`](Fields::insert) of a known name (not `Other`) and a value known valid.
+    pub fn insert_valid(&mut self, name: Known, value: Valid<'_>) -> bool {
+        name != Known::Other && self.set_valid(Name::from(name), value.0)
+    }
+
     /// Sets `name` to `value` alone: the first field of that name takes the value where it
     /// stands (as `HeaderMap::insert`), the others go, and with none it is appended; `false`
     /// as [`append`](Fields::append) (and the old fields then kept).
@@ -642,15 +821,22 @@ impl Fields {
     /// Removes the hop-by-hop fields ([`Known::hop_by_hop`]) and those `Connection` names.
     pub fn strip_hop_by_hop(&mut self) {
         // (most messages carry at most `Connection`, whose usual tokens name no field)
-        if !self.list.iter().any(|f| f.known.hop_by_hop()) {
+        let Some(first) = self.list.iter().position(|f| f.known.hop_by_hop()) else {
             return;
-        }
+        };
         let (received, added) = (&self.received[..], &self.added[..]);
         // the names `Connection` lists that are not hop-by-hop anyway (a few kept on the
         // stack)
-        let mut few = [Name::from(Known::Other); 8];
+        const NONE: Name<'static> = Name {
+            known: Known::Other,
+            bytes: b"",
+        };
+        let mut few = [NONE; 8];
         let (mut n, mut more) = (0, Vec::new());
-        for f in self.list.iter().filter(|f| f.known == Known::Connection) {
+        for f in self.list[first..]
+            .iter()
+            .filter(|f| f.known == Known::Connection)
+        {
             for token in place_of(received, added, f.value).split(|b| *b == b',') {
                 let name = Name::from(token.trim_ascii());
                 if name.bytes.is_empty() || name.known.hop_by_hop() {
@@ -664,13 +850,23 @@ impl Fields {
             }
         }
         let listed = &few[..n.min(few.len())];
-        self.list.retain(|f| {
-            !f.known.hop_by_hop()
-                && !listed
-                    .iter()
-                    .chain(&more)
-                    .any(|name| is_named(received, added, f, *name))
-        });
+        // the fields kept move up over those dropped, in one pass from the first dropped
+        let list = &mut self.list;
+        let mut kept = first;
+        for i in first..list.len() {
+            let f = list[i];
+            let dropped = f.known.hop_by_hop()
+                || (n > 0
+                    && listed
+                        .iter()
+                        .chain(&more)
+                        .any(|name| is_named(received, added, &f, *name)));
+            if !dropped {
+                list[kept] = f;
+                kept += 1;
+            }
+        }
+        list.truncate(kept);
     }
 }
 

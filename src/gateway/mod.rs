@@ -22,7 +22,7 @@ pub mod usage;
 use crate::model::{Policy, SubscriptionStatus};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use head::{Answer, Fields, Known, Req};
+use head::{Answer, Fields, Known, Req, Valid};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -755,21 +755,32 @@ impl Conn {
     /// made for each attempt is inserted into its timer wheel and taken out again. (Concurrent
     /// HTTP/2 requests past the first make their own; an attempt that is dropped drops its
     /// timer.)
+    ///
+    /// The attempt is pinned by the caller, where it is made: it is polled in place, never
+    /// moved (an HTTP/1.1 exchange's future is about a KiB).
     async fn within<F: std::future::Future>(
         &self,
         deadline: tokio::time::Instant,
-        attempt: F,
+        mut attempt: std::pin::Pin<&mut F>,
     ) -> Result<F::Output, TimedOut> {
+        use std::future::Future;
+        use std::task::Poll;
         let kept = lock(&self.timer).take();
         let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
         timer.as_mut().reset(deadline);
-        // (the timer is polled outside the task's budget, as `tokio::time::timeout` does: an
-        // attempt that uses the budget up, a body sent upstream, still ends at its deadline)
-        let out = tokio::select! {
-            biased;
-            out = attempt => Ok(out),
-            () = tokio::task::unconstrained(timer.as_mut()) => Err(TimedOut),
-        };
+        let out = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            // (the timer is polled outside the task's budget, as `tokio::time::timeout` does:
+            // an attempt that uses the budget up, a body sent upstream, still ends at its
+            // deadline)
+            let mut timer = tokio::task::unconstrained(timer.as_mut());
+            std::pin::Pin::new(&mut timer)
+                .poll(cx)
+                .map(|()| Err(TimedOut))
+        })
+        .await;
         *lock(&self.timer) = Some(timer);
         out
     }
@@ -919,11 +930,19 @@ impl RequestId {
         &self.bytes[..usize::from(self.len)]
     }
 
+    /// The id as a field value (visible ASCII, checked when made).
+    fn value(&self) -> Valid<'_> {
+        Valid::composed(self.as_bytes())
+    }
+
     fn as_str(&self) -> &str {
         // (visible ASCII: checked when made)
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 }
+
+/// What the gateway writes in `Via` (RFC 9110 §7.6.3), on requests and answers.
+const VIA: Valid = Valid::constant(b"1.1 apim");
 
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Answer<Body> {
     let body = serde_json::json!({
@@ -1018,8 +1037,8 @@ fn upgrade_token(req: &Req<ReqBody>) -> Option<Vec<u8>> {
     if req.version != hyper::Version::HTTP_11 {
         return None;
     }
-    let asks = req.fields.lists(Known::Connection, "upgrade");
     let token = req.fields.get(Known::Upgrade)?;
+    let asks = req.fields.lists(Known::Connection, "upgrade");
     // WebSocket only: another protocol (h2c above all) would carry requests the gateway never
     // sees through the spliced connection
     let websocket = token.trim_ascii().eq_ignore_ascii_case(b"websocket");
@@ -1103,7 +1122,11 @@ fn cors_origin_headers(allow_origins: &[String], origin: &str, out: &mut Fields)
 /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) of
 /// an API with a CORS policy, before any credential check (browsers send none): 204 with the
 /// allowed methods and headers, or 403 when the origin or the method is not allowed.
-fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option<Answer<Body>> {
+fn cors_preflight(
+    route: &Route,
+    req: &Req<ReqBody>,
+    request_id: &RequestId,
+) -> Option<Answer<Body>> {
     if req.method != hyper::Method::OPTIONS {
         return None;
     }
@@ -1137,7 +1160,7 @@ fn cors_preflight(route: &Route, req: &Req<ReqBody>, request_id: &str) -> Option
             StatusCode::FORBIDDEN,
             "cors-refused",
             "this origin or method is not allowed for this API",
-            request_id,
+            request_id.as_str(),
         ));
     }
     let mut h = Fields::with_capacity(8);
@@ -2534,11 +2557,9 @@ impl Gateway {
         };
         series.requests[class].inc();
         let upstream = Duration::from_micros(served.upstream_us.unwrap_or(0));
-        series
-            .added
-            .observe(total.saturating_sub(upstream).as_secs_f64());
+        series.added.observe(total.saturating_sub(upstream));
         if served.upstream_us.is_some() {
-            series.upstream.observe(upstream.as_secs_f64());
+            series.upstream.observe(upstream);
         }
     }
 
@@ -2570,19 +2591,22 @@ impl Gateway {
             .get(Known::XRequestId)
             .and_then(RequestId::new)
             .unwrap_or_else(|| self.next_request_id());
-        let request_id = request_id_value.as_str();
+        // (as text for the problem answers only)
+        let request_id = || request_id_value.as_str();
         if served.want_request_id {
             served.request_id = Some(request_id_value.clone());
         }
         let table = self.table.load_full();
+        // the Host field, read once (and whether another follows it)
+        let (host_field, more_hosts) = {
+            let mut all = req.fields.get_all(Known::Host);
+            (all.next(), all.next().is_some())
+        };
+        let host_field = host_field.and_then(head::as_str).map(split_host_port);
         let host = req
             .uri
             .host()
-            .or_else(|| {
-                req.fields
-                    .get_str(Known::Host)
-                    .map(|h| split_host_port(h).0)
-            })
+            .or(host_field.map(|(h, _)| h))
             .unwrap_or_default();
         // (copied only when it has capitals)
         let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -2590,13 +2614,13 @@ impl Gateway {
         } else {
             host.into()
         };
-        if req.fields.get_all(Known::Host).count() > 1 || !host_is_valid(&host) {
+        if more_hosts || !host_is_valid(&host) {
             served.refusal = Some("bad-host");
             return problem(
                 StatusCode::BAD_REQUEST,
                 "bad-host",
                 "the request has no valid Host",
-                request_id,
+                request_id(),
             );
         }
         if let Some(t) = &conn.tls {
@@ -2608,7 +2632,7 @@ impl Gateway {
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected-request",
                     "this connection's certificate does not cover the requested host",
-                    request_id,
+                    request_id(),
                 );
             }
         }
@@ -2624,7 +2648,7 @@ impl Gateway {
                 StatusCode::BAD_REQUEST,
                 "bad-path",
                 "the request path is not normalised",
-                request_id,
+                request_id(),
             );
         }
         let Some(route) = table.lookup(&host, path).cloned() else {
@@ -2633,11 +2657,11 @@ impl Gateway {
                 StatusCode::NOT_FOUND,
                 "no-route",
                 "no API matches this host and path",
-                request_id,
+                request_id(),
             );
         };
         served.route = Some(route.clone());
-        if let Some(preflight) = cors_preflight(&route, &req, request_id) {
+        if let Some(preflight) = cors_preflight(&route, &req, &request_id_value) {
             return preflight;
         }
         let op_scopes: &[String] = match route.operation(req.method.as_str(), path, &req.fields) {
@@ -2649,7 +2673,7 @@ impl Gateway {
                     StatusCode::NOT_FOUND,
                     "no-route",
                     "no operation of this API matches the request",
-                    request_id,
+                    request_id(),
                 );
             }
             routes::OperationMatch::MethodNotAllowed(allowed) => {
@@ -2658,7 +2682,7 @@ impl Gateway {
                     StatusCode::METHOD_NOT_ALLOWED,
                     "method-not-allowed",
                     "this operation does not accept the request's method",
-                    request_id,
+                    request_id(),
                 );
                 r.fields.insert("allow", allowed.join(", ").as_bytes());
                 return r;
@@ -2675,12 +2699,7 @@ impl Gateway {
             .authority()
             .and_then(|a| split_host_port(a.as_str()).1)
             .filter(valid)
-            .or_else(|| {
-                req.fields
-                    .get_str(Known::Host)
-                    .and_then(|h| split_host_port(h).1)
-                    .filter(valid)
-            });
+            .or_else(|| host_field.and_then(|(_, p)| p).filter(valid));
         let mut host_port = [0u8; 272];
         let mut long_host_port = Vec::new();
         let original_host: &[u8] = {
@@ -2716,7 +2735,7 @@ impl Gateway {
             Ok(h) => h,
             Err(Refusal(status, slug, detail, headers)) => {
                 served.refusal = Some(slug);
-                let mut r = problem(status, slug, &detail, request_id);
+                let mut r = problem(status, slug, &detail, request_id());
                 // (Retry-After and the RateLimit fields of the limit that refused it)
                 r.fields.merge(&headers, |_| true);
                 return r;
@@ -2762,12 +2781,14 @@ impl Gateway {
             h.remove(Known::XForwardedHost);
             h.remove(Known::Forwarded);
         }
-        if let Some(v) = xff {
-            h.insert(Known::XForwardedFor, v.as_bytes());
+        if let Some(v) = &xff {
+            h.insert_valid(Known::XForwardedFor, v.into());
         }
         if !h.contains(Known::XForwardedProto) {
-            let proto = if conn.tls.is_some() { "https" } else { "http" };
-            h.append(Known::XForwardedProto, proto.as_bytes());
+            const HTTPS: Valid = Valid::constant(b"https");
+            const HTTP: Valid = Valid::constant(b"http");
+            let proto = if conn.tls.is_some() { HTTPS } else { HTTP };
+            h.append_valid(Known::XForwardedProto, proto);
         }
         if self.rfc7239 {
             let https = conn.tls.is_some();
@@ -2784,10 +2805,11 @@ impl Gateway {
             h.insert(Known::Forwarded, &chain);
         }
         if !h.contains(Known::XForwardedHost) {
-            h.append(Known::XForwardedHost, original_host);
+            // (a host found valid, a colon and digits)
+            h.append_valid(Known::XForwardedHost, Valid::composed(original_host));
         }
-        h.insert(Known::XRequestId, request_id_value.as_bytes());
-        h.append(Known::Via, b"1.1 apim");
+        h.insert_valid(Known::XRequestId, request_id_value.value());
+        h.append_valid(Known::Via, VIA);
 
         // Attempts: a retry goes to another target, and only when it is safe: the request has
         // no body, and its method is idempotent or it never reached the upstream.
@@ -2823,14 +2845,14 @@ impl Gateway {
                 if let Some((status, slug, detail)) = last_error {
                     // every target was tried: the last failure is the answer
                     served.upstream_us = Some((now - upstream_started).as_micros() as u64);
-                    return problem(status, slug, detail, request_id);
+                    return problem(status, slug, detail, request_id());
                 }
                 served.refusal = Some("no-healthy-target");
                 return problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream-unavailable",
                     "no upstream target is available",
-                    request_id,
+                    request_id(),
                 );
             };
             tried[n_tried] = idx;
@@ -2847,7 +2869,7 @@ impl Gateway {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "policy-unavailable",
                         "the upstream's TLS settings cannot be used",
-                        request_id,
+                        request_id(),
                     )
                 }
             };
@@ -2889,7 +2911,7 @@ impl Gateway {
                     StatusCode::BAD_REQUEST,
                     "bad-path",
                     "the request path cannot be forwarded",
-                    request_id,
+                    request_id(),
                 );
             };
             let last = n_tried >= max_attempts;
@@ -2941,12 +2963,12 @@ impl Gateway {
                 };
             let result = match (tls_client, &target.authority, uri) {
                 (Some(c), _, Some(uri)) => conn
-                    .within(left, c.request(hyper_request(sent, uri)))
+                    .within(left, std::pin::pin!(c.request(hyper_request(sent, uri))))
                     .await
                     .map(hyper_answer),
                 (None, Some(_), Some(uri)) => match route.h2c_client.get() {
                     Some(c) => conn
-                        .within(left, c.request(hyper_request(sent, uri)))
+                        .within(left, std::pin::pin!(c.request(hyper_request(sent, uri))))
                         .await
                         .map(hyper_answer),
                     None => {
@@ -2954,14 +2976,14 @@ impl Gateway {
                             StatusCode::SERVICE_UNAVAILABLE,
                             "policy-unavailable",
                             "the upstream's HTTP/2 client is not available",
-                            request_id,
+                            request_id(),
                         )
                     }
                 },
                 (None, Some(origin), None) => conn
                     .within(
                         left,
-                        h1::send(
+                        std::pin::pin!(h1::send(
                             origin,
                             h1::Outgoing {
                                 method: &method,
@@ -2972,7 +2994,7 @@ impl Gateway {
                             sent,
                             connect_timeout,
                             response_timeout,
-                        ),
+                        )),
                     )
                     .await
                     .map(|r| {
@@ -2988,6 +3010,7 @@ impl Gateway {
                     }),
                 _ => Ok(Err(Failed::Connect)),
             };
+            now = Instant::now();
             // The verdict on the target: Some(true) failed, Some(false) answered, None when the
             // client may be the cause (a request body that broke off or was slow to come): such
             // attempts never eject a target.
@@ -3087,7 +3110,6 @@ impl Gateway {
                     )),
                 ),
             };
-            now = Instant::now();
             match verdict {
                 Some(failed) => self.judge(&route, idx, attempt_state, failed),
                 None => drop(attempt_state),
@@ -3104,11 +3126,11 @@ impl Gateway {
                         served.refusal = Some(slug);
                     }
                     served.client_closed = slug == "client-closed";
-                    return problem(status, slug, detail, request_id);
+                    return problem(status, slug, detail, request_id());
                 }
             }
         };
-        served.upstream_us = Some(upstream_started.elapsed().as_micros() as u64);
+        served.upstream_us = Some((now - upstream_started).as_micros() as u64);
         let mut resp = resp;
         let switching = resp.status == StatusCode::SWITCHING_PROTOCOLS;
         let spliced = match (switching, client_upgrade) {
@@ -3184,7 +3206,7 @@ impl Gateway {
                 StatusCode::BAD_GATEWAY,
                 "upstream-failed",
                 "the upstream switched protocols unasked",
-                request_id,
+                request_id(),
             );
         }
         for p in &route.policies {
@@ -3197,8 +3219,8 @@ impl Gateway {
                 edit_headers(fields, add, remove, rename);
             }
         }
-        fields.append(Known::Via, b"1.1 apim");
-        fields.insert(Known::XRequestId, request_id_value.as_bytes());
+        fields.append_valid(Known::Via, VIA);
+        fields.insert_valid(Known::XRequestId, request_id_value.value());
         add_policy_headers(fields, &extra);
         match total_deadline {
             // (a spliced connection's bytes are bounded by the idle timeout instead)
