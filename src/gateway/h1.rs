@@ -642,11 +642,7 @@ fn quick_response(buf: &[u8]) -> Option<Read> {
         return None;
     }
     // the reason runs to its first control character, which must start the CRLF
-    let eol = 13
-        + super::head::first_marked(&buf[13..], |w| {
-            use super::head::{below_space, equal};
-            (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
-        })?;
+    let eol = 13 + super::head::first_marked(&buf[13..], super::head::controls)?;
     if buf.get(eol..eol + 2)? != b"\r\n" {
         return None;
     }

@@ -307,9 +307,7 @@ impl Places {
             }
             // the value runs to its first control character, which must start the CRLF
             let value_at = at;
-            at += first_marked(&head[at..], |w| {
-                (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
-            })?;
+            at += first_marked(&head[at..], controls)?;
             if at == value_at
                 || matches!(head[at - 1], b' ' | b'\t')
                 || head.get(at..at + 2)? != b"\r\n"
@@ -359,9 +357,13 @@ pub fn is_name(name: &[u8]) -> bool {
 
 /// Whether `value` may be a field value: no control character but horizontal tab.
 pub fn is_value(value: &[u8]) -> bool {
-    none_marked(value, |w| {
-        (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
-    })
+    none_marked(value, controls)
+}
+
+/// The bytes of `w` that no field value may hold (control characters but tab, and DEL),
+/// marked by their top bit.
+pub(crate) fn controls(w: u64) -> u64 {
+    (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f)
 }
 
 /// Whether `mark` marks no byte of `value`: eight bytes at a time, the last few padded with
@@ -468,9 +470,7 @@ impl<'a> From<&'a HeaderValue> for Valid<'a> {
 pub fn as_str(value: &[u8]) -> Option<&str> {
     // a value's check, and no byte above ASCII, in one pass (visible ASCII is UTF-8: the
     // conversion finds it so at once)
-    let text = none_marked(value, |w| {
-        (below_space(w) & !equal(w, b'\t')) | equal(w, 0x7f) | (w & HIGH)
-    });
+    let text = none_marked(value, |w| controls(w) | (w & HIGH));
     text.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
