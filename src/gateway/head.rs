@@ -287,40 +287,37 @@ impl Places {
         let mut list = Vec::with_capacity(12 + room);
         let mut end = 0;
         loop {
-            if head.get(at..at + 2)? == b"\r\n" {
+            // (each scan runs over a slice: no bounds check per byte)
+            let line = head.get(at..)?;
+            if line.starts_with(b"\r\n") {
                 return Some((Places { list, end }, at + 2));
             }
             if list.len() == max {
                 return None;
             }
-            let name_at = at;
-            while TOKEN[usize::from(*head.get(at)?)] {
-                at += 1;
-            }
-            if at == name_at || *head.get(at)? != b':' {
+            let name_len = line.iter().position(|&b| !TOKEN[usize::from(b)])?;
+            if name_len == 0 || line[name_len] != b':' {
                 return None;
             }
-            let name = &head[name_at..at];
-            at += 1;
-            while matches!(head.get(at)?, b' ' | b'\t') {
-                at += 1;
-            }
+            let after = &line[name_len + 1..];
+            let spaces = after.iter().position(|&b| b != b' ' && b != b'\t')?;
             // the value runs to its first control character, which must start the CRLF
-            let value_at = at;
-            at += first_marked(&head[at..], controls)?;
-            if at == value_at
-                || matches!(head[at - 1], b' ' | b'\t')
-                || head.get(at..at + 2)? != b"\r\n"
+            let value = &after[spaces..];
+            let value_len = first_marked(value, controls)?;
+            if value_len == 0
+                || matches!(value[value_len - 1], b' ' | b'\t')
+                || !value[value_len..].starts_with(b"\r\n")
             {
                 return None;
             }
+            let value_at = at + name_len + 1 + spaces;
             list.push(Field {
-                name: place(name_at, name.len())?,
-                value: place(value_at, at - value_at)?,
-                known: Known::of(name),
+                name: place(at, name_len)?,
+                value: place(value_at, value_len)?,
+                known: Known::of(&line[..name_len]),
             });
-            end = at;
-            at += 2;
+            end = value_at + value_len;
+            at = end + 2;
         }
     }
 
