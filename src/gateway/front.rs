@@ -317,8 +317,8 @@ fn quick_request(buf: &[u8], max_fields: usize) -> Option<(Line, Places)> {
     }
     let target_at = method_len + 1;
     let target_len = super::head::first_marked(&buf[target_at..], |w| {
-        use super::head::{below_space, equal};
-        below_space(w) | equal(w, b' ') | equal(w, 0x7f) | (w & 0x8080_8080_8080_8080)
+        use super::head::{below_space, equal, HIGH};
+        below_space(w) | equal(w, b' ') | equal(w, 0x7f) | (w & HIGH)
     })?;
     let version_at = target_at + target_len;
     if target_len == 0 || buf.get(version_at..version_at + 11)? != b" HTTP/1.1\r\n" {

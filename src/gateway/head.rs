@@ -35,6 +35,16 @@ struct Place {
     len: u32,
 }
 
+impl Place {
+    /// The place of `len` received bytes at `start`; `None` past the bound of places.
+    fn received(start: usize, len: usize) -> Option<Place> {
+        Some(Place {
+            start: u32::try_from(start).ok().filter(|s| s & ADDED == 0)?,
+            len: u32::try_from(len).ok()?,
+        })
+    }
+}
+
 /// Defines `Known` from one list of variants and their names: the enum, `Known::ALL` and
 /// `Known::name`.
 macro_rules! known_names {
@@ -253,10 +263,9 @@ impl Places {
         let mut place = |s: &[u8]| -> Option<Place> {
             let at = (s.as_ptr() as usize).checked_sub(start)?;
             end = end.max(at + s.len());
-            (at + s.len() <= head.len()).then_some(Place {
-                start: u32::try_from(at).ok().filter(|a| a & ADDED == 0)?,
-                len: s.len() as u32,
-            })
+            (at + s.len() <= head.len())
+                .then(|| Place::received(at, s.len()))
+                .flatten()
         };
         let mut list = Vec::with_capacity(fields.len() + room);
         for f in fields {
@@ -278,12 +287,6 @@ impl Places {
     /// `http1_response` fuzz target compare them). `None` for anything else, an incomplete
     /// head included: httparse decides those.
     pub fn quick(head: &[u8], mut at: usize, max: usize, room: usize) -> Option<(Places, usize)> {
-        let place = |start: usize, len: usize| -> Option<Place> {
-            Some(Place {
-                start: u32::try_from(start).ok().filter(|s| s & ADDED == 0)?,
-                len: u32::try_from(len).ok()?,
-            })
-        };
         let mut list = Vec::with_capacity(12 + room);
         let mut end = 0;
         loop {
@@ -312,8 +315,8 @@ impl Places {
             }
             let value_at = at + name_len + 1 + spaces;
             list.push(Field {
-                name: place(at, name_len)?,
-                value: place(value_at, value_len)?,
+                name: Place::received(at, name_len)?,
+                value: Place::received(value_at, value_len)?,
                 known: Known::of(&line[..name_len]),
             });
             end = value_at + value_len;
@@ -402,7 +405,7 @@ pub(crate) fn first_marked(bytes: &[u8], mark: impl Fn(u64) -> u64) -> Option<us
 }
 
 const LOW: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-const HIGH: u64 = 0x8080_8080_8080_8080;
+pub(crate) const HIGH: u64 = 0x8080_8080_8080_8080;
 
 /// `b` in every byte of a word.
 const fn each(b: u8) -> u64 {
