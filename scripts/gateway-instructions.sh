@@ -12,20 +12,23 @@
 #
 # Usage, from the repository root after `cargo build --release`:
 #   scripts/gateway-instructions.sh [-d SECONDS] [-c CONNS] [--only "nginx plain policies"]
-#     [--keep DIR]
+#     [--keep DIR] [--mangled]
 # --keep DIR keeps each target's callgrind files (and its request count) in DIR/<target>, for
-# `callgrind_annotate --inclusive=yes` (an unstripped build shows functions: see the README).
+# `callgrind_annotate --inclusive=yes` (the release build keeps its symbol table: functions
+# show by name; see the README). --mangled keeps the names as the binary has them (for
+# scripts/hot-symbols.sh).
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")/.." && pwd)"
-duration=10 conns=50 only="nginx plain policies" keep=""
+duration=10 conns=50 only="nginx plain policies" keep="" demangle=yes
 while [ $# -gt 0 ]; do
   case "$1" in
     -d) duration="$2"; shift 2 ;;
     -c) conns="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
     --keep) keep="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
-    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR]" >&2; exit 2 ;;
+    --mangled) demangle=no; shift ;;
+    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR] [--mangled]" >&2; exit 2 ;;
   esac
 done
 for bin in nginx wrk taskset setsid valgrind callgrind_control curl; do
@@ -44,7 +47,7 @@ start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
 if [ "$(id -u)" = 0 ]; then sed -i '1i user root;' "$work/px/nginx.conf"; fi
 
 mkdir "$work/cg"
-vg=(valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
+vg=(valgrind --tool=callgrind --demangle=$demangle --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
 # the gateway's command under valgrind (the CLI calls of the candidate script run as they are)
 cat >"$work/apim" <<SH
 #!/usr/bin/env bash

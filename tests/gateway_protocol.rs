@@ -307,10 +307,12 @@ async fn keyed_api(n: &Node, name: &str, up: SocketAddr) -> String {
         .to_string()
 }
 
-/// Opens a WebSocket to `host` through the gateway (with `x-api-key: key` when given) and
-/// returns the connection after the `101`.
-async fn websocket_open(port: u16, host: &str, key: Option<&str>) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+/// Opens a WebSocket to `host` through `n`'s gateway (with `x-api-key: key` when given) and
+/// returns the connection after the `101`. A failure shows the node's log.
+async fn websocket_open(n: &Node, host: &str, key: Option<&str>) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", n.gateway_port))
+        .await
+        .unwrap();
     let key = key
         .map(|k| format!("x-api-key: {k}\r\n"))
         .unwrap_or_default();
@@ -318,7 +320,13 @@ async fn websocket_open(port: u16, host: &str, key: Option<&str>) -> TcpStream {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "head so far: {head:?}");
+        let read = s.read(&mut b).await;
+        assert!(
+            matches!(read, Ok(1)),
+            "{read:?} with the head so far {:?}; the node's log:\n{}",
+            String::from_utf8_lossy(&head),
+            n.log()
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
@@ -358,7 +366,7 @@ async fn websocket_echo_and_expect_continue_through_the_gateway() {
     wait_routed(port, "keyed.example").await;
 
     // WebSocket: handshake through the gateway, then frames both ways
-    let mut s = websocket_open(port, "ws.example", None).await;
+    let mut s = websocket_open(&n, "ws.example", None).await;
     for text in ["hello", "through apim"] {
         websocket_round(&mut s, text).await;
     }
@@ -789,7 +797,7 @@ async fn idle_websockets_and_http2_connections_are_closed() {
     assert!(got > BIG, "the whole answer and its head: {got} bytes");
 
     // the WebSocket: traffic, then silence until the gateway closes both sides
-    let mut s = websocket_open(port, "ws.example", Some(&key)).await;
+    let mut s = websocket_open(&n, "ws.example", Some(&key)).await;
     let before_last_traffic = std::time::Instant::now();
     let (sent, received) = websocket_round(&mut s, "hello").await;
     let mut buf = [0u8; 64];
@@ -909,7 +917,7 @@ async fn websockets_close_at_shutdown_and_their_usage_is_kept() {
     let key = keyed_api(&n, "ws", websocket_echo().await).await;
     let port = n.gateway_port;
     wait_routed(port, "ws.example").await;
-    let mut s = websocket_open(port, "ws.example", Some(&key)).await;
+    let mut s = websocket_open(&n, "ws.example", Some(&key)).await;
     let mut sent = 0;
     let mut received = 0;
     for text in ["one", "two"] {

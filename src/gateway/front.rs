@@ -180,20 +180,7 @@ fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
         ))),
         // (too large: hyper's to refuse)
         Some(_) => Ok(Some(None)),
-        None => with_fields(max_fields, |fields| {
-            let mut req = httparse::Request::new(fields);
-            Ok(match req.parse(buf)? {
-                httparse::Status::Complete(len) if len <= max_bytes => {
-                    Some(Line::of(&req, buf, len).and_then(|line| {
-                        let places = Places::of(&buf[..len], req.headers, ROOM)?;
-                        Parsed::of(&line, places, &buf[..len], buf.len() - len)
-                    }))
-                }
-                httparse::Status::Partial if buf.len() <= max_bytes => None,
-                // (too large: hyper's to refuse)
-                httparse::Status::Complete(_) | httparse::Status::Partial => Some(None),
-            })
-        }),
+        None => full_request(buf, max_fields, max_bytes),
     };
     match parsed {
         Ok(Some(Some(parsed))) => match Head::take(buf, parsed) {
@@ -203,6 +190,32 @@ fn next(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Next {
         Ok(None) => Next::Wait,
         Ok(Some(None)) | Err(_) => Next::HandOver,
     }
+}
+
+/// The head at the start of `buf` as httparse reads it (a head not in its plain form, or
+/// incomplete): `Ok(None)` while it is incomplete, `Ok(Some(None))` for hyper's server.
+// (cold: the quick reader takes nearly every head; kept out of the hot path's code)
+#[cold]
+#[inline(never)]
+fn full_request(
+    buf: &[u8],
+    max_fields: usize,
+    max_bytes: usize,
+) -> Result<Option<Option<Parsed>>, httparse::Error> {
+    with_fields(max_fields, |fields| {
+        let mut req = httparse::Request::new(fields);
+        Ok(match req.parse(buf)? {
+            httparse::Status::Complete(len) if len <= max_bytes => {
+                Some(Line::of(&req, buf, len).and_then(|line| {
+                    let places = Places::of(&buf[..len], req.headers, ROOM)?;
+                    Parsed::of(&line, places, &buf[..len], buf.len() - len)
+                }))
+            }
+            httparse::Status::Partial if buf.len() <= max_bytes => None,
+            // (too large: hyper's to refuse)
+            httparse::Status::Complete(_) | httparse::Status::Partial => Some(None),
+        })
+    })
 }
 
 /// What this server makes of the bytes at the start of a connection ([`take_head`]).

@@ -337,6 +337,7 @@ pub async fn send(
     }
 }
 
+#[cold]
 fn io_error(e: io::Error, reused: bool, answered: bool) -> Error {
     let closed = matches!(
         e.kind(),
@@ -651,6 +652,9 @@ fn quick_response(buf: &[u8]) -> Option<Read> {
 }
 
 /// The head at the start of `buf` as httparse reads it, `None` while it is incomplete.
+// (cold: the quick reader takes nearly every head; kept out of the hot path's code)
+#[cold]
+#[inline(never)]
 fn full_response(buf: &[u8]) -> Result<Option<Read>, Error> {
     // (left uninitialised: 128 slots are 4 KiB to clear per answer otherwise)
     let mut slots =
@@ -893,6 +897,7 @@ impl UpBody {
     }
 }
 
+#[cold]
 fn protocol(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }

@@ -944,6 +944,11 @@ impl RequestId {
 /// What the gateway writes in `Via` (RFC 9110 §7.6.3), on requests and answers.
 const VIA: Valid = Valid::constant(b"1.1 apim");
 
+/// A refusal's answer: an RFC 9457 problem document.
+// (cold: the branches that refuse are then laid out away from the ones that serve, which keeps
+// the serving path's code dense in the instruction cache)
+#[cold]
+#[inline(never)]
 fn problem(status: StatusCode, slug: &str, detail: &str, request_id: &str) -> Answer<Body> {
     let body = serde_json::json!({
         "type": format!("urn:apim:problem:gateway:{slug}"),
@@ -3135,58 +3140,14 @@ impl Gateway {
         let switching = resp.status == StatusCode::SWITCHING_PROTOCOLS;
         let spliced = match (switching, client_upgrade) {
             (true, Some(client)) => {
-                // the upstream side: a plain connection from the HTTP/1.1 client, or hyper's
-                // (HTTPS upstreams)
                 let switched = resp.switched.take();
-                // the spliced connection keeps its slot under max_connections, and the drain
-                // waits for it
-                let (hold, live) = (conn.hold.clone(), conn.live.clone());
-                let (idle, stop) = (conn.idle, conn.stop.clone());
-                // its bytes count in the consumer's usage (the request itself is counted once,
-                // with its 101 answer)
-                let metered = served
-                    .consumer
-                    .clone()
-                    .map(|consumer| (self.usage.clone(), consumer));
-                let route = route.clone();
-                tokio::spawn(async move {
-                    let _held = (hold, live);
-                    let spliced = async {
-                        let c = TokioIo::new(client.await?);
-                        Ok::<_, BoxError>(match switched {
-                            Some(head::Switched::Plain(u)) => match u.take() {
-                                Some((u, early)) => splice::run(c, u, &early, idle, stop).await,
-                                None => splice::Spliced::default(),
-                            },
-                            Some(head::Switched::Hyper(upstream)) => {
-                                let u = TokioIo::new(upstream.await?);
-                                splice::run(c, u, &[], idle, stop).await
-                            }
-                            None => splice::Spliced::default(),
-                        })
-                    };
-                    match spliced.await {
-                        Ok(done) => {
-                            let error = done.error.as_ref().map(|e| e.to_string());
-                            tracing::debug!(tenant = %route.tenant, api = %route.api, from_client = done.from_client, to_client = done.to_client, end = done.end, error, "upgraded connection closed");
-                            if let Some((meter, consumer)) = metered {
-                                meter.add(
-                                    &route.tenant,
-                                    &consumer,
-                                    &route.api,
-                                    crate::state::UsageCounts {
-                                        requests: 0,
-                                        bytes_in: done.from_client,
-                                        bytes_out: done.to_client,
-                                    },
-                                );
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(tenant = %route.tenant, api = %route.api, error = %e, "upgraded connection ended with an error")
-                        }
-                    }
-                });
+                self.splice(
+                    conn,
+                    client,
+                    switched,
+                    served.consumer.clone(),
+                    route.clone(),
+                );
                 true
             }
             _ => false,
@@ -3236,6 +3197,65 @@ impl Gateway {
             }
             _ => resp,
         }
+    }
+    /// Splices a switched connection (a WebSocket's) to its upstream in a task of its own.
+    /// The spliced connection keeps its slot under max_connections, and the drain waits for
+    /// it; its bytes count in the consumer's usage (the request itself is counted once, with
+    /// its 101 answer).
+    // (cold: kept out of the request path's code)
+    #[cold]
+    #[inline(never)]
+    fn splice(
+        &self,
+        conn: &Conn,
+        client: hyper::upgrade::OnUpgrade,
+        switched: Option<head::Switched>,
+        consumer: Option<Arc<str>>,
+        route: Arc<Route>,
+    ) {
+        let (hold, live) = (conn.hold.clone(), conn.live.clone());
+        let (idle, stop) = (conn.idle, conn.stop.clone());
+        let metered = consumer.map(|consumer| (self.usage.clone(), consumer));
+        tokio::spawn(async move {
+            let _held = (hold, live);
+            // the upstream side: a plain connection from the HTTP/1.1 client, or hyper's
+            // (HTTPS upstreams)
+            let spliced = async {
+                let c = TokioIo::new(client.await?);
+                Ok::<_, BoxError>(match switched {
+                    Some(head::Switched::Plain(u)) => match u.take() {
+                        Some((u, early)) => splice::run(c, u, &early, idle, stop).await,
+                        None => splice::Spliced::default(),
+                    },
+                    Some(head::Switched::Hyper(upstream)) => {
+                        let u = TokioIo::new(upstream.await?);
+                        splice::run(c, u, &[], idle, stop).await
+                    }
+                    None => splice::Spliced::default(),
+                })
+            };
+            match spliced.await {
+                Ok(done) => {
+                    let error = done.error.as_ref().map(|e| e.to_string());
+                    tracing::debug!(tenant = %route.tenant, api = %route.api, from_client = done.from_client, to_client = done.to_client, end = done.end, error, "upgraded connection closed");
+                    if let Some((meter, consumer)) = metered {
+                        meter.add(
+                            &route.tenant,
+                            &consumer,
+                            &route.api,
+                            crate::state::UsageCounts {
+                                requests: 0,
+                                bytes_in: done.from_client,
+                                bytes_out: done.to_client,
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(tenant = %route.tenant, api = %route.api, error = %e, "upgraded connection ended with an error")
+                }
+            }
+        });
     }
 }
 
