@@ -12,15 +12,16 @@
 #
 # Usage, from the repository root after `cargo build --release`:
 #   scripts/gateway-instructions.sh [-d SECONDS] [-c CONNS] [--only "nginx plain policies"]
-#     [--keep DIR] [--mangled]
+#     [--keep DIR] [--mangled] [--cache]
 # --keep DIR keeps each target's callgrind files (and its request count) in DIR/<target>, for
 # `callgrind_annotate --inclusive=yes` (the release build keeps its symbol table: functions
 # show by name; see the README). --mangled keeps the names as the binary has them (for
-# scripts/hot-symbols.sh).
+# scripts/hot-symbols.sh). --cache adds callgrind's cache simulation (the machine's L1 caches)
+# and gives the instruction cache's misses per request too (about twice as slow).
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")/.." && pwd)"
-duration=10 conns=50 only="nginx plain policies" keep="" demangle=yes
+duration=10 conns=50 only="nginx plain policies" keep="" demangle=yes cache=no
 while [ $# -gt 0 ]; do
   case "$1" in
     -d) duration="$2"; shift 2 ;;
@@ -28,7 +29,8 @@ while [ $# -gt 0 ]; do
     --only) only="$2"; shift 2 ;;
     --keep) keep="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
     --mangled) demangle=no; shift ;;
-    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR] [--mangled]" >&2; exit 2 ;;
+    --cache) cache=yes; shift ;;
+    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR] [--mangled] [--cache]" >&2; exit 2 ;;
   esac
 done
 for bin in nginx wrk taskset setsid valgrind callgrind_control curl; do
@@ -47,7 +49,7 @@ start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
 if [ "$(id -u)" = 0 ]; then sed -i '1i user root;' "$work/px/nginx.conf"; fi
 
 mkdir "$work/cg"
-vg=(valgrind --tool=callgrind --demangle=$demangle --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
+vg=(valgrind --tool=callgrind --demangle=$demangle --cache-sim=$cache --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
 # the gateway's command under valgrind (the CLI calls of the candidate script run as they are)
 cat >"$work/apim" <<SH
 #!/usr/bin/env bash
@@ -56,10 +58,11 @@ exec "$bin" "\$@"
 SH
 chmod +x "$work/apim"
 
-# wait_ok URL [HEADER]: until it answers 200 (valgrind starts slowly), at most 120 s
+# wait_ok URL [HEADER]: until it answers 200 (valgrind starts slowly, more so with the cache
+# simulation), at most 240 s
 wait_ok() {
   local code=""
-  for _ in $(seq 1 240); do
+  for _ in $(seq 1 480); do
     code=$(curl -s -o /dev/null -w '%{http_code}' ${2:+-H "$2"} "$1" || true)
     [ "$code" = 200 ] && return 0
     sleep 0.5
@@ -86,7 +89,7 @@ control() {
 
 # measure NAME GROUP URL [HEADER]: instructions per request of the valgrind processes in GROUP
 measure() {
-  local name=$1 group=$2 url=$3 header=${4:-} n total=0 f
+  local name=$1 group=$2 url=$3 header=${4:-} n total=0 misses=0 f
   local -a pids
   mapfile -t pids < <(pgrep -g "$group")
   control -z "$url" "$header" "${pids[@]}"
@@ -98,9 +101,13 @@ measure() {
   for f in "$work"/cg/cg.*.[0-9]*; do
     [ -f "$f" ] || continue
     total=$((total + $(awk '/^totals:/ {print $2}' "$f")))
+    # (with the cache simulation, the fourth event is I1mr: the instruction cache's misses)
+    misses=$((misses + $(awk '/^totals:/ {print ($5 == "" ? 0 : $5)}' "$f")))
   done
   [ "${n:-0}" -gt 0 ] || { echo "$name: no request served" >&2; return 1; }
-  printf '%-9s %8d requests  %7d instructions per request\n' "$name" "$n" $((total / n))
+  printf '%-9s %8d requests  %7d instructions per request' "$name" "$n" $((total / n))
+  if [ "$cache" = yes ]; then printf '  %5d instruction-cache misses' $((misses / n)); fi
+  printf '\n'
   if [ -n "${keep:-}" ]; then
     mkdir -p "$keep/$name"
     cp "$work"/cg/cg.*.[0-9]* "$keep/$name/"

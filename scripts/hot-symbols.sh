@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates link/hot-symbols.txt, the functions the release build places side by side (see
-# build.rs): every function of the binary that runs at least once per two proxied requests,
-# hottest first, as callgrind counts them under scripts/gateway-instructions.sh's loads (plain
+# build.rs): every function of the binary in which a proxied request spends at least half an
+# instruction on average (its own instructions, not its callees'), hottest first, as callgrind
+# counts them under scripts/gateway-instructions.sh's loads (plain
 # proxying at 50 connections and at one, and with the policies on). Run it after a change of
 # dependencies or toolchain, when `--check` finds the list stale, then rebuild.
 #
@@ -36,9 +37,9 @@ fi
 "$here/scripts/gateway-instructions.sh" --mangled -d 6 --only "plain policies" --keep "$keep/c50"
 "$here/scripts/gateway-instructions.sh" --mangled -d 6 -c 1 --only plain --keep "$keep/c1"
 
-python3 - "$keep" "$names" "$bin" "$list" <<'PY'
+python3 - "$keep" "$names" "$list" <<'PY'
 import glob, os, re, subprocess, sys
-keep, names_file, binary, out = sys.argv[1:5]
+keep, names_file, out = sys.argv[1:4]
 names = set(open(names_file).read().split())
 hot = {}
 for run in sorted(glob.glob(os.path.join(keep, "*", "*"))):
@@ -49,7 +50,7 @@ for run in sorted(glob.glob(os.path.join(keep, "*", "*"))):
                                "--show=Ir", f], capture_output=True, text=True).stdout
         for line in text.splitlines():
             # "  1,234 ( 0.56%)  file:function [object]"
-            m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*?:(\S+)(?:\s+\[(.*)\])?$", line)
+            m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*?:(\S+)", line)
             if m and m.group(2) in names:
                 per_fn[m.group(2)] = per_fn.get(m.group(2), 0) + int(m.group(1).replace(",", ""))
     for fn, ir in per_fn.items():

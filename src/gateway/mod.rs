@@ -3198,6 +3198,7 @@ impl Gateway {
             _ => resp,
         }
     }
+
     /// Splices a switched connection (a WebSocket's) to its upstream in a task of its own.
     /// The spliced connection keeps its slot under max_connections, and the drain waits for
     /// it; its bytes count in the consumer's usage (the request itself is counted once, with
