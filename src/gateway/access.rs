@@ -141,7 +141,8 @@ impl AccessLog {
         tracing::enabled!(target: "apim::gateway::access", tracing::Level::INFO)
     }
 
-    pub fn write(&self, e: &Entry<'_>) {
+    /// Writes the line of a request that ended at `now`.
+    pub fn write(&self, e: &Entry<'_>, now: SystemTime) {
         thread_local! {
             // the line is formatted outside the shared buffer's lock, in a buffer of its own
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -149,7 +150,7 @@ impl AccessLog {
         LINE.with(|line| {
             let mut line = line.borrow_mut();
             line.clear();
-            self.format(e, SystemTime::now(), &mut line);
+            self.format(e, now, &mut line);
             let mut buf = super::lock(&self.buf);
             buf.extend_from_slice(&line);
             if buf.len() >= FLUSH_AT {

@@ -127,11 +127,10 @@ thread_local! {
 /// closed instead. Reads leave the socket's readiness clear once drained (a short read, or
 /// would-block), so a clean idle connection is known without a system call; only one that
 /// became readable is read.
-fn checkout(origin: &Authority) -> Option<(TcpStream, BytesMut)> {
+fn checkout(origin: &Authority, now: Instant) -> Option<(TcpStream, BytesMut)> {
     IDLE.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.get_mut(origin.as_str())?;
-        let now = Instant::now();
         while let Some(idle) = list.pop_back() {
             if now.saturating_duration_since(idle.since) >= IDLE_TIMEOUT {
                 // the rest are older still
@@ -152,7 +151,8 @@ fn checkout(origin: &Authority) -> Option<(TcpStream, BytesMut)> {
     })
 }
 
-fn checkin(origin: &Authority, stream: TcpStream, buf: BytesMut) {
+/// Pools a connection idle since `now`.
+fn checkin(origin: &Authority, stream: TcpStream, buf: BytesMut, now: Instant) {
     thread_local! {
         static CHECKINS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
@@ -164,7 +164,6 @@ fn checkin(origin: &Authority, stream: TcpStream, buf: BytesMut) {
             c.set(c.get().wrapping_add(1));
             c.get()
         });
-        let now = Instant::now();
         let expired = |i: &Idle| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT;
         if n.is_multiple_of(1024) {
             pool.retain(|_, list| {
@@ -281,12 +280,17 @@ fn encode_head(head: &Outgoing<'_>, origin: &Authority, framing: Framing) -> Vec
 /// Sends a request (`head` and `body`, `None` for none) to the plain-HTTP upstream `origin`
 /// and returns its answer once the head is read; the body streams from the connection, which
 /// returns to the pool at its end.
+///
+/// `now` is the clock as the caller last read it, before the call: the pool's clock for this
+/// exchange (no reading of its own). A connection whose answer comes whole with its head is
+/// pooled as idle since then, a little before it was: its idle time is never undercounted.
 pub async fn send(
     origin: &Authority,
     head: Outgoing<'_>,
     mut body: Option<Body>,
     connect_timeout: Duration,
     body_idle_timeout: Duration,
+    now: Instant,
 ) -> Result<Answer<UpBody>, Error> {
     let bodyless = body.as_ref().is_none_or(|b| b.is_end_stream());
     let framing = if bodyless {
@@ -308,7 +312,7 @@ pub async fn send(
     // A request that may be sent again if a kept-alive connection turns out closed under it
     // (nothing of it can have been processed).
     let replayable = bodyless && idempotent(head.method);
-    let mut pooled = checkout(origin);
+    let mut pooled = checkout(origin, now);
     loop {
         let reused = pooled.is_some();
         let (stream, buf) = match pooled.take() {
@@ -325,6 +329,7 @@ pub async fn send(
             head_request,
             reused,
             origin,
+            now,
         );
         match sent.await.map(|mut r| {
             r.body.idle_timeout = body_idle_timeout;
@@ -363,6 +368,7 @@ async fn exchange(
     head_request: bool,
     reused: bool,
     origin: &Authority,
+    now: Instant,
 ) -> Result<Answer<UpBody>, Error> {
     let mut answered = false;
     let mut grew = false;
@@ -441,12 +447,12 @@ async fn exchange(
     body.keep_buf = !grew;
     match body.kind {
         // nothing to read: the connection is free now (hyper never polls an empty body)
-        Kind::Length(0) => body.finish(),
+        Kind::Length(0) => body.finish_at(now),
         // the whole body came with the head (a small answer): taken at once, and the connection
         // is free before the client has the answer
         Kind::Length(n) if body.buf.len() as u64 >= n => {
             body.whole = Some(body.buf.split_to(n as usize).freeze());
-            body.finish();
+            body.finish_at(now);
         }
         _ => body.keep_buf = false,
     }
@@ -834,6 +840,11 @@ impl UpBody {
     /// The answer is complete: the connection goes back to the pool if it can carry another
     /// request (kept alive, nothing unread behind the answer).
     fn finish(&mut self) {
+        self.finish_at(Instant::now());
+    }
+
+    /// [`finish`](UpBody::finish), the connection idle since `now`.
+    fn finish_at(&mut self, now: Instant) {
         self.kind = Kind::Done;
         if let Some(stream) = self.stream.take() {
             if self.keep && self.buf.is_empty() {
@@ -841,7 +852,7 @@ impl UpBody {
                     true => std::mem::take(&mut self.buf),
                     false => BytesMut::new(),
                 };
-                checkin(&self.origin, stream, buf);
+                checkin(&self.origin, stream, buf, now);
             }
         }
     }
@@ -1080,27 +1091,34 @@ mod tests {
             fields: &fields,
         };
         let t = Duration::from_secs(5);
-        let resp = send(&origin, get(), None, t, t).await.unwrap();
+        let resp = send(&origin, get(), None, t, t, Instant::now())
+            .await
+            .unwrap();
         assert!(resp.body.is_whole());
         assert_eq!(resp.body.size_hint().exact(), Some(2));
-        let (pooled, buf) = checkout(&origin).expect("back in the pool before the body is read");
+        let (pooled, buf) =
+            checkout(&origin, Instant::now()).expect("back in the pool before the body is read");
         assert!(
             buf.is_empty() && buf.capacity() > 0 && buf.capacity() <= KEPT_BUFFER,
             "a whole answer's buffer goes back with its connection, emptied"
         );
-        checkin(&origin, pooled, buf);
+        checkin(&origin, pooled, buf, Instant::now());
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
 
         // the second request reuses it; its body comes in two parts
-        let resp = send(&origin, get(), Some(Body::default()), t, t)
+        let resp = send(&origin, get(), Some(Body::default()), t, t, Instant::now())
             .await
             .unwrap();
         assert!(!resp.body.is_whole());
-        assert!(checkout(&origin).is_none(), "in use until the body's end");
+        assert!(
+            checkout(&origin, Instant::now()).is_none(),
+            "in use until the body's end"
+        );
         let body = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"helloworld");
-        let (_, buf) = checkout(&origin).expect("back in the pool at the body's end");
+        let (_, buf) =
+            checkout(&origin, Instant::now()).expect("back in the pool at the body's end");
         assert_eq!(buf.capacity(), 0, "a streamed answer's buffer is let go");
     }
 

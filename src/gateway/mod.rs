@@ -1396,43 +1396,50 @@ impl Handling<'_> {
         let (gateway, served, conn) = (self.gateway, &self.served, self.conn);
         let total = self.started.elapsed();
         gateway.record(served, status, total);
-        if let Some(logged) = &self.logged {
+        // one reading of the wall clock: the access line's time and the usage's hour agree
+        let wall = (self.logged.is_some() || served.admitted).then(std::time::SystemTime::now);
+        if let (Some(logged), Some(wall)) = (&self.logged, wall) {
             let route = served.route.as_deref();
-            gateway.access.write(&access::Entry {
-                method: logged.method.as_str(),
-                path: logged.uri.path(),
-                host: served.host.as_deref().unwrap_or(""),
-                protocol: match logged.version {
-                    hyper::Version::HTTP_2 => "HTTP/2",
-                    hyper::Version::HTTP_10 => "HTTP/1.0",
-                    _ => "HTTP/1.1",
+            gateway.access.write(
+                &access::Entry {
+                    method: logged.method.as_str(),
+                    path: logged.uri.path(),
+                    host: served.host.as_deref().unwrap_or(""),
+                    protocol: match logged.version {
+                        hyper::Version::HTTP_2 => "HTTP/2",
+                        hyper::Version::HTTP_10 => "HTTP/1.0",
+                        _ => "HTTP/1.1",
+                    },
+                    status: status.as_u16(),
+                    duration_us: total.as_micros() as u64,
+                    upstream_us: served.upstream_us,
+                    tenant: route.map_or("", |r| r.tenant.as_str()),
+                    api: route.map_or("", |r| r.api.as_str()),
+                    consumer: served.consumer.as_deref().unwrap_or(""),
+                    client: Some(served.client.unwrap_or(conn.peer.ip())),
+                    request_id,
+                    refusal: served.refusal.unwrap_or(""),
+                    user_agent: logged
+                        .user_agent
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    sni: conn
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.sni.as_deref())
+                        .unwrap_or(""),
                 },
-                status: status.as_u16(),
-                duration_us: total.as_micros() as u64,
-                upstream_us: served.upstream_us,
-                tenant: route.map_or("", |r| r.tenant.as_str()),
-                api: route.map_or("", |r| r.api.as_str()),
-                consumer: served.consumer.as_deref().unwrap_or(""),
-                client: Some(served.client.unwrap_or(conn.peer.ip())),
-                request_id,
-                refusal: served.refusal.unwrap_or(""),
-                user_agent: logged
-                    .user_agent
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
-                sni: conn
-                    .tls
-                    .as_ref()
-                    .and_then(|t| t.sni.as_deref())
-                    .unwrap_or(""),
-            });
+                wall,
+            );
         }
-        let (Some(route), Some(consumer)) = (&served.route, &served.consumer) else {
+        let (Some(route), Some(consumer), Some(wall)) = (&served.route, &served.consumer, wall)
+        else {
             return None;
         };
         served.admitted.then(|| usage::Ticket {
             meter: gateway.usage.clone(),
+            hour: usage::hour_of(wall),
             route: route.clone(),
             consumer: consumer.clone(),
             bytes_in: served.bytes_in.clone(),
@@ -1869,7 +1876,7 @@ impl Gateway {
                 fields: &fields,
             };
             let connect = self.route_timeouts(route).0;
-            let sent = h1::send(origin, head, None, connect, timeout);
+            let sent = h1::send(origin, head, None, connect, timeout, Instant::now());
             return matches!(
                 tokio::time::timeout(timeout, sent).await,
                 Ok(Ok(r)) if passed(r.status)
@@ -2008,7 +2015,9 @@ impl Gateway {
     }
 
     /// Runs the route's policy chain. Returns the consumer (if identified) and headers to add
-    /// to the answer (rate-limit state).
+    /// to the answer (rate-limit state). `started` is the request's start: the time its rate
+    /// limits count it at (no clock reading of their own).
+    #[allow(clippy::too_many_arguments)]
     fn enforce(
         &self,
         table: &RouteTable,
@@ -2017,6 +2026,7 @@ impl Gateway {
         req: &mut Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
+        started: Instant,
     ) -> Result<PolicyAnswer, Refusal> {
         let mut answer = PolicyAnswer::default();
         if route.policies.is_empty() {
@@ -2068,7 +2078,7 @@ impl Gateway {
                     };
                     // (a consumer two policies identify is admitted, and counted, once)
                     if served.consumer.as_deref() != Some(&*entry.consumer) {
-                        self.admit(route, &entry.consumer, &mut answer)?;
+                        self.admit(route, &entry.consumer, started, &mut answer)?;
                     }
                     served.consumer = Some(entry.consumer.clone());
                 }
@@ -2111,7 +2121,8 @@ impl Gateway {
                                 push_num(&mut key, u64::from(*per_seconds));
                             }
                         }
-                        self.rate_limit(&key, Gcra::new(*requests, *per_seconds), &mut answer)
+                        let gcra = Gcra::new(*requests, *per_seconds);
+                        self.rate_limit(&key, gcra, started, &mut answer)
                     })?;
                 }
                 Policy::IpFilter { allow, deny } => {
@@ -2230,7 +2241,7 @@ impl Gateway {
                             ));
                         };
                         if served.consumer.as_deref() != Some(name) {
-                            self.admit(route, name, &mut answer)?;
+                            self.admit(route, name, started, &mut answer)?;
                         }
                         served.consumer = Some(name.into());
                     }
@@ -2246,7 +2257,7 @@ impl Gateway {
                 Policy::MutualTls { map_by, .. } => {
                     let who = self.client_certificate(table, route, i, *map_by, conn)?;
                     if served.consumer.as_deref() != Some(who.as_str()) {
-                        self.admit(route, &who, &mut answer)?;
+                        self.admit(route, &who, started, &mut answer)?;
                     }
                     served.consumer = Some(who.into());
                 }
@@ -2342,6 +2353,7 @@ impl Gateway {
         &self,
         route: &Route,
         consumer: &str,
+        started: Instant,
         answer: &mut PolicyAnswer,
     ) -> Result<(), Refusal> {
         let Some((SubscriptionStatus::Active, plan)) = route.subscriptions.get(consumer) else {
@@ -2367,7 +2379,12 @@ impl Gateway {
             ] {
                 key.push_str(part);
             }
-            self.rate_limit(&key, Gcra::new(rl.requests, rl.per_seconds), answer)?;
+            self.rate_limit(
+                &key,
+                Gcra::new(rl.requests, rl.per_seconds),
+                started,
+                answer,
+            )?;
         }
         if let Some(q) = &plan.quota {
             let now = time::OffsetDateTime::now_utc();
@@ -2418,8 +2435,15 @@ impl Gateway {
         Ok(())
     }
 
-    fn rate_limit(&self, key: &str, gcra: Gcra, answer: &mut PolicyAnswer) -> Result<(), Refusal> {
-        let now = self.now_ns();
+    /// Counts a request at `at` against the limit `gcra` of `key`.
+    fn rate_limit(
+        &self,
+        key: &str,
+        gcra: Gcra,
+        at: Instant,
+        answer: &mut PolicyAnswer,
+    ) -> Result<(), Refusal> {
+        let now = self.ns_at(at);
         let decision = {
             let mut m = self.rate.lock().unwrap_or_else(|p| p.into_inner());
             if m.len() > 100_000 {
@@ -2498,7 +2522,9 @@ impl Gateway {
             logged,
             answered: false,
         };
-        let mut resp = self.serve_one(req, &conn, &mut handling.served).await;
+        let mut resp = self
+            .serve_one(req, &conn, &mut handling.served, handling.started)
+            .await;
         handling.answered = true;
         // what is recorded: the answer's status, or 499 for a client that left mid-upload
         let status = match handling.served.client_closed {
@@ -2573,6 +2599,7 @@ impl Gateway {
         mut req: Req<ReqBody>,
         conn: &Conn,
         served: &mut Served,
+        started: Instant,
     ) -> Answer<Body> {
         let peer = conn.peer;
         let peer_trusted = self
@@ -2728,7 +2755,7 @@ impl Gateway {
             }
             out
         };
-        let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served) {
+        let extra = match self.enforce(&table, &route, op_scopes, &mut req, conn, served, started) {
             Ok(h) if served.consumer.is_some() => {
                 served.admitted = true;
                 // (a request body's bytes are counted as it goes upstream)
@@ -2999,6 +3026,7 @@ impl Gateway {
                             sent,
                             connect_timeout,
                             response_timeout,
+                            now,
                         )),
                     )
                     .await

@@ -62,7 +62,7 @@ pub struct Route {
     schedule: Vec<usize>,
     cursor: AtomicUsize,
     /// Subscriptions to this API: consumer → (status, plan).
-    pub subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
+    pub subscriptions: FxMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
     /// Decoding keys of each JWT policy with a static JWKS, by the policy's position.
     pub jwt_keys: HashMap<usize, Vec<JwtKey>>,
     /// The API's metric series, resolved on first use.
@@ -489,7 +489,7 @@ impl RouteTable {
     pub fn from_apis(tenant: &str, apis: &[ApiSpec]) -> RouteTable {
         let mut t = RouteTable::default();
         for a in apis {
-            t.insert(compile(tenant, a, HashMap::new()), &a.hosts);
+            t.insert(compile(tenant, a, FxMap::default()), &a.hosts);
         }
         t.finish();
         t
@@ -508,7 +508,7 @@ impl RouteTable {
                     _ => None,
                 })
                 .collect();
-            let mut subs: HashMap<String, HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>> =
+            let mut subs: HashMap<String, FxMap<String, (SubscriptionStatus, Option<PlanSpec>)>> =
                 HashMap::new();
             for o in state::list_objects(kv, Kind::Subscription, Some(&t))? {
                 if let Spec::Subscription(s) = o.spec {
@@ -568,7 +568,7 @@ impl RouteTable {
 fn compile(
     tenant: &str,
     api: &ApiSpec,
-    subscriptions: HashMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
+    subscriptions: FxMap<String, (SubscriptionStatus, Option<PlanSpec>)>,
 ) -> Route {
     let targets: Vec<Target> = api
         .upstream
@@ -804,7 +804,7 @@ mod tests {
             route("/orders", false, &["GET"], &[("x-beta", "1")]),
             route("/orders/export", true, &["POST"], &[]),
         ];
-        let r = compile("t", &a, HashMap::new());
+        let r = compile("t", &a, FxMap::default());
         let mut h = crate::gateway::head::Fields::default();
         let scope = |m: OperationMatch<'_>| match m {
             OperationMatch::Matched(op) => op.required_scopes[0].clone(),
@@ -828,7 +828,7 @@ mod tests {
         assert_eq!(r.operation("GET", "/pay/orders", &h).matched_headers(), 1);
         let mut b = api("b", &["h"], "/", &[("http://a:1", 1)]);
         b.routes = vec![route("/items", true, &["GET", "HEAD"], &[])];
-        let r = compile("t", &b, HashMap::new());
+        let r = compile("t", &b, FxMap::default());
         assert!(matches!(
             r.operation("GET", "/items", &h),
             OperationMatch::Matched(_)
@@ -848,7 +848,7 @@ mod tests {
         let r = compile(
             "t",
             &api("a", &["h"], "/", &[("http://a:1/x/", 3), ("http://b:2", 1)]),
-            HashMap::new(),
+            FxMap::default(),
         );
         assert_eq!(r.targets[0].origin, "http://a:1");
         assert_eq!(r.targets[0].path, "/x");

@@ -13,12 +13,19 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Counts by UTC hour, then by `tenant`, `consumer` and `api` joined by NUL (which no name can
 /// hold): a request already counted in its hour adds without allocating.
 // (keyed by hours, and by tenant, consumer and API names from the configuration, not by
 // anything a request sends: a fast hash, not a flood-resistant one)
 type Pending = HashMap<i64, HashMap<String, UsageCounts, FxBuildHasher>, FxBuildHasher>;
+
+/// The UTC hour of `t`, as hours since the Unix epoch (the meter's unit).
+pub fn hour_of(t: SystemTime) -> i64 {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    i64::try_from(secs / 3600).unwrap_or(i64::MAX)
+}
 
 /// Usage counted since the last flush, and the batch a failed flush left to retry.
 #[derive(Debug, Default)]
@@ -38,13 +45,14 @@ impl Meter {
 
     /// Adds `counts` of `consumer` on `tenant/api`, in the current hour.
     pub fn add(&self, tenant: &str, consumer: &str, api: &str, counts: UsageCounts) {
+        self.add_in(hour_of(SystemTime::now()), tenant, consumer, api, counts);
+    }
+
+    /// Adds `counts` of `consumer` on `tenant/api`, in `hour` (see [`hour_of`]).
+    pub fn add_in(&self, hour: i64, tenant: &str, consumer: &str, api: &str, counts: UsageCounts) {
         thread_local! {
             static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let hour = i64::try_from(now.as_secs() / 3600).unwrap_or(i64::MAX);
         KEY.with(|key| {
             let mut key = key.borrow_mut();
             key.clear();
@@ -187,9 +195,12 @@ where
     }
 }
 
-/// One forwarded request of an identified consumer: recorded in the meter when dropped.
+/// One forwarded request of an identified consumer: recorded in the meter when dropped, in
+/// the hour its answer began (the hour of its access-log line).
 pub struct Ticket {
     pub meter: Arc<Meter>,
+    /// See [`hour_of`].
+    pub hour: i64,
     pub route: Arc<Route>,
     pub consumer: Arc<str>,
     /// The request body's bytes (none without a body).
@@ -199,7 +210,8 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.meter.add(
+        self.meter.add_in(
+            self.hour,
             &self.route.tenant,
             &self.consumer,
             &self.route.api,
