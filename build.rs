@@ -1,10 +1,11 @@
 //! Link-time layout of the release binary: the functions that serve a proxied request are
 //! placed side by side, in the order `link/hot-symbols.txt` lists them (lld's
-//! `--symbol-ordering-file`), at the start of the text. Left where the linker puts them, the 155
-//! listed spread over 168 pages of a 13 MiB text; side by side they take 94, so a request
-//! touches fewer pages (measured in the README's Gateway section). Regenerate the list with
-//! `scripts/hot-symbols.sh` after a change of dependencies or toolchain: a name that no longer
-//! exists is skipped, so a stale list costs speed, never a build.
+//! `--symbol-ordering-file`), at the start of the text. Left where the linker puts them, the
+//! functions listed spread over 168 pages of a 13 MiB text; side by side they take 95, so a
+//! request touches fewer pages (measured in the README's Gateway section). Regenerate the list
+//! with `scripts/hot-symbols.sh` after a change of dependencies or toolchain, or of a listed
+//! function's signature (`--check` tells): a name that no longer exists is skipped, so a stale
+//! list costs speed, never a build.
 //!
 //! Only for release builds of the x86_64 glibc target, which links with rust-lld by default;
 //! `APIM_NO_SYMBOL_ORDER=1` leaves the layout to the linker (for a linker other than lld).
