@@ -45,17 +45,18 @@ const LATENCY_BUCKETS: usize = 18;
 
 /// A latency histogram (Prometheus `histogram`: `le` 50 µs, 100 µs, ... 3.2768 s, +Inf),
 /// counted by atomics: an observation finds its bucket by arithmetic on its microseconds and
-/// adds to three counters, with no lock (prometheus-client's `Histogram` takes a mutex and
-/// scans its buckets; the gateway observes two per request). A scrape may see an
-/// observation's count before its bucket: off by the requests of that instant, as any
-/// lock-free counter set.
+/// adds to two counters, its bucket and the sum, with no lock (prometheus-client's `Histogram`
+/// takes a mutex and scans its buckets; the gateway observes two per request, and each atomic
+/// addition is a locked instruction). The count is the buckets' total, added up at a scrape, so
+/// `_count` always equals the `+Inf` bucket; a scrape may see an observation in its bucket
+/// before its time in the sum: off by the requests of that instant, as any lock-free counter
+/// set.
 #[derive(Debug, Default, Clone)]
 pub struct Latency(Arc<LatencyCounts>);
 
 #[derive(Debug, Default)]
 struct LatencyCounts {
     buckets: [AtomicU64; LATENCY_BUCKETS],
-    count: AtomicU64,
     sum_ns: AtomicU64,
 }
 
@@ -75,7 +76,6 @@ impl Latency {
     pub fn observe(&self, d: Duration) {
         let c = &self.0;
         c.buckets[Latency::bucket(d)].fetch_add(1, Relaxed);
-        c.count.fetch_add(1, Relaxed);
         c.sum_ns
             .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
     }
@@ -104,12 +104,9 @@ impl prometheus_client::encoding::EncodeMetric for Latency {
             .map(|k| (Latency::bound(k), c.buckets[k].load(Relaxed)))
             .collect();
         let sum = c.sum_ns.load(Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            sum,
-            c.count.load(Relaxed),
-            &buckets,
-            None,
-        )
+        let count = buckets.iter().map(|&(_, n)| n).sum();
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> prometheus_client::metrics::MetricType {
