@@ -12,16 +12,18 @@
 #
 # Usage, from the repository root after `cargo build --release`:
 #   scripts/gateway-instructions.sh [-d SECONDS] [-c CONNS] [--only "nginx plain policies"]
-#     [--keep DIR] [--mangled] [--cache]
+#     [--keep DIR] [--mangled] [--cache] [--atomics]
 # --keep DIR keeps each target's callgrind files (and its request count) in DIR/<target>, for
 # `callgrind_annotate --inclusive=yes` (the release build keeps its symbol table: functions
 # show by name; see the README). --mangled keeps the names as the binary has them (for
 # scripts/hot-symbols.sh). --cache adds callgrind's cache simulation (the machine's L1 caches)
-# and gives the instruction cache's misses per request too (about twice as slow).
+# and gives the instruction cache's misses per request too (about twice as slow). --atomics
+# adds, per request, the locked instructions executed (atomic read-modify-writes, each a few ns
+# that the count does not weigh) and the clock readings (scripts/callgrind-atomics.py).
 set -euo pipefail
 export LC_ALL=C
 here="$(cd "$(dirname "$0")/.." && pwd)"
-duration=10 conns=50 only="nginx plain policies" keep="" demangle=yes cache=no
+duration=10 conns=50 only="nginx plain policies" keep="" demangle=yes cache=no atomics=no
 while [ $# -gt 0 ]; do
   case "$1" in
     -d) duration="$2"; shift 2 ;;
@@ -30,12 +32,18 @@ while [ $# -gt 0 ]; do
     --keep) keep="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
     --mangled) demangle=no; shift ;;
     --cache) cache=yes; shift ;;
-    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR] [--mangled] [--cache]" >&2; exit 2 ;;
+    --atomics) atomics=yes; shift ;;
+    *) echo "usage: $0 [-d SECONDS] [-c CONNS] [--only \"nginx plain policies\"] [--keep DIR] [--mangled] [--cache] [--atomics]" >&2; exit 2 ;;
   esac
 done
 for bin in nginx wrk taskset setsid valgrind callgrind_control curl; do
   command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install -y nginx wrk valgrind)" >&2; exit 2; }
 done
+if [ "$atomics" = yes ]; then
+  for bin in python3 objdump; do
+    command -v "$bin" >/dev/null || { echo "missing $bin (apt-get install -y python3 binutils)" >&2; exit 2; }
+  done
+fi
 bin="${APIM_BIN:-$here/target/release/apim}"
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 
@@ -49,7 +57,7 @@ start 1 nginx -c "$work/up/nginx.conf" -p "$work/up"
 if [ "$(id -u)" = 0 ]; then sed -i '1i user root;' "$work/px/nginx.conf"; fi
 
 mkdir "$work/cg"
-vg=(valgrind --tool=callgrind --demangle=$demangle --cache-sim=$cache --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
+vg=(valgrind --tool=callgrind --demangle=$demangle --cache-sim=$cache --dump-instr=$atomics --trace-children=yes --callgrind-out-file="$work/cg/cg.%p")
 # the gateway's command under valgrind (the CLI calls of the candidate script run as they are)
 cat >"$work/apim" <<SH
 #!/usr/bin/env bash
@@ -108,6 +116,9 @@ measure() {
   printf '%-9s %8d requests  %7d instructions per request' "$name" "$n" $((total / n))
   if [ "$cache" = yes ]; then printf '  %5d instruction-cache misses' $((misses / n)); fi
   printf '\n'
+  if [ "$atomics" = yes ]; then
+    python3 "$here/scripts/callgrind-atomics.py" "$n" "$work"/cg/cg.*.[0-9]* | sed 's/^/          /'
+  fi
   if [ -n "${keep:-}" ]; then
     mkdir -p "$keep/$name"
     cp "$work"/cg/cg.*.[0-9]* "$keep/$name/"
