@@ -60,7 +60,7 @@ where
     let mut buf = BytesMut::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     // the idle timer: set once, moved on only when it fires early (not at every request)
-    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut idle: Option<super::timer::Sleep> = None;
     // the shutdown, awaited between requests (made once: it stays registered)
     let mut stopping = stop.clone();
     let stopped = async move {
@@ -247,25 +247,24 @@ pub fn take_head(bytes: &[u8], max_fields: usize, max_bytes: usize) -> (Taken, B
 async fn wait_readable<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
-    idle: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: &mut Option<super::timer::Sleep>,
     until: Instant,
     mut stopped: Pin<&mut impl Future<Output = ()>>,
 ) -> Option<io::Result<usize>> {
-    let until = tokio::time::Instant::from_std(until);
-    let timer = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+    let timer = idle.get_or_insert_with(|| super::timer::sleep_until(until));
     loop {
         tokio::select! {
             biased;
             r = io.read_buf(buf) => return Some(r),
             // (once done, it is not polled again: the connection closes)
             () = stopped.as_mut() => return None,
-            () = timer.as_mut() => {
+            () = &mut *timer => {
                 if timer.deadline() >= until {
                     tracing::debug!("gateway connection closed: idle timeout");
                     return None;
                 }
                 // set for an earlier wait: moved to this one's end
-                timer.as_mut().reset(until);
+                timer.reset(until);
             }
         }
     }

@@ -196,11 +196,11 @@ fn checkin(origin: &Authority, stream: TcpStream, buf: BytesMut, now: Instant) {
 
 async fn connect(origin: &Authority, timeout: Duration) -> Result<TcpStream, Error> {
     let addr = match origin.port_u16() {
-        Some(_) => tokio::time::timeout(timeout, TcpStream::connect(origin.as_str())).await,
+        Some(_) => super::timer::timeout(timeout, TcpStream::connect(origin.as_str())).await,
         // the host keeps an IPv6 literal's brackets: "[::1]:80" parses as an address
         None => {
             let addr = format!("{}:80", origin.host());
-            tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await
+            super::timer::timeout(timeout, TcpStream::connect(addr.as_str())).await
         }
     };
     let stream = addr
@@ -806,7 +806,7 @@ pub struct UpBody {
     /// Longest wait for the next bytes of the body; the answer fails after it.
     idle_timeout: Duration,
     /// Armed while waiting for bytes; `progress`: bytes came since it was armed.
-    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Option<super::timer::Sleep>,
     progress: bool,
     /// The whole body, when it came with the head (the connection is then back in the pool).
     whole: Option<Bytes>,
@@ -873,14 +873,14 @@ impl UpBody {
             }
             Poll::Pending => {
                 // the wait for the next bytes is bounded; the timer is armed only when waiting
-                let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                let deadline = Instant::now() + self.idle_timeout;
                 let idle = self
                     .idle
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    .get_or_insert_with(|| super::timer::sleep_until(deadline));
                 if std::mem::take(&mut self.progress) {
-                    idle.as_mut().reset(deadline);
+                    idle.reset(deadline);
                 }
-                match idle.as_mut().poll(cx) {
+                match Pin::new(idle).poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the upstream stopped sending its answer",

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod quota;
 pub mod routes;
 pub mod splice;
+pub mod timer;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
@@ -28,7 +29,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use policy::{Decision, Gcra};
 use routes::{Route, RouteTable};
 use std::collections::HashMap;
@@ -83,9 +84,9 @@ impl hyper::body::Body for ReqBody {
 }
 
 /// A pooled client for `https://` targets (HTTP/2 or HTTP/1.1 by ALPN).
-pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<timer::Connector>, Body>;
 /// hyper's client with HTTP/2 prior knowledge, for `http://` targets of `protocol: http2`.
-pub type H2cClient = Client<HttpConnector, Body>;
+pub type H2cClient = Client<timer::Connector, Body>;
 
 /// Limits of the gateway's upstream calls.
 #[derive(Debug, Clone, Copy)]
@@ -115,7 +116,7 @@ pub struct Conn {
     /// digest: see [`key_digest`].
     key_digest: Mutex<KeyMemo>,
     /// The timer of its requests' upstream attempts, kept between them: see [`Conn::within`].
-    timer: Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
+    timer: Mutex<Option<timer::Sleep>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
     /// The connection's place under `max_connections` and in the open-connections gauge, held
@@ -404,7 +405,7 @@ struct Idle<B> {
     what: &'static str,
     /// Made at the first wait, by the task that polls the body (hyper's client polls a
     /// request body in its connection task, which may run on another worker's event loop).
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<timer::Sleep>,
     /// Whether the timer runs (since the first wait after a frame).
     armed: bool,
     /// A request body's fate, read by the attempt (the errors of hyper's HTTP/2 client do not
@@ -516,16 +517,16 @@ where
                 }
                 if !this.armed {
                     this.armed = true;
-                    let deadline = tokio::time::Instant::now() + this.idle;
+                    let deadline = Instant::now() + this.idle;
                     match this.timer.as_mut() {
-                        Some(t) => t.as_mut().reset(deadline),
-                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        Some(t) => t.reset(deadline),
+                        None => this.timer = Some(timer::sleep_until(deadline)),
                     }
                 }
                 let Some(timer) = this.timer.as_mut() else {
                     return Poll::Pending; // (armed above)
                 };
-                match std::future::Future::poll(timer.as_mut(), cx) {
+                match std::future::Future::poll(std::pin::Pin::new(timer), cx) {
                     Poll::Ready(()) => {
                         if let Some(w) = &this.watch {
                             w.fail(BodyFailure::Stalled);
@@ -596,9 +597,9 @@ fn client_left(e: &(dyn std::error::Error + 'static)) -> bool {
 /// failure.
 struct Until {
     inner: Body,
-    deadline: tokio::time::Instant,
+    deadline: Instant,
     /// Made at the first poll, by the task that sends the answer.
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<timer::Sleep>,
 }
 
 impl hyper::body::Body for Until {
@@ -613,8 +614,8 @@ impl hyper::body::Body for Until {
         let deadline = this.deadline;
         let timer = this
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+            .get_or_insert_with(|| timer::sleep_until(deadline));
+        if std::future::Future::poll(std::pin::Pin::new(timer), cx).is_ready() {
             return std::task::Poll::Ready(Some(Err(
                 "the API's total upstream timeout passed before the answer's end".into(),
             )));
@@ -751,8 +752,8 @@ impl Conn {
     }
 
     /// `attempt` bounded by `deadline`, on a timer the connection keeps between its requests:
-    /// tokio moves a registered timer's deadline later by one atomic operation, where a timer
-    /// made for each attempt is inserted into its timer wheel and taken out again. (Concurrent
+    /// a queued timer moved later costs a field write, where a timer made for each attempt is
+    /// queued and taken out again (see [`timer`]). (Concurrent
     /// HTTP/2 requests past the first make their own; an attempt that is dropped drops its
     /// timer.)
     ///
@@ -760,22 +761,20 @@ impl Conn {
     /// moved (an HTTP/1.1 exchange's future is about a KiB).
     async fn within<F: std::future::Future>(
         &self,
-        deadline: tokio::time::Instant,
+        deadline: Instant,
         mut attempt: std::pin::Pin<&mut F>,
     ) -> Result<F::Output, TimedOut> {
         use std::future::Future;
         use std::task::Poll;
         let kept = lock(&self.timer).take();
-        let mut timer = kept.unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
-        timer.as_mut().reset(deadline);
+        let mut timer = kept.unwrap_or_else(|| timer::sleep_until(deadline));
+        timer.reset(deadline);
         let out = std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
             }
-            // (the timer is polled outside the task's budget, as `tokio::time::timeout` does:
-            // an attempt that uses the budget up, a body sent upstream, still ends at its
-            // deadline)
-            let mut timer = tokio::task::unconstrained(timer.as_mut());
+            // (the timer takes nothing of the task's budget: an attempt that uses the budget
+            // up, a body sent upstream, still ends at its deadline)
             std::pin::Pin::new(&mut timer)
                 .poll(cx)
                 .map(|()| Err(TimedOut))
@@ -1676,15 +1675,14 @@ impl Gateway {
             let client = cache.remove(&ms).or_else(|| kept.get(&ms).cloned());
             let client = client.unwrap_or_else(|| {
                 let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(connect));
                 connector.set_nodelay(true);
                 Client::builder(TokioExecutor::new())
                     .http2_only(true)
-                    .timer(TokioTimer::new())
+                    .timer(timer::Timer)
                     .http2_keep_alive_interval(Some(Duration::from_secs(30)))
                     .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_timer(TokioTimer::new())
-                    .build(connector)
+                    .pool_timer(timer::Timer)
+                    .build(timer::Connector::new(connector, connect))
             });
             let _ = route.h2c_client.set(client.clone());
             kept.insert(ms, client);
@@ -1760,8 +1758,8 @@ impl Gateway {
         };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(connect));
         http.set_nodelay(true);
+        let http = timer::Connector::new(http, connect);
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cfg)
             .https_only();
@@ -1782,7 +1780,7 @@ impl Gateway {
         Ok(Client::builder(TokioExecutor::new())
             .http2_only(http2_only)
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
+            .pool_timer(timer::Timer)
             .build(connector))
     }
 
@@ -1878,7 +1876,7 @@ impl Gateway {
             let connect = self.route_timeouts(route).0;
             let sent = h1::send(origin, head, None, connect, timeout, Instant::now());
             return matches!(
-                tokio::time::timeout(timeout, sent).await,
+                timer::timeout(timeout, sent).await,
                 Ok(Ok(r)) if passed(r.status)
             );
         }
@@ -1899,7 +1897,7 @@ impl Gateway {
                 None => return false,
             }
         };
-        match tokio::time::timeout(timeout, sent).await {
+        match timer::timeout(timeout, sent).await {
             Ok(Ok(r)) => passed(r.status()),
             _ => false,
         }
@@ -2979,7 +2977,6 @@ impl Gateway {
                 }
                 r
             };
-            let left = tokio::time::Instant::from_std(deadline);
             let idle = response_timeout;
             let hyper_answer =
                 |r: Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
@@ -2995,12 +2992,18 @@ impl Gateway {
                 };
             let result = match (tls_client, &target.authority, uri) {
                 (Some(c), _, Some(uri)) => conn
-                    .within(left, std::pin::pin!(c.request(hyper_request(sent, uri))))
+                    .within(
+                        deadline,
+                        std::pin::pin!(c.request(hyper_request(sent, uri))),
+                    )
                     .await
                     .map(hyper_answer),
                 (None, Some(_), Some(uri)) => match route.h2c_client.get() {
                     Some(c) => conn
-                        .within(left, std::pin::pin!(c.request(hyper_request(sent, uri))))
+                        .within(
+                            deadline,
+                            std::pin::pin!(c.request(hyper_request(sent, uri))),
+                        )
                         .await
                         .map(hyper_answer),
                     None => {
@@ -3014,7 +3017,7 @@ impl Gateway {
                 },
                 (None, Some(origin), None) => conn
                     .within(
-                        left,
+                        deadline,
                         std::pin::pin!(h1::send(
                             origin,
                             h1::Outgoing {
@@ -3217,7 +3220,7 @@ impl Gateway {
                 resp.map(|body| {
                     Until {
                         inner: body,
-                        deadline: tokio::time::Instant::from_std(at),
+                        deadline: at,
                         timer: None,
                     }
                     .boxed()
@@ -3421,15 +3424,16 @@ pub fn start_workers(
     let mut https = listeners.https.into_iter();
     let mut workers = Vec::new();
     for http in listeners.http {
+        // (no timer driver: the worker's timers are its own, see `timer`)
         let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
             .build()?;
-        let (plain, tls) = {
+        let (plain, tls, timers) = {
             let _in = runtime.enter();
             let tls = https.next().map(TcpListener::from_std).transpose()?;
-            (TcpListener::from_std(http)?, tls)
+            (TcpListener::from_std(http)?, tls, timer::Timers::new()?)
         };
-        workers.push((runtime, plain, tls));
+        workers.push((runtime, plain, tls, timers));
     }
     // Workers that have drained wait for the others before their event loops stop: a
     // connection one worker opened (an HTTPS upstream's, in a shared pool) may still serve
@@ -3437,7 +3441,7 @@ pub fn start_workers(
     let drained = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
     let total = workers.len();
     let mut done = Vec::new();
-    for (i, (runtime, plain, tls)) in workers.into_iter().enumerate() {
+    for (i, (runtime, plain, tls, timers)) in workers.into_iter().enumerate() {
         let (gw, stop) = (gateway.clone(), shutdown.clone());
         let (http_slots, https_slots) = (http_slots.clone(), https_slots.clone());
         let drained = drained.clone();
@@ -3445,6 +3449,7 @@ pub fn start_workers(
         std::thread::Builder::new()
             .name(format!("apim-gw-{i}"))
             .spawn(move || {
+                let timers = timers.run();
                 runtime.block_on(async move {
                     let plain = serve(plain, gw.clone(), stop.clone(), false, limits, http_slots);
                     let secure = async {
@@ -3452,7 +3457,11 @@ pub fn start_workers(
                             serve(l, gw.clone(), stop.clone(), true, limits, https_slots).await
                         }
                     };
-                    tokio::join!(plain, secure, keep_timer_wake_near(stop.clone()));
+                    tokio::select! {
+                        _ = async { tokio::join!(plain, secure) } => {}
+                        // (never ends)
+                        _ = timers => {}
+                    }
                 });
                 {
                     let (count, all) = &*drained;
@@ -3478,24 +3487,6 @@ pub fn start_workers(
     Ok(done)
 }
 
-/// Keeps a timer due within a second on the worker's event loop, until `stop`.
-///
-/// tokio's timer wakes the event loop (a write to its eventfd, a system call) whenever a new
-/// timer is due before the wake-up the loop planned when it last waited. The loop plans that
-/// wake-up from its earliest timer: with only idle connections' timers (a minute away), the
-/// first request after each wait, whose response timeout is 30 s away, paid that write (about
-/// one request in three under load, measured with `perf stat`). With a timer never more than a
-/// second away, a request's timers are later than the planned wake-up and cost no system call;
-/// the tick itself costs one wake-up a second.
-async fn keep_timer_wake_near(mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
-}
-
 /// Serves `listener` (plain HTTP, or HTTPS when `https`) until `shutdown`, then drains for up
 /// to the grace time. `slots` bounds the connections open at once on this kind of listener,
 /// across workers.
@@ -3512,13 +3503,13 @@ pub async fn serve(
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // hyper's header-read timer also runs while a keep-alive connection waits for its next
     // request: it is the idle timeout; the header timeout proper is Watched's
-    h1.timer(TokioTimer::new())
+    h1.timer(timer::Timer)
         .header_read_timeout(limits.idle_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
+    h2.timer(timer::Timer)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         // a silent HTTP/2 peer is found out and its connection (and slot) released
         .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -3530,7 +3521,7 @@ pub async fn serve(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    timer::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -3569,7 +3560,7 @@ pub async fn serve(
             // is not used: it costs on every request)
             let result = if https {
                 // boxed, like the HTTP/2 state below: a task serving HTTP/1.1 holds neither
-                match tokio::time::timeout(
+                match timer::timeout(
                     limits.handshake_timeout,
                     Box::pin(handshake(&gw, tcp, peer, limits.idle_timeout)),
                 )
@@ -3610,7 +3601,7 @@ pub async fn serve(
                 let mut first = [0u8; 3];
                 let mut stop_peek = stop.clone();
                 let peeked = tokio::select! {
-                    r = tokio::time::timeout(limits.header_timeout, tcp.peek(&mut first)) => r,
+                    r = timer::timeout(limits.header_timeout, tcp.peek(&mut first)) => r,
                     // a connection that has sent nothing is not waited for at shutdown
                     _ = stop_peek.wait_for(|stopping| *stopping) => return,
                 };
@@ -3653,12 +3644,12 @@ pub async fn serve(
     drop(listener);
     let drained = async {
         while Arc::strong_count(&live) > 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            timer::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::select! {
         _ = drained => tracing::info!("gateway drained"),
-        _ = tokio::time::sleep(limits.grace) => tracing::warn!("gateway drain timed out"),
+        _ = timer::sleep(limits.grace) => tracing::warn!("gateway drain timed out"),
     }
 }
 
@@ -3747,7 +3738,7 @@ struct Watched<S> {
     limit: Duration,
     /// The header timer, made when a head first stalls, and kept for the connection's later
     /// heads.
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<timer::Sleep>,
 }
 
 impl<S> Watched<S> {
@@ -3783,7 +3774,7 @@ struct Stall<S> {
     peer: SocketAddr,
     /// When the write that is stalled must have progressed.
     until: Option<Instant>,
-    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<timer::Sleep>,
 }
 
 impl<S> Stall<S> {
@@ -3883,16 +3874,15 @@ fn timed_out(peer: SocketAddr, why: &'static str) -> std::io::Error {
 /// Whether `deadline` has passed, by `timer` (made on first use, moved to `deadline`), which
 /// wakes the task when it does.
 fn expired(
-    timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    timer: &mut Option<timer::Sleep>,
     deadline: Instant,
     cx: &mut std::task::Context<'_>,
 ) -> bool {
-    let deadline = tokio::time::Instant::from_std(deadline);
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    let timer = timer.get_or_insert_with(|| timer::sleep_until(deadline));
     if timer.deadline() != deadline {
-        timer.as_mut().reset(deadline);
+        timer.reset(deadline);
     }
-    std::future::Future::poll(timer.as_mut(), cx).is_ready()
+    std::future::Future::poll(std::pin::Pin::new(timer), cx).is_ready()
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
@@ -3985,7 +3975,7 @@ where
             _ = stop.wait_for(|stopping| *stopping) => {
                 break c.activity.made_none().then_some(Duration::from_secs(1));
             }
-            _ = tokio::time::sleep_until(check.into()) => {
+            _ = timer::sleep_until(check) => {
                 // a client that leaves an answer without flow-control credit for the idle
                 // timeout loses it and the connection (nginx's send_timeout)
                 let (stalled, due) = c.stalled_answers(limits.idle_timeout);
@@ -4018,7 +4008,7 @@ where
         let wake = due.map_or(lingered, |d| d.min(lingered));
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = tokio::time::sleep_until(wake.into()) => {
+            _ = timer::sleep_until(wake) => {
                 if Instant::now() >= lingered {
                     // a request that came as the GOAWAY went out finishes first
                     if !c.activity.busy() {

@@ -122,7 +122,7 @@ where
                     Err(e) => ("error", Some(e)),
                 },
                 _ = &mut stopping => break ("shutdown", None),
-                _ = tokio::time::sleep_until(check.into()) => {
+                _ = super::timer::sleep_until(check) => {
                     let at = base + Duration::from_millis(last.load(Relaxed)) + idle;
                     if at <= Instant::now() {
                         break ("idle", None);
@@ -134,7 +134,7 @@ where
     };
     if error.is_none() && end != "closed" {
         // an orderly close of both sides, bounded: a peer that reads nothing cannot hold it
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = super::timer::timeout(Duration::from_secs(1), async {
             let _ = c.inner.shutdown().await;
             let _ = u.inner.shutdown().await;
         })
