@@ -82,7 +82,7 @@ where
             let read = if buf.is_empty() {
                 // between requests: bounded by the idle timeout, and ended by the shutdown
                 let until = Instant::now() + limits.idle_timeout;
-                if *stop.borrow() {
+                if shutting_down(&stop) {
                     return Ok(Ended::Closed);
                 }
                 match wait_readable(io, &mut buf, &mut idle, until, stopped.as_mut()).await {
@@ -118,7 +118,7 @@ where
             tracing::debug!(peer = %conn.peer, "gateway client left before its answer");
             return Ok(Ended::Closed);
         };
-        let last = close || *stop.borrow();
+        let last = close || shutting_down(&stop);
         if !write_answer(io, answer, last, head_request, &mut out, &mut buf).await? {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
@@ -128,6 +128,18 @@ where
             // stream counts only bytes read while a head is awaited)
             conn.activity.bytes_read();
         }
+    }
+}
+
+/// Whether the gateway is shutting down. The value is looked at only once one was sent: the
+/// look takes the channel's read lock (two locked instructions), where the check of its version
+/// is a plain load. Nothing sends `false`, and `stop` is a clone of the listener's receiver,
+/// taken before that receiver saw the shutdown (it stops accepting when it does), so a sent
+/// shutdown always shows as a change here.
+fn shutting_down(stop: &watch::Receiver<bool>) -> bool {
+    match stop.has_changed() {
+        Ok(false) => false,
+        _ => *stop.borrow(),
     }
 }
 

@@ -115,8 +115,6 @@ pub struct Conn {
     /// The last API key presented on this connection, as its fingerprint and its SHA-256
     /// digest: see [`key_digest`].
     key_digest: Mutex<KeyMemo>,
-    /// The timer of its requests' upstream attempts, kept between them: see [`Conn::within`].
-    timer: Mutex<Option<timer::Sleep>>,
     /// The peer's address as a header value, made once per connection.
     peer_value: Option<HeaderValue>,
     /// The connection's place under `max_connections` and in the open-connections gauge, held
@@ -741,7 +739,6 @@ impl Conn {
             tls,
             mtls_checked: Mutex::new(Vec::new()),
             key_digest: Mutex::new(KeyMemo(None)),
-            timer: Mutex::new(None),
             peer_value: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             activity: Activity::new(false),
             answers: Mutex::new(Vec::new()),
@@ -751,10 +748,9 @@ impl Conn {
         }
     }
 
-    /// `attempt` bounded by `deadline`, on a timer the connection keeps between its requests:
-    /// a queued timer moved later costs a field write, where a timer made for each attempt is
-    /// queued and taken out again (see [`timer`]). (Concurrent
-    /// HTTP/2 requests past the first make their own; an attempt that is dropped drops its
+    /// `attempt` bounded by `deadline`, on one of the timers the worker keeps between attempts
+    /// ([`timer::reuse`]): a queued timer moved later costs a field write, where a timer made
+    /// for each attempt is queued and taken out again. (An attempt that is dropped drops its
     /// timer.)
     ///
     /// The attempt is pinned by the caller, where it is made: it is polled in place, never
@@ -766,9 +762,7 @@ impl Conn {
     ) -> Result<F::Output, TimedOut> {
         use std::future::Future;
         use std::task::Poll;
-        let kept = lock(&self.timer).take();
-        let mut timer = kept.unwrap_or_else(|| timer::sleep_until(deadline));
-        timer.reset(deadline);
+        let mut timer = timer::reuse(deadline);
         let out = std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
                 return Poll::Ready(Ok(out));
@@ -780,7 +774,7 @@ impl Conn {
                 .map(|()| Err(TimedOut))
         })
         .await;
-        *lock(&self.timer) = Some(timer);
+        timer::put_back(timer);
         out
     }
 

@@ -34,7 +34,13 @@ use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, 
 
 thread_local! {
     static WHEEL: RefCell<Option<Wheel>> = const { RefCell::new(None) };
+    /// Timers given back for [`reuse`].
+    static SPARE: RefCell<Vec<Sleep>> = const { RefCell::new(Vec::new()) };
 }
+
+/// The most timers a thread keeps for [`reuse`] (about as many as upstream attempts it had in
+/// flight at once, up to this).
+const SPARE_MAX: usize = 1024;
 
 /// Tells the worker timers apart (an entry's key is only unique within its worker).
 static NEXT_WHEEL: AtomicU64 = AtomicU64::new(1);
@@ -390,6 +396,8 @@ impl Drop for Sleep {
             // (the entry, with its waker, is dropped once the wheel is let go)
             match on_wheel(wheel, |w| w.remove(key)) {
                 Some(entry) => drop(entry),
+                // (a thread that is ending drops its own timers after its wheel: nothing to do)
+                None if WHEEL.try_with(|_| ()).is_err() => {}
                 None => orphan(wheel, key),
             }
         }
@@ -397,6 +405,38 @@ impl Drop for Sleep {
 }
 
 impl hyper::rt::Sleep for Sleep {}
+
+/// A timer for `deadline`: one this thread was given back ([`put_back`]) if it has one. A
+/// queued timer moved to a later deadline costs a field write, where a new one is queued and
+/// taken out again; so an upstream attempt's deadline, at every request, is set on a timer of
+/// an earlier attempt. (Taken from a thread's own list: no lock.)
+pub fn reuse(deadline: Instant) -> Sleep {
+    match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+        Some(mut timer) => {
+            timer.reset(deadline);
+            timer
+        }
+        None => Sleep::until(deadline),
+    }
+}
+
+/// Gives `timer` back for [`reuse`]. A worker's timer lets its waker go: kept, it wakes nobody
+/// when its queued time comes.
+pub fn put_back(timer: Sleep) {
+    if let State::Own { wheel, key } = timer.state {
+        // (the waker is dropped once the wheel is let go)
+        let waker = on_wheel(wheel, |w| {
+            w.entries.get_mut(key).and_then(|e| e.waker.take())
+        });
+        drop(waker);
+    }
+    let _ = SPARE.try_with(move |spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SPARE_MAX {
+            spare.push(timer);
+        }
+    });
+}
 
 /// A timer completing after `after`.
 pub fn sleep(after: Duration) -> Sleep {
@@ -666,6 +706,34 @@ mod tests {
             assert_eq!(load(), (1, 1));
             sleep(Duration::from_millis(5)).await;
             assert_eq!(load(), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_timer_given_back_wakes_nobody_and_serves_again() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Relaxed);
+            }
+        }
+        on_worker(async {
+            let woken = Arc::new(Count(AtomicUsize::new(0)));
+            let waker = Waker::from(woken.clone());
+            let mut first = reuse(Instant::now() + Duration::from_millis(10));
+            let polled = Pin::new(&mut first).poll(&mut Context::from_waker(&waker));
+            assert!(polled.is_pending());
+            put_back(first);
+            sleep(Duration::from_millis(30)).await;
+            assert_eq!(woken.0.load(Relaxed), 0, "a kept timer woke its last task");
+            assert_eq!(load(), (1, 0), "kept, fired, not queued");
+            let start = Instant::now();
+            let again = reuse(start + Duration::from_millis(10));
+            assert_eq!(load(), (1, 1), "the kept entry serves again");
+            again.await;
+            assert!(Instant::now() >= start + Duration::from_millis(10));
         });
     }
 
