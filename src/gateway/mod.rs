@@ -28,7 +28,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use policy::{Decision, Gcra};
 use routes::{Route, RouteTable};
@@ -1668,15 +1668,13 @@ impl Gateway {
             let ms = connect.as_millis() as u64;
             let client = cache.remove(&ms).or_else(|| kept.get(&ms).cloned());
             let client = client.unwrap_or_else(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
                 Client::builder(TokioExecutor::new())
                     .http2_only(true)
                     .timer(timer::Timer)
                     .http2_keep_alive_interval(Some(Duration::from_secs(30)))
                     .pool_idle_timeout(Duration::from_secs(60))
                     .pool_timer(timer::Timer)
-                    .build(timer::Connector::new(connector, connect))
+                    .build(timer::Connector::new(connect))
             });
             let _ = route.h2c_client.set(client.clone());
             kept.insert(ms, client);
@@ -1750,10 +1748,7 @@ impl Gateway {
             Some(k) => b.with_client_cert_resolver(Arc::new(tls::FixedClientCert(k))),
             None => b.with_no_client_auth(),
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        let http = timer::Connector::new(http, connect);
+        let http = timer::Connector::new(connect);
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(cfg)
             .https_only();

@@ -5,20 +5,22 @@
 //! is due: it locks its wheel twice, reads the clock twice and walks the wheel, about 965
 //! instructions, 4 clock readings and 8 locked instructions per proxied request at one
 //! connection (callgrind, e19f5f3). Here a worker's timers sit in a queue of its own thread,
-//! which nothing visits unless a timer is made, moved earlier, dropped or due; a `timerfd` in
-//! the loop's epoll set wakes the loop when the earliest queued time comes.
+//! changed only when a timer is made, moved earlier, dropped or due (a poll, or a move later,
+//! looks its entry up and leaves the queue alone), and nothing runs at a wait of the loop; a
+//! `timerfd` in the loop's epoll set wakes the loop when the earliest queued time comes.
 //!
 //! - A timer moved later costs a field write: its entry stays queued at the earlier time, and
 //!   is queued again at its deadline when that time comes. A connection's timers move later at
 //!   every request, and wake the loop about once per timeout period, not once per request.
 //! - The `timerfd` is armed for the earliest queued time, and set again (a system call) only
 //!   when a timer is queued before it, or when it fires.
-//! - Off a worker (the node's multi-threaded runtime: health checks, the JWKS refresh, tests),
-//!   a [`Sleep`] is tokio's.
+//! - Off a worker (the node's multi-threaded runtime: the active health checks and the
+//!   connections they open; tests), a [`Sleep`] is tokio's.
 //! - A worker's timer is polled, moved and dropped on that worker: tasks on its event loop
 //!   never move. One dropped or polled on another thread anyway is given back to its worker
 //!   through a locked list, which the worker empties when its timer next fires; a timer polled
-//!   elsewhere is queued again where it is polled.
+//!   elsewhere is queued again where it is polled. (One given back to a worker that has ended
+//!   stays in the list, a few entries at a shutdown at most.)
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -109,17 +111,19 @@ impl Wheel {
         self.arm_by(deadline);
     }
 
-    fn poll(&mut self, key: usize, cx: &Context<'_>) -> Poll<()> {
+    /// Whether the entry has fired; if not, it wakes `cx`'s task when it does. (The waker it
+    /// replaces is returned, to be dropped once the wheel is let go.)
+    fn poll(&mut self, key: usize, cx: &Context<'_>) -> (Poll<()>, Option<Waker>) {
         let Some(e) = self.entries.get_mut(key) else {
-            return Poll::Ready(());
+            return (Poll::Ready(()), None);
         };
         if e.queued.is_none() {
-            return Poll::Ready(());
+            return (Poll::Ready(()), None);
         }
-        if !e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            e.waker = Some(cx.waker().clone());
+        if e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return (Poll::Pending, None);
         }
-        Poll::Pending
+        (Poll::Pending, e.waker.replace(cx.waker().clone()))
     }
 
     /// Takes the entry out (returned, to be dropped after the thread's wheel is let go).
@@ -226,7 +230,10 @@ fn orphan(wheel: u64, key: usize) {
 
 /// Whether this thread is a worker with timers of its own.
 fn has_wheel() -> bool {
-    WHEEL.try_with(|w| w.borrow().is_some()).unwrap_or(false)
+    // (a wheel in use is there)
+    WHEEL
+        .try_with(|w| w.try_borrow().map_or(true, |w| w.is_some()))
+        .unwrap_or(false)
 }
 
 /// A worker's timers, made with its event loop (in the runtime's context, where the
@@ -283,7 +290,9 @@ async fn fire(id: u64, watched: Watched) {
             Ok(_) => {}
             // (readiness cleared: the next expiration wakes it)
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => tracing::warn!(error = %e, "gateway worker timer read failed"),
+            // (not expected: a timerfd's read fails only for a short buffer, or for a clock
+            // change it was not asked to report; the due timers fire anyway)
+            Err(e) => tracing::error!(error = %e, "gateway worker timer read failed"),
         }
         let now = Instant::now();
         on_wheel(id, |w| w.fire(now, &mut wake, &mut gone));
@@ -359,12 +368,12 @@ impl Future for Sleep {
         let this = self.get_mut();
         if let State::Own { wheel, key } = this.state {
             match on_wheel(wheel, |w| w.poll(key, cx)) {
-                Some(p) => return p,
+                Some((p, _replaced)) => return p,
                 None => this.disown(),
             }
         }
         if let State::Tokio(s) = &mut this.state {
-            return s.as_mut().poll(cx);
+            return poll_tokio(s, cx);
         }
         let deadline = this.deadline;
         if has_wheel() {
@@ -384,10 +393,17 @@ impl Future for Sleep {
             return Poll::Pending;
         }
         let mut s = Box::pin(tokio::time::sleep_until(deadline.into()));
-        let p = s.as_mut().poll(cx);
+        let p = poll_tokio(&mut s, cx);
         this.state = State::Tokio(s);
         p
     }
+}
+
+/// tokio's timer, polled outside the task's budget (as `tokio::time::timeout` polls it): a
+/// future that uses the budget up on every poll still ends at its deadline. (A worker's own
+/// timers take nothing of the budget.)
+fn poll_tokio(s: &mut Pin<Box<tokio::time::Sleep>>, cx: &mut Context<'_>) -> Poll<()> {
+    Pin::new(&mut tokio::task::unconstrained(s.as_mut())).poll(cx)
 }
 
 impl Drop for Sleep {
@@ -423,6 +439,10 @@ pub fn reuse(deadline: Instant) -> Sleep {
 /// Gives `timer` back for [`reuse`]. A worker's timer lets its waker go: kept, it wakes nobody
 /// when its queued time comes.
 pub fn put_back(timer: Sleep) {
+    // (tokio's are not kept: their waker stays, and they belong to a runtime that may end)
+    if matches!(timer.state, State::Tokio(_)) {
+        return;
+    }
     if let State::Own { wheel, key } = timer.state {
         // (the waker is dropped once the wheel is let go)
         let waker = on_wheel(wheel, |w| {
@@ -503,54 +523,73 @@ impl hyper::rt::Timer for Timer {
     }
 }
 
-/// hyper-util's HTTP connector with its connect timeout on these timers: its own timeout, and
-/// its "happy eyeballs" fallback delay, use tokio's timer driver, which a worker's event loop
-/// has not. The inner connector is given neither.
-#[derive(Clone)]
+/// The TCP connector of hyper-util's clients (the `https://` and h2c upstreams), on these
+/// timers: hyper-util's own `HttpConnector` times its connects, and its "happy eyeballs"
+/// fallback, with tokio's timer driver, which a worker's event loop has not. As hyper-util's
+/// does, it resolves the host (outside the connect timeout), then tries the addresses in the
+/// resolver's order, each within its share of the connect timeout, so an address that drops
+/// the connection attempt gives way to the next; the first connection made is used (no
+/// parallel race between address families).
+#[derive(Clone, Debug)]
 pub struct Connector {
-    inner: hyper_util::client::legacy::connect::HttpConnector,
     connect_timeout: Duration,
 }
 
 impl Connector {
-    pub fn new(
-        mut inner: hyper_util::client::legacy::connect::HttpConnector,
-        connect_timeout: Duration,
-    ) -> Connector {
-        inner.set_connect_timeout(None);
-        inner.set_happy_eyeballs_timeout(None);
-        Connector {
-            inner,
-            connect_timeout,
-        }
+    pub fn new(connect_timeout: Duration) -> Connector {
+        Connector { connect_timeout }
     }
 }
 
-type Connecting =
-    <hyper_util::client::legacy::connect::HttpConnector as tower::Service<hyper::Uri>>::Future;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<hyper::Uri> for Connector {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
-        let connecting: Connecting = self.inner.call(uri);
-        let deadline = deadline_after(self.connect_timeout);
+        let timeout = self.connect_timeout;
         Box::pin(async move {
-            match timeout_at(deadline, connecting).await {
-                Ok(r) => r.map_err(Into::into),
-                Err(Elapsed) => Err(Box::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                )) as Self::Error),
-            }
+            let stream = connect(&uri, timeout).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(hyper_util::rt::TokioIo::new(stream))
         })
     }
+}
+
+async fn connect(uri: &hyper::Uri, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
+    use std::io::{Error, ErrorKind};
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "the upstream URI has no host"))?;
+    // (an IPv6 literal keeps its brackets in a URI)
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    });
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let share = u32::try_from(addrs.len())
+        .ok()
+        .and_then(|n| timeout.checked_div(n))
+        .unwrap_or(timeout);
+    let mut failed = Error::new(ErrorKind::NotFound, "the upstream host has no address");
+    for addr in addrs {
+        match self::timeout(share, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => failed = e,
+            Err(Elapsed) => failed = Error::new(ErrorKind::TimedOut, "connect timed out"),
+        }
+    }
+    Err(failed)
 }
 
 #[cfg(test)]
@@ -734,6 +773,32 @@ mod tests {
             assert_eq!(load(), (1, 1), "the kept entry serves again");
             again.await;
             assert!(Instant::now() >= start + Duration::from_millis(10));
+        });
+    }
+
+    #[test]
+    fn the_connector_resolves_and_tries_each_address_on_a_worker() {
+        use tower::Service as _;
+        on_worker(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let accepted = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+            let mut c = Connector::new(Duration::from_secs(2));
+            // "localhost" may resolve to ::1 first, where nothing listens: the next is tried
+            let uri: hyper::Uri = format!("http://localhost:{port}/").parse().unwrap();
+            let io = c.call(uri).await.expect("connected");
+            assert_eq!(io.inner().peer_addr().unwrap().port(), port);
+            accepted.await.unwrap().unwrap();
+            // an IPv6 literal keeps its brackets in the URI; a refusal is the error
+            let closed = tokio::net::TcpListener::bind("[::1]:0").await;
+            if let Ok(l) = closed {
+                let port = l.local_addr().unwrap().port();
+                drop(l);
+                let uri: hyper::Uri = format!("https://[::1]:{port}/").parse().unwrap();
+                let e = c.call(uri).await.expect_err("nothing listens");
+                let e = e.downcast_ref::<std::io::Error>().expect("an I/O error");
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            }
         });
     }
 
