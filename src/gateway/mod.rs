@@ -748,36 +748,6 @@ impl Conn {
         }
     }
 
-    /// `attempt` bounded by `deadline`, on one of the timers the worker keeps between attempts
-    /// ([`timer::reuse`]): a queued timer moved later costs a field write, where a timer made
-    /// for each attempt is queued and taken out again. (An attempt that is dropped drops its
-    /// timer.)
-    ///
-    /// The attempt is pinned by the caller, where it is made: it is polled in place, never
-    /// moved (an HTTP/1.1 exchange's future is about a KiB).
-    async fn within<F: std::future::Future>(
-        &self,
-        deadline: Instant,
-        mut attempt: std::pin::Pin<&mut F>,
-    ) -> Result<F::Output, TimedOut> {
-        use std::future::Future;
-        use std::task::Poll;
-        let mut timer = timer::reuse(deadline);
-        let out = std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = attempt.as_mut().poll(cx) {
-                return Poll::Ready(Ok(out));
-            }
-            // (the timer takes nothing of the task's budget: an attempt that uses the budget
-            // up, a body sent upstream, still ends at its deadline)
-            std::pin::Pin::new(&mut timer)
-                .poll(cx)
-                .map(|()| Err(TimedOut))
-        })
-        .await;
-        timer::put_back(timer);
-        out
-    }
-
     /// Counts a request of an HTTP/2 connection until the guard is dropped (with its answer's
     /// body); `None` on HTTP/1.1, whose header timer it stops (until [`Conn::end`]).
     pub fn begin(self: &Arc<Conn>) -> Option<InFlight> {
@@ -1459,9 +1429,6 @@ impl Drop for Handling<'_> {
         drop(self.record(client_closed(), id.as_ref().map_or("", RequestId::as_str)));
     }
 }
-
-/// An upstream attempt's deadline passed before its answer's head came.
-struct TimedOut;
 
 /// A policy refusal: status, stable cause, and a detail that never says which part of a
 /// credential was wrong.
@@ -2979,22 +2946,22 @@ impl Gateway {
                         None => Failed::Upstream { blamed: true },
                     })
                 };
+            // (the attempt is pinned where it is made, and polled in place: an HTTP/1.1
+            // exchange's future is about a KiB, too much to move into the timeout's)
             let result = match (tls_client, &target.authority, uri) {
-                (Some(c), _, Some(uri)) => conn
-                    .within(
+                (Some(c), _, Some(uri)) => timer::timeout_at(
+                    deadline,
+                    std::pin::pin!(c.request(hyper_request(sent, uri))),
+                )
+                .await
+                .map(hyper_answer),
+                (None, Some(_), Some(uri)) => match route.h2c_client.get() {
+                    Some(c) => timer::timeout_at(
                         deadline,
                         std::pin::pin!(c.request(hyper_request(sent, uri))),
                     )
                     .await
                     .map(hyper_answer),
-                (None, Some(_), Some(uri)) => match route.h2c_client.get() {
-                    Some(c) => conn
-                        .within(
-                            deadline,
-                            std::pin::pin!(c.request(hyper_request(sent, uri))),
-                        )
-                        .await
-                        .map(hyper_answer),
                     None => {
                         return problem(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -3004,35 +2971,34 @@ impl Gateway {
                         )
                     }
                 },
-                (None, Some(origin), None) => conn
-                    .within(
-                        deadline,
-                        std::pin::pin!(h1::send(
-                            origin,
-                            h1::Outgoing {
-                                method: &method,
-                                path: [&target.path, rest],
-                                query,
-                                fields: &h,
-                            },
-                            sent,
-                            connect_timeout,
-                            response_timeout,
-                            now,
-                        )),
-                    )
-                    .await
-                    .map(|r| {
-                        r.map(|r| r.map(AnswerBody::Plain)).map_err(|e| match e {
-                            h1::Error::Body(_) => {
-                                Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
-                            }
-                            e if e.is_connect() => Failed::Connect,
-                            e => Failed::Upstream {
-                                blamed: !e.is_blameless(),
-                            },
-                        })
-                    }),
+                (None, Some(origin), None) => timer::timeout_at(
+                    deadline,
+                    std::pin::pin!(h1::send(
+                        origin,
+                        h1::Outgoing {
+                            method: &method,
+                            path: [&target.path, rest],
+                            query,
+                            fields: &h,
+                        },
+                        sent,
+                        connect_timeout,
+                        response_timeout,
+                        now,
+                    )),
+                )
+                .await
+                .map(|r| {
+                    r.map(|r| r.map(AnswerBody::Plain)).map_err(|e| match e {
+                        h1::Error::Body(_) => {
+                            Failed::ClientBody(body_failure().unwrap_or(BodyFailure::Broke))
+                        }
+                        e if e.is_connect() => Failed::Connect,
+                        e => Failed::Upstream {
+                            blamed: !e.is_blameless(),
+                        },
+                    })
+                }),
                 _ => Ok(Err(Failed::Connect)),
             };
             now = Instant::now();

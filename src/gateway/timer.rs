@@ -228,14 +228,6 @@ fn orphan(wheel: u64, key: usize) {
     ORPHANED.store(true, Relaxed);
 }
 
-/// Whether this thread is a worker with timers of its own.
-fn has_wheel() -> bool {
-    // (a wheel in use is there)
-    WHEEL
-        .try_with(|w| w.try_borrow().map_or(true, |w| w.is_some()))
-        .unwrap_or(false)
-}
-
 /// A worker's timers, made with its event loop (in the runtime's context, where the
 /// `timerfd` joins the loop's epoll set), then run on its thread.
 pub struct Timers {
@@ -328,7 +320,7 @@ impl std::fmt::Debug for Sleep {
 }
 
 impl Sleep {
-    pub fn until(deadline: Instant) -> Sleep {
+    fn until(deadline: Instant) -> Sleep {
         Sleep {
             deadline,
             state: State::Unpolled,
@@ -376,21 +368,29 @@ impl Future for Sleep {
             return poll_tokio(s, cx);
         }
         let deadline = this.deadline;
-        if has_wheel() {
-            let queued = WHEEL
-                .try_with(|w| {
-                    let mut w = w.try_borrow_mut().ok()?;
-                    let w = w.as_mut()?;
-                    Some((w.id, w.insert(deadline, cx.waker())))
-                })
-                .ok()
-                .flatten();
-            match queued {
-                Some((wheel, key)) => this.state = State::Own { wheel, key },
-                // (the wheel is only borrowed inside this module's calls, none of which polls)
-                None => cx.waker().wake_by_ref(),
+        // queued on this thread's wheel: `None` if it has none, `Some(None)` if it is in use
+        let queued = WHEEL
+            .try_with(|w| match w.try_borrow_mut() {
+                Ok(mut w) => w
+                    .as_mut()
+                    .map(|w| Some((w.id, w.insert(deadline, cx.waker())))),
+                Err(_) => Some(None),
+            })
+            .ok()
+            .flatten();
+        match queued {
+            Some(Some((wheel, key))) => {
+                this.state = State::Own { wheel, key };
+                return Poll::Pending;
             }
-            return Poll::Pending;
+            // (not expected: the wheel is only borrowed inside this module's calls, none of
+            // which polls; tried again at once)
+            Some(None) => {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // off a worker: tokio's
+            None => {}
         }
         let mut s = Box::pin(tokio::time::sleep_until(deadline.into()));
         let p = poll_tokio(&mut s, cx);
@@ -424,9 +424,9 @@ impl hyper::rt::Sleep for Sleep {}
 
 /// A timer for `deadline`: one this thread was given back ([`put_back`]) if it has one. A
 /// queued timer moved to a later deadline costs a field write, where a new one is queued and
-/// taken out again; so an upstream attempt's deadline, at every request, is set on a timer of
-/// an earlier attempt. (Taken from a thread's own list: no lock.)
-pub fn reuse(deadline: Instant) -> Sleep {
+/// taken out again; so [`timeout_at`] (an upstream attempt's deadline, at every request) sets
+/// its deadline on the timer of an earlier timeout. (Taken from a thread's own list: no lock.)
+fn reuse(deadline: Instant) -> Sleep {
     match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
         Some(mut timer) => {
             timer.reset(deadline);
@@ -438,7 +438,7 @@ pub fn reuse(deadline: Instant) -> Sleep {
 
 /// Gives `timer` back for [`reuse`]. A worker's timer lets its waker go: kept, it wakes nobody
 /// when its queued time comes.
-pub fn put_back(timer: Sleep) {
+fn put_back(timer: Sleep) {
     // (tokio's are not kept: their waker stays, and they belong to a runtime that may end)
     if matches!(timer.state, State::Tokio(_)) {
         return;
@@ -489,17 +489,20 @@ pub fn timeout<F: Future>(
 }
 
 /// `fut`, or [`Elapsed`] if it has not completed by `deadline`. `fut` is polled first: one
-/// ready at its deadline is not lost.
+/// ready at its deadline is not lost. The timer is one of the thread's spare ones ([`reuse`]),
+/// given back when the timeout completes (an upstream attempt's, at every request).
 pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
     let mut fut = std::pin::pin!(fut);
-    let mut timer = Sleep::until(deadline);
-    std::future::poll_fn(|cx| {
+    let mut timer = reuse(deadline);
+    let out = std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
         }
         Pin::new(&mut timer).poll(cx).map(|()| Err(Elapsed))
     })
-    .await
+    .await;
+    put_back(timer);
+    out
 }
 
 /// hyper's timer (server header-read timeout, HTTP/2 keep-alive, client pool), on these timers.
